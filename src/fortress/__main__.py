@@ -1,0 +1,5 @@
+"""``python -m fortress`` runs the CLI."""
+
+from fortress.cli import main
+
+main()

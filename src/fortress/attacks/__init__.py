@@ -1,0 +1,14 @@
+"""Extraction attacks, registered by name; each sees only an :class:`~fortress.oracle.Oracle`."""
+
+from __future__ import annotations
+
+from fortress.attacks.base import Attack, AttackResult, Checkpoint, EvalSet, ProgressFn
+from fortress.attacks.dfme import DFME
+from fortress.attacks.knockoff import KnockoffNets
+from fortress.registry import Registry
+
+__all__ = ["ATTACKS", "DFME", "Attack", "AttackResult", "Checkpoint", "EvalSet", "KnockoffNets", "ProgressFn"]
+
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+ATTACKS.add("dfme", DFME)
+ATTACKS.add("knockoff", KnockoffNets)

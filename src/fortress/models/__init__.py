@@ -1,0 +1,64 @@
+"""Model zoo: staged backbones registered by name, plus saving/loading as safetensors + JSON.
+
+Every factory takes keyword arguments ``num_classes``, ``in_channels`` and ``image_size`` and
+returns a :class:`StagedBackbone`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fortress.models import lenet as _lenet
+from fortress.models import resnet as _resnet
+from fortress.models import vgg as _vgg
+from fortress.models.io import load_model, load_state, save_model, save_state
+from fortress.models.staged import StagedBackbone, from_sequential, from_stages
+from fortress.models.train import TrainReport, evaluate_accuracy, predict_logits, train_classifier
+from fortress.registry import Registry
+
+__all__ = [
+    "MODELS",
+    "StagedBackbone",
+    "TrainReport",
+    "create_model",
+    "evaluate_accuracy",
+    "from_sequential",
+    "from_stages",
+    "load_model",
+    "load_state",
+    "predict_logits",
+    "save_model",
+    "save_state",
+    "train_classifier",
+]
+
+ModelFactory = Callable[..., StagedBackbone]
+
+MODELS: Registry[ModelFactory] = Registry("model")
+
+
+def _lenet5(**kw: Any) -> StagedBackbone:
+    return _lenet.lenet5(width=1.0, arch="lenet5", **kw)
+
+
+def _lenet5_half(**kw: Any) -> StagedBackbone:
+    return _lenet.lenet5(width=0.5, arch="lenet5-half", **kw)
+
+
+MODELS.add("lenet5", _lenet5)
+MODELS.add("lenet5-half", _lenet5_half)
+MODELS.add("resnet18-8x", _resnet.resnet18_8x)
+MODELS.add("resnet34-8x", _resnet.resnet34_8x)
+MODELS.add("vgg11", _vgg.vgg11)
+MODELS.add("vgg16", _vgg.vgg16)
+
+
+def create_model(name: str, **params: Any) -> StagedBackbone:
+    """Build the registered model ``name`` with ``params`` (``num_classes``, ``in_channels``, ``image_size``).
+
+    Example:
+        >>> create_model("lenet5", num_classes=10).num_stages
+        3
+    """
+    return MODELS.get(name)(**params)

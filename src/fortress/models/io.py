@@ -1,0 +1,158 @@
+"""Saving and loading weights as safetensors plus a JSON config — never pickle.
+
+A saved model is a directory with ``model.safetensors`` (the state dict) and ``model.json``
+(architecture name, its parameters, shapes). Loading rebuilds the architecture from the registry,
+then checks every tensor name and shape before copying, so a truncated, corrupt or mismatched file
+is reported as an :class:`~fortress.errors.ArtifactError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fortress.errors import ArtifactError
+from fortress.models.staged import StagedBackbone
+
+__all__ = ["atomic_write_text", "load_model", "load_state", "read_json", "save_model", "save_state"]
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model.json"
+FORMAT_VERSION = 1
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file + rename), so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_state(tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Save named tensors to a safetensors file atomically (contiguous CPU copies)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(clean, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_state(path: Path) -> dict[str, Tensor]:
+    """Load a safetensors file, turning missing or corrupt files into :class:`ArtifactError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"weights file not found: {path}")
+    try:
+        return dict(load_file(str(path)))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"corrupt or unreadable safetensors file {path}: {exc}") from exc
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object, turning missing or corrupt files into :class:`ArtifactError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise ArtifactError(f"corrupt JSON in {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def copy_state_checked(module: nn.Module, state: Mapping[str, Tensor], source: Path) -> None:
+    """Copy ``state`` into ``module`` after checking names and shapes match exactly."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{source} does not match the architecture: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+        )
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ArtifactError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+        if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all()):
+            raise ArtifactError(f"{source}: tensor {k!r} contains NaN or infinite values")
+    module.load_state_dict(dict(state), strict=True)
+
+
+def save_model(model: StagedBackbone, directory: Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Save a staged backbone to ``directory`` (``model.safetensors`` + ``model.json``).
+
+    Args:
+        model: the network; built-ins are rebuilt from ``model.arch``/``model.arch_params`` on load.
+        directory: created if needed.
+        extra: JSON-serialisable metadata stored in ``model.json`` (e.g. training metrics).
+
+    Returns:
+        The directory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_state(model.state_dict(), directory / WEIGHTS, metadata={"format": "fortress", "arch": model.arch})
+    cfg = {
+        "format_version": FORMAT_VERSION,
+        "arch": model.arch,
+        "arch_params": model.arch_params,
+        "input_shape": list(model.input_shape),
+        "num_classes": model.num_classes,
+        "extra": dict(extra or {}),
+    }
+    atomic_write_text(directory / CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
+    return directory
+
+
+def load_model(directory: Path, factory: Callable[..., StagedBackbone] | None = None) -> StagedBackbone:
+    """Load a model saved by :func:`save_model`.
+
+    Args:
+        directory: the saved model directory.
+        factory: builds the architecture for user models (bring your own model); built-ins are
+            rebuilt from the registry by name.
+
+    Raises:
+        ArtifactError: missing/corrupt files or weights that do not fit the architecture.
+        UnknownComponent: the saved architecture is not registered and no factory was given.
+    """
+    from fortress.models import create_model  # the registry lives in the package
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"model directory not found: {directory}")
+    cfg = read_json(directory / CONFIG)
+    try:
+        arch = str(cfg["arch"])
+        params = dict(cfg.get("arch_params", {}))
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{directory / CONFIG} lacks the 'arch' entry") from exc
+    model = factory(**params) if factory is not None else create_model(arch, **params)
+    copy_state_checked(model, load_state(directory / WEIGHTS), directory / WEIGHTS)
+    model.eval()
+    return model
