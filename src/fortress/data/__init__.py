@@ -3,6 +3,37 @@
 from __future__ import annotations
 
 from fortress.data.base import ImageSet
-from fortress.data.embedded import MnistSplits, digits28, mnist_all, mnist_splits, natural_patches, noise_images
+from fortress.data.embedded import (
+    MnistSplits,
+    digits28,
+    mnist_all,
+    mnist_splits,
+    natural_patches,
+    noise_images,
+)
+from fortress.data.loaders import (
+    DATASETS,
+    DatasetInfo,
+    load_cifar,
+    load_dataset,
+    load_image_folder,
+    load_mnist_idx,
+    load_npz,
+)
 
-__all__ = ["ImageSet", "MnistSplits", "digits28", "mnist_all", "mnist_splits", "natural_patches", "noise_images"]
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "ImageSet",
+    "MnistSplits",
+    "digits28",
+    "load_cifar",
+    "load_dataset",
+    "load_image_folder",
+    "load_mnist_idx",
+    "load_npz",
+    "mnist_all",
+    "mnist_splits",
+    "natural_patches",
+    "noise_images",
+]

@@ -44,3 +44,12 @@ class Undefended(Defense):
         save_model(self.victim, directory / "victim")
         atomic_write_text(directory / "defense.json", json.dumps({"defense": self.name, "params": {}}, indent=2))
         return directory
+
+
+def _load_undefended(directory: Path) -> Undefended:
+    from fortress.models.io import load_model
+
+    return Undefended(load_model(Path(directory) / "victim"))
+
+
+Undefended.load = staticmethod(_load_undefended)  # type: ignore[attr-defined]

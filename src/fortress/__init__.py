@@ -1,0 +1,1 @@
+"""fortress (public API re-exports are added once every part exists)."""

@@ -1,0 +1,28 @@
+"""Dynamic Neural Fortresses: losses, OOD generator and sources, training, and the defense."""
+
+from __future__ import annotations
+
+from fortress.defenses.dnf.defense import DNF
+from fortress.defenses.dnf.generator import DCGANGenerator, train_dcgan
+from fortress.defenses.dnf.losses import DNFLossWeights, entropy, id_loss, ood_loss
+from fortress.defenses.dnf.ood import GeneratorOOD, MixtureOOD, NoiseOOD, OODSource, PoolOOD
+from fortress.defenses.dnf.training import DNFTrainConfig, DNFTrainReport, StepInfo, train_dnf
+
+__all__ = [
+    "DNF",
+    "DCGANGenerator",
+    "DNFLossWeights",
+    "DNFTrainConfig",
+    "DNFTrainReport",
+    "GeneratorOOD",
+    "MixtureOOD",
+    "NoiseOOD",
+    "OODSource",
+    "PoolOOD",
+    "StepInfo",
+    "entropy",
+    "id_loss",
+    "ood_loss",
+    "train_dcgan",
+    "train_dnf",
+]

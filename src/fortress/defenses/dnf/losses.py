@@ -1,0 +1,118 @@
+"""DNF training losses: the ID loss (Eq. 6), the OOD loss (Eq. 7) and their sum (Eq. 8).
+
+For exit ``i`` of ``E`` (the last one is the final exit), with logits from a sampled VIB latent:
+
+* ID (Eq. 6): ``CE(y) + w_kl·KL(P(Z|x) ‖ N(0, I)) + α·K(i)·H``, with ``K(i) = +1`` at the final exit
+  (confident there) and ``−1`` before it (uncertain early, so ID queries travel deep);
+* OOD (Eq. 7): ``log q(ŷ|·) − w_kl·KL + α·J(i)·H`` with ``J = −K``: the likelihood of the exit-0
+  pseudo-labels ``ŷ`` is *minimised*, the latent is pushed *away* from the prior, early exits
+  become confident (so OOD queries leave early) and the final exit uncertain;
+* total (Eq. 8, with the weight τ of App. Table 15): ``L_id + τ·L_ood``.
+
+Terms are averaged over the exits that have trainable parameters and over the batch.
+
+Two terms of Eq. 7 are unbounded below (``log q → −∞``, ``−KL → −∞``) and would let the OOD loss
+swamp everything; the paper does not say how it kept them finite. Here they are bounded: the
+likelihood term is clamped at ``log(ood_prob_floor)`` and the KL term at ``ood_kl_cap`` nats per
+sample (no gradient past the bound). Both bounds are options recorded with the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fortress.exits.heads import gaussian_kl
+from fortress.exits.network import AllExits
+
+__all__ = ["DNFLossWeights", "LossTerms", "entropy", "id_loss", "ood_loss", "pseudo_labels"]
+
+
+@dataclass(frozen=True)
+class DNFLossWeights:
+    """Weights of the DNF loss (paper defaults: α = 0.1, τ = 1, KL weight 1).
+
+    Attributes:
+        alpha: entropy weight α_i (same for every exit, App. D).
+        tau: weight of the OOD loss in Eq. 8.
+        kl_weight: weight of the KL terms (the paper uses 1).
+        ood_prob_floor: lower bound on q(ŷ|x) in the OOD likelihood term.
+        ood_kl_cap: upper bound (nats per sample) on the KL the OOD term rewards.
+    """
+
+    alpha: float = 0.1
+    tau: float = 1.0
+    kl_weight: float = 1.0
+    ood_prob_floor: float = 1e-4
+    ood_kl_cap: float = 20.0
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """A loss and its parts (for progress displays and logs)."""
+
+    total: Tensor
+    ce: Tensor
+    kl: Tensor
+    entropy: Tensor
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Shannon entropy (nats) of ``softmax(logits)`` per row (Eq. 2)."""
+    logp = F.log_softmax(logits, dim=1)
+    return -(logp.exp() * logp).sum(dim=1)
+
+
+def _sign(i: int, num_exits: int) -> float:
+    """``K(i)``: +1 at the final exit, −1 before it."""
+    return 1.0 if i == num_exits - 1 else -1.0
+
+
+def _kl(out: AllExits, i: int) -> Tensor | None:
+    if i < len(out.heads):
+        h = out.heads[i]
+        if h.mu is not None and h.logvar is not None:
+            return gaussian_kl(h.mu, h.logvar)
+    return None
+
+
+def id_loss(out: AllExits, y: Tensor, w: DNFLossWeights, exits: list[int]) -> LossTerms:
+    """Eq. 6 averaged over ``exits`` (indices into ``out.logits``) and the batch."""
+    e = out.logits.shape[0]
+    ce = kl = ent = out.logits.new_zeros(())
+    for i in exits:
+        logits = out.logits[i]
+        ce = ce + F.cross_entropy(logits, y)
+        k = _kl(out, i)
+        if k is not None:
+            kl = kl + k.mean()
+        ent = ent + _sign(i, e) * entropy(logits).mean()
+    n = max(len(exits), 1)
+    total = (ce + w.kl_weight * kl + w.alpha * ent) / n
+    return LossTerms(total, ce / n, kl / n, ent / n)
+
+
+def pseudo_labels(out: AllExits) -> Tensor:
+    """OOD labels "obtained through the first exit" (§4.1): exit 0's top-1, without gradient."""
+    return out.logits[0].detach().argmax(dim=1)
+
+
+def ood_loss(out: AllExits, y_ood: Tensor, w: DNFLossWeights, exits: list[int]) -> LossTerms:
+    """Eq. 7 (with the bounds described in the module docstring), averaged over ``exits`` and the batch."""
+    e = out.logits.shape[0]
+    floor = float(torch.log(torch.tensor(w.ood_prob_floor)))
+    ll = kl = ent = out.logits.new_zeros(())
+    for i in exits:
+        logits = out.logits[i]
+        logq = F.log_softmax(logits, dim=1).gather(1, y_ood.view(-1, 1)).squeeze(1)
+        ll = ll + logq.clamp_min(floor).mean()
+        k = _kl(out, i)
+        if k is not None:
+            kl = kl + k.clamp_max(w.ood_kl_cap).mean()
+        ent = ent - _sign(i, e) * entropy(logits).mean()  # J(i) = -K(i)
+    n = max(len(exits), 1)
+    total = (ll - w.kl_weight * kl + w.alpha * ent) / n
+    return LossTerms(total, ll / n, kl / n, ent / n)

@@ -1,0 +1,331 @@
+"""DNF training loop (paper Alg. 1): frozen backbone, heads trained on ID + OOD batches with Eq. 8.
+
+Training is resumable: after every epoch the trainable weights, the optimiser state and the history
+are written atomically to a checkpoint directory (safetensors + JSON). Batches and latent samples
+of epoch ``e`` come from a generator seeded by ``(seed, e)``, so a resumed run continues exactly
+as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from fortress.defenses.dnf.losses import DNFLossWeights, LossTerms, id_loss, ood_loss, pseudo_labels
+from fortress.defenses.dnf.ood import OODSource
+from fortress.errors import ArtifactError, ConfigError
+from fortress.exits.network import EarlyExitNet
+from fortress.models.io import atomic_write_text, copy_state_checked, load_state, read_json, save_state
+
+__all__ = ["DNFTrainConfig", "DNFTrainReport", "StepInfo", "train_dnf"]
+
+log = logging.getLogger(__name__)
+
+CKPT_STATE = "dnf-checkpoint.json"
+CKPT_PREFIX = "dnf-checkpoint-e"
+
+
+@dataclass(frozen=True)
+class DNFTrainConfig:
+    """Hyper-parameters of DNF training (defaults: paper App. D unless noted).
+
+    Attributes:
+        epochs: passes over the ID training set (paper: 10).
+        optimizer: ``"sgd"`` (paper) or ``"adam"``.
+        lr: learning rate (paper: 0.001).
+        momentum: SGD momentum.
+        weight_decay: weight decay.
+        batch_size: ID rows per step.
+        ood_batch_size: OOD rows per step.
+        weights: loss weights (α = 0.1, τ = 1, KL weight 1, bounds of Eq. 7).
+        ood_labels: where the OOD pseudo-labels ŷ of Eq. 7 come from. ``"initial"`` (default): the
+            first exit as it was before training, i.e. labels fixed when the OOD data are generated
+            (paper §4.1: "generate the OOD dataset along with corresponding labels obtained through
+            the first exit"). ``"current"``: the first exit's current top-1 at every step, as the
+            authors' released code does; this makes exit 0's own objective contradictory (push its
+            top class down while becoming confident) and, measured on LeNet-5/MNIST, exit 0 then
+            never fires on OOD data.
+        seed: seeds batches, OOD samples and VIB noise.
+    """
+
+    epochs: int = 10
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    ood_batch_size: int = 128
+    weights: DNFLossWeights = field(default_factory=DNFLossWeights)
+    ood_labels: Literal["initial", "current"] = "initial"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.lr <= 0 or self.batch_size < 1 or self.ood_batch_size < 1:
+            raise ConfigError(
+                f"need lr > 0 and batch sizes >= 1, got lr={self.lr}, batch_size={self.batch_size}, "
+                f"ood_batch_size={self.ood_batch_size}"
+            )
+        if self.ood_labels not in ("initial", "current"):
+            raise ConfigError(f"ood_labels must be 'initial' or 'current', got {self.ood_labels!r}")
+        w = self.weights
+        if w.alpha < 0 or w.tau < 0 or w.kl_weight < 0 or not 0 < w.ood_prob_floor < 1 or w.ood_kl_cap <= 0:
+            raise ConfigError(f"invalid loss weights {w}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+@dataclass
+class DNFTrainReport:
+    """History of a DNF training run."""
+
+    epochs_done: int = 0
+    loss: list[float] = field(default_factory=list)
+    id_loss: list[float] = field(default_factory=list)
+    ood_loss: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)
+    val_exit_hist: list[list[float]] = field(default_factory=list)
+    ood_exit_hist: list[list[float]] = field(default_factory=list)
+    wall_s: float = 0.0
+    resumed_from: int = 0
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Progress of one training step (for progress bars)."""
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    loss: float
+    id_terms: LossTerms
+    ood_terms: LossTerms
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], cfg: DNFTrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _opt_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"opt/{pid}/{k}"] = v
+            else:
+                scalars[f"{pid}/{k}"] = v
+    return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
+
+
+def _restore_opt(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt/"):
+            _, pid, name = key.split("/", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for key, v in meta.get("scalars", {}).items():
+        pid, name = key.split("/", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _trainable_state(net: EarlyExitNet) -> dict[str, Tensor]:
+    sd = {f"heads.{k}": v for k, v in net.heads.state_dict().items()}
+    if net.train_final_exit:
+        sd.update({f"final_head.{k}": v for k, v in net.final_head.state_dict().items()})
+    return sd
+
+
+def load_trainable_state(net: EarlyExitNet, state: dict[str, Tensor], source: Path) -> None:
+    """Load head (and trainable final head) weights saved by DNF, checking names and shapes."""
+    heads = {k[len("heads.") :]: v for k, v in state.items() if k.startswith("heads.")}
+    copy_state_checked(net.heads, heads, source)
+    if net.train_final_exit:
+        final = {k[len("final_head.") :]: v for k, v in state.items() if k.startswith("final_head.")}
+        copy_state_checked(net.final_head, final, source)
+
+
+@torch.no_grad()
+def _exit_hist(net: EarlyExitNet, x: Tensor) -> list[float]:
+    _, exits = net.forward_dynamic(x)
+    counts = torch.bincount(exits, minlength=net.num_exits).float()
+    return (counts / counts.sum()).tolist()
+
+
+def train_dnf(
+    net: EarlyExitNet,
+    x_id: Tensor,
+    y_id: Tensor,
+    ood: OODSource,
+    *,
+    config: DNFTrainConfig | None = None,
+    val: tuple[Tensor, Tensor] | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = True,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> DNFTrainReport:
+    """Train the exit heads of ``net`` with the DNF objective (Eq. 8, Alg. 1).
+
+    Args:
+        net: the early-exit network (its backbone stays frozen).
+        x_id: ID training images ``(N, C, H, W)`` in [0, 1] (the victim's training data).
+        y_id: their labels.
+        ood: the OOD source (generator, proxy set, noise or mixture).
+        config: hyper-parameters (paper defaults).
+        val: ID validation data; defended accuracy and exit histogram are logged per epoch.
+        checkpoint_dir: where to write the per-epoch checkpoint (``None``: no checkpoints).
+        resume: continue from a checkpoint in ``checkpoint_dir`` if its config matches.
+        on_step: progress callback.
+
+    Returns:
+        The :class:`DNFTrainReport` (including epochs restored from a checkpoint).
+
+    Raises:
+        ArtifactError: the checkpoint is corrupt, or was written with a different configuration.
+    """
+    cfg = config or DNFTrainConfig()
+    params = net.trainable_parameters()
+    if not params:
+        raise ConfigError("the early-exit network has no trainable parameters")
+    opt = _make_optimizer(params, cfg)
+    labeler = copy.deepcopy(net.heads[0]).eval()  # exit 0 before training (ood_labels="initial")
+    for p in labeler.parameters():
+        p.requires_grad_(False)
+    report = DNFTrainReport()
+    start_epoch = 0
+    cfg_json = cfg.as_dict()
+    if checkpoint_dir is not None and resume and (Path(checkpoint_dir) / CKPT_STATE).exists():
+        ckpt_dir = Path(checkpoint_dir)
+        meta = read_json(ckpt_dir / CKPT_STATE)
+        if meta.get("config") != json.loads(json.dumps(cfg_json)):
+            raise ArtifactError(
+                f"checkpoint in {ckpt_dir} was written with a different DNF configuration; "
+                "remove it or pass resume=False to start over"
+            )
+        tensors = load_state(ckpt_dir / str(meta.get("weights", "")))
+        load_trainable_state(
+            net, {k: v for k, v in tensors.items() if k.startswith(("heads.", "final_head."))}, ckpt_dir
+        )
+        copy_state_checked(
+            labeler, {k[len("labeler."):]: v for k, v in tensors.items() if k.startswith("labeler.")}, ckpt_dir
+        )
+        _restore_opt(opt, tensors, meta["optimizer"])
+        report = DNFTrainReport(**meta["report"])
+        start_epoch = report.epochs_done
+        report.resumed_from = start_epoch
+        log.info("resuming DNF training from epoch %d", start_epoch)
+
+    trained_exits = list(range(net.num_exits if net.train_final_exit else net.num_exits - 1))
+    n = x_id.shape[0]
+    steps = (n + cfg.batch_size - 1) // cfg.batch_size
+    t0 = time.perf_counter() - report.wall_s
+    for epoch in range(start_epoch, cfg.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=gen)
+        net.train()
+        sums = [0.0, 0.0, 0.0]
+        for s in range(steps):
+            idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            xb, yb = x_id[idx], y_id[idx]
+            xo = ood.sample(cfg.ood_batch_size, gen)
+            out = net.forward_all(torch.cat([xb, xo]), sample=True, generator=gen)
+            b = xb.shape[0]
+            out_id = _slice(out, 0, b)
+            out_ood = _slice(out, b, None)
+            t_id = id_loss(out_id, yb, cfg.weights, trained_exits)
+            if cfg.ood_labels == "initial":
+                y_ood = _initial_labels(net, labeler, xo)
+            else:
+                y_ood = pseudo_labels(out_ood)
+            t_ood = ood_loss(out_ood, y_ood, cfg.weights, trained_exits)
+            loss = t_id.total + cfg.weights.tau * t_ood.total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums[0] += float(loss)
+            sums[1] += float(t_id.total)
+            sums[2] += float(t_ood.total)
+            if on_step is not None:
+                on_step(StepInfo(epoch, s, steps, float(loss), t_id, t_ood))
+        net.eval()
+        report.loss.append(sums[0] / steps)
+        report.id_loss.append(sums[1] / steps)
+        report.ood_loss.append(sums[2] / steps)
+        if val is not None:
+            with torch.no_grad():
+                logits, _ = net.forward_dynamic(val[0])
+            report.val_acc.append(float((logits.argmax(1) == val[1]).float().mean()))
+            report.val_exit_hist.append(_exit_hist(net, val[0]))
+        report.ood_exit_hist.append(_exit_hist(net, ood.sample(512, torch.Generator().manual_seed(cfg.seed + 7))))
+        report.epochs_done = epoch + 1
+        report.wall_s = time.perf_counter() - t0
+        log.info(
+            "DNF epoch %d/%d loss %.4f val_acc %s", epoch + 1, cfg.epochs, report.loss[-1],
+            report.val_acc[-1] if report.val_acc else None,
+        )
+        if checkpoint_dir is not None:
+            _save_checkpoint(Path(checkpoint_dir), net, labeler, opt, cfg_json, report)
+    net.eval()
+    return report
+
+
+def _slice(out: Any, start: int, stop: int | None) -> Any:
+    from fortress.exits.heads import HeadOutput
+    from fortress.exits.network import AllExits
+
+    sl = slice(start, stop)
+    heads = tuple(
+        HeadOutput(h.logits[sl], None if h.mu is None else h.mu[sl], None if h.logvar is None else h.logvar[sl])
+        for h in out.heads
+    )
+    return AllExits(out.logits[:, sl], heads)
+
+
+@torch.no_grad()
+def _initial_labels(net: EarlyExitNet, labeler: torch.nn.Module, x: Tensor) -> Tensor:
+    """Top-1 of the pre-training exit-0 head on ``x`` (the fixed OOD pseudo-labels)."""
+    h = net.backbone.preprocess(x)
+    for stage in net.backbone.stages[: net.exit_after[0] + 1]:
+        h = stage(h)
+    out: Tensor = labeler(h).logits.argmax(dim=1)
+    return out
+
+
+def _save_checkpoint(
+    directory: Path,
+    net: EarlyExitNet,
+    labeler: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    cfg_json: dict[str, Any],
+    report: DNFTrainReport,
+) -> None:
+    # weights go to an epoch-numbered file first; the JSON that names it is replaced atomically
+    # afterwards, so a crash at any point leaves a consistent (weights, state) pair on disk.
+    tensors, opt_meta = _opt_tensors(opt)
+    tensors.update(_trainable_state(net))
+    tensors.update({f"labeler.{k}": v for k, v in labeler.state_dict().items()})
+    name = f"{CKPT_PREFIX}{report.epochs_done:04d}.safetensors"
+    save_state(tensors, directory / name)
+    meta = {"config": cfg_json, "optimizer": opt_meta, "report": asdict(report), "weights": name}
+    atomic_write_text(directory / CKPT_STATE, json.dumps(meta, indent=1))
+    for old in directory.glob(f"{CKPT_PREFIX}*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
