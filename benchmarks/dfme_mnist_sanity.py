@@ -21,7 +21,14 @@ import torch
 from fortress.attacks import DFME, EvalSet
 from fortress.data.embedded import mnist_splits
 from fortress.defenses.undefended import Undefended
-from fortress.models import create_model, evaluate_accuracy, load_model, predict_logits, save_model, train_classifier
+from fortress.models import (
+    create_model,
+    evaluate_accuracy,
+    load_model,
+    predict_logits,
+    save_model,
+    train_classifier,
+)
 from fortress.oracle import LocalOracle
 
 
@@ -41,7 +48,8 @@ def main() -> None:
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
 
     splits = mnist_splits()
-    assert splits.train.y is not None and splits.test.y is not None
+    assert splits.train.y is not None
+    assert splits.test.y is not None
     t0 = time.perf_counter()
     if args.victim_cache is not None and (args.victim_cache / "model.json").exists():
         victim = load_model(args.victim_cache)
@@ -69,7 +77,10 @@ def main() -> None:
         while seen < len(attack._checkpoints):  # print checkpoints as they arrive
             cp = attack._checkpoints[seen]
             fid = f"{cp.clone_fidelity:.4f}" if cp.clone_fidelity is not None else "-"
-            print(f"  {cp.queries:>9d} queries  acc {cp.clone_acc:.4f}  fid {fid}  {cp.wall_s:7.1f} s", flush=True)
+            print(
+                f"  {cp.queries:>9d} queries  acc {cp.clone_acc:.4f}  fid {fid}  {cp.wall_s:7.1f} s",
+                flush=True,
+            )
             seen += 1
 
     result = attack.run(clone, eval_set=eval_set, eval_every=args.eval_every, progress=report)
@@ -78,6 +89,9 @@ def main() -> None:
     hist = result.extras["label_hist"]
     total = max(1, sum(hist))
     print("label histogram (%):", " ".join(f"{c}:{100 * n / total:.1f}" for c, n in enumerate(hist)))
+    pred = predict_logits(result.clone, splits.test.x).argmax(1)
+    per_class = [float((pred[splits.test.y == c] == c).float().mean()) for c in range(10)]
+    print("per-class clone acc (%):", " ".join(f"{c}:{100 * a:.0f}" for c, a in enumerate(per_class)))
     print(
         f"final acc {result.clone_acc:.4f} best {result.best_clone_acc:.4f} queries {result.queries_used} "
         f"iterations {result.extras['iterations']} tail {result.extras['tail_student_steps']} "

@@ -203,8 +203,11 @@ def train_clone(
     if x.shape[0] != targets.shape[0] or x.shape[0] == 0:
         raise ConfigError(f"transfer set has {x.shape[0]} images but {targets.shape[0]} target rows")
     opt = make_optimizer(clone, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    device = next(clone.parameters()).device
     sched = (
-        torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=lr_gamma) if lr_step is not None else None
+        torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=lr_gamma)
+        if lr_step is not None
+        else None
     )
     losses: list[float] = []
     n = x.shape[0]
@@ -216,10 +219,10 @@ def train_clone(
             idx = perm[i : i + batch_size]
             if idx.numel() == 1 and n > 1:
                 continue  # a 1-row batch breaks BatchNorm clones; it skips one sample per epoch at most
-            xb = random_shift(x[idx], max_shift, generator)
-            loss = soft_cross_entropy(clone(xb), targets[idx])
+            xb = random_shift(x[idx], max_shift, generator).to(device)
+            loss = soft_cross_entropy(clone(xb), targets[idx].to(device))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             opt.step()
             total += loss.item() * idx.numel()
             count += idx.numel()

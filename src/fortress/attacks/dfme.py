@@ -49,7 +49,7 @@ def zo_gradient(
     epsilon: float,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Forward-difference estimate of the gradient of ``mean_i objective(x)_i`` (DFME, Truong et al. 2021, Eq. 6).
+    """Forward-difference estimate of the gradient of ``mean_i objective(x)_i`` (DFME, Truong et al. 2021).
 
     For each of the ``N`` points, draw ``m`` directions ``u_j`` uniformly on the unit sphere of
     ``R^d`` (``d`` = values per point) and average ``d · [f(x + ε u_j) − f(x)] / ε · u_j``; the
@@ -214,12 +214,14 @@ class DFME(Attack):
             raise ConfigError(f"weight_decay_s must be >= 0, got {weight_decay_s}")
         milestones = tuple(float(f) for f in lr_milestones)
         if any(not 0 < f < 1 for f in milestones) or list(milestones) != sorted(set(milestones)):
-            raise ConfigError(f"lr_milestones must be increasing fractions in (0, 1), got {tuple(lr_milestones)}")
+            raise ConfigError(
+                f"lr_milestones must be increasing fractions in (0, 1), got {tuple(lr_milestones)}"
+            )
         if not 0 < lr_gamma <= 1:
             raise ConfigError(f"lr_gamma must be in (0, 1], got {lr_gamma}")
         if diversity_weight < 0:
             raise ConfigError(f"diversity_weight must be >= 0, got {diversity_weight}")
-        c, h, w = oracle.input_shape
+        _, h, w = oracle.input_shape
         if h != w or h % 4:
             raise ConfigError(f"DFME's generator needs square images with a side divisible by 4, got {h}×{w}")
         self.batch_size = batch_size
@@ -240,15 +242,17 @@ class DFME(Attack):
         self.diversity_weight = float(diversity_weight)
         self.reuse_base_queries = bool(reuse_base_queries)
         self.tail_student_steps = bool(tail_student_steps)
+        self._device = torch.device("cpu")
         if self.budget < self.cost_per_iteration:
             raise ConfigError(
-                f"budget {self.budget} is below the cost of one DFME iteration ({self.cost_per_iteration} queries "
-                f"= batch_size·(g_iter·(grad_m+1) + d_iter)); raise the budget or shrink batch_size"
+                f"budget {self.budget} is below the cost of one DFME iteration "
+                f"({self.cost_per_iteration} queries = batch_size·(g_iter·(grad_m+1) + d_iter)); "
+                "raise the budget or shrink batch_size"
             )
 
     @property
     def cost_per_iteration(self) -> int:
-        """Queries per iteration: ``B·(g_iter·(m+1) + d_iter)``, one batch less with ``reuse_base_queries``."""
+        """Queries per iteration: ``B·(g_iter·(m+1) + d_iter)``, less one batch if ``reuse_base_queries``."""
         student = self.d_iter - (1 if self.reuse_base_queries else 0)
         return self.batch_size * (self.g_iter * (self.grad_m + 1) + student)
 
@@ -291,7 +295,7 @@ class DFME(Attack):
         """One generator update; returns the base images and the victim's answers on them."""
         clone.eval()
         generator.train()
-        z = torch.randn(self.batch_size, self.nz, generator=rng)
+        z = torch.randn(self.batch_size, self.nz, generator=rng).to(self._device)
         opt_g.zero_grad(set_to_none=True)
         x_pre = generator(z, pre_x=True)
         base_probs: list[Tensor] = []
@@ -299,7 +303,7 @@ class DFME(Attack):
         @torch.no_grad()
         def objective(points: Tensor) -> Tensor:
             images = to_unit(torch.tanh(points))
-            probs = self.oracle.query(images)
+            probs = self.oracle.query(images).to(images.device)
             base_probs.append(probs.view(self.batch_size, self.grad_m + 1, -1)[:, 0])
             return -_disagreement(clone(images), probs, self.loss)
 
@@ -314,7 +318,7 @@ class DFME(Attack):
                 for p, flag in zip(clone.parameters(), flags, strict=True):
                     p.requires_grad_(flag)
             surrogate = surrogate + self.diversity_weight * div
-        surrogate.backward()
+        torch.autograd.backward(surrogate)
         opt_g.step()
         return to_unit(torch.tanh(x_pre.detach())), base_probs[0]
 
@@ -324,9 +328,9 @@ class DFME(Attack):
         clone.train()
         loss = self._student_loss(clone(images), probs)
         opt_s.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         opt_s.step()
-        hist += torch.bincount(probs.argmax(dim=1), minlength=hist.numel())
+        hist += torch.bincount(probs.argmax(dim=1).cpu(), minlength=hist.numel())
         return loss.item()
 
     def _student_loss(self, logits: Tensor, probs: Tensor) -> Tensor:
@@ -338,7 +342,7 @@ class DFME(Attack):
     def _sample(self, generator: DFMEGenerator, rng: torch.Generator) -> Tensor:
         # G stays in train mode (batch statistics), as in the original student step.
         generator.train()
-        return to_unit(generator(torch.randn(self.batch_size, self.nz, generator=rng)))
+        return to_unit(generator(torch.randn(self.batch_size, self.nz, generator=rng).to(self._device)))
 
     # -- the attack ------------------------------------------------------------------------------
     def run(
@@ -365,10 +369,16 @@ class DFME(Attack):
         every = eval_every if eval_every is not None else max(1, self.budget // 10)
         next_eval = every
         c, s, _ = self.oracle.input_shape
+        # randomness is drawn on the CPU (reproducible on any device), computation runs where the clone is
         rng = torch.Generator().manual_seed(self.seed)
-        generator = DFMEGenerator(nz=self.nz, ngf=self.ngf, out_channels=c, image_size=s)
+        self._device = next(clone.parameters()).device
+        generator = DFMEGenerator(nz=self.nz, ngf=self.ngf, out_channels=c, image_size=s).to(self._device)
         opt_s = make_optimizer(
-            clone, self.student_optimizer, lr=self.lr_s, momentum=self.momentum_s, weight_decay=self.weight_decay_s
+            clone,
+            self.student_optimizer,
+            lr=self.lr_s,
+            momentum=self.momentum_s,
+            weight_decay=self.weight_decay_s,
         )
         opt_g = torch.optim.Adam(generator.parameters(), lr=self.lr_g)
         n_iter = self.iterations
@@ -377,7 +387,9 @@ class DFME(Attack):
         hist = torch.zeros(self.oracle.num_classes, dtype=torch.int64)
         t_gen = t_stu = 0.0
         last_loss = float("nan")
-        log.info("DFME: %d iterations of %d queries (budget %d)", n_iter, self.cost_per_iteration, self.budget)
+        log.info(
+            "DFME: %d iterations of %d queries (budget %d)", n_iter, self.cost_per_iteration, self.budget
+        )
 
         for _ in range(n_iter):
             t0 = time.perf_counter()
@@ -389,7 +401,7 @@ class DFME(Attack):
                     x, p = base_x, base_p
                 else:
                     x = self._sample(generator, rng)
-                    p = self.oracle.query(x)
+                    p = self.oracle.query(x).to(x.device)
                 last_loss = self._student_step(clone, opt_s, x, p, hist)
             for sched in scheds:
                 sched.step()
@@ -401,7 +413,7 @@ class DFME(Attack):
         while self.tail_student_steps and self.queries_left >= self.batch_size:
             t1 = time.perf_counter()
             x = self._sample(generator, rng)
-            last_loss = self._student_step(clone, opt_s, x, self.oracle.query(x), hist)
+            last_loss = self._student_step(clone, opt_s, x, self.oracle.query(x).to(x.device), hist)
             t_stu += time.perf_counter() - t1
             tail += 1
             next_eval = self._after_step(clone, eval_set, every, next_eval, progress)
@@ -419,7 +431,12 @@ class DFME(Attack):
         )
 
     def _after_step(
-        self, clone: nn.Module, eval_set: EvalSet | None, every: int, next_eval: int, progress: ProgressFn | None
+        self,
+        clone: nn.Module,
+        eval_set: EvalSet | None,
+        every: int,
+        next_eval: int,
+        progress: ProgressFn | None,
     ) -> int:
         """Report progress and score a checkpoint once ``every`` more queries have been spent."""
         if progress is not None:

@@ -1,4 +1,4 @@
-"""Knockoff Nets: query a natural-image pool, then train the clone on the answers (Orekondy et al., CVPR 2019)."""
+"""Knockoff Nets: query an image pool, then train the clone on the answers (Orekondy et al., CVPR 2019)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,11 @@ class KnockoffNets(Attack):
                 f"knockoff strategy {strategy!r} is not implemented; only 'random' is available "
                 "(the adaptive bandit strategy is planned)"
             )
-        for label, value in (("query_batch_size", query_batch_size), ("epochs", epochs), ("batch_size", batch_size)):
+        for label, value in (
+            ("query_batch_size", query_batch_size),
+            ("epochs", epochs),
+            ("batch_size", batch_size),
+        ):
             if value < 1:
                 raise ConfigError(f"{label} must be >= 1, got {value}")
         check_optimizer(optimizer, "optimizer")

@@ -38,7 +38,16 @@ class ImageSet:
                     f"got {self.y.dtype} {tuple(self.y.shape)}"
                 )
             if self.classes is not None and self.y.numel() and int(self.y.max()) >= len(self.classes):
-                raise InvalidInput(f"{self.name} has label {int(self.y.max())} but only {len(self.classes)} classes")
+                raise InvalidInput(
+                    f"{self.name} has label {int(self.y.max())} but only {len(self.classes)} classes"
+                )
+
+    @property
+    def targets(self) -> Tensor:
+        """The labels; raises :class:`InvalidInput` for an unlabelled set."""
+        if self.y is None:
+            raise InvalidInput(f"{self.name} has no labels")
+        return self.y
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -52,6 +61,4 @@ class ImageSet:
 
     def subset(self, idx: Tensor, name: str | None = None) -> ImageSet:
         """The images (and labels) at ``idx``."""
-        return ImageSet(
-            self.x[idx], None if self.y is None else self.y[idx], self.classes, name or self.name
-        )
+        return ImageSet(self.x[idx], None if self.y is None else self.y[idx], self.classes, name or self.name)

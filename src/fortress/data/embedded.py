@@ -62,7 +62,10 @@ def mnist_all() -> ImageSet:
     """All 5,000 embedded MNIST digits as ``(5000, 1, 28, 28)`` in [0, 1]."""
     x, y = _mnist_arrays()
     return ImageSet(
-        torch.from_numpy(x / 255.0).reshape(-1, 1, 28, 28).contiguous(), torch.from_numpy(y).clone(), DIGITS, "mnist"
+        torch.from_numpy(x / 255.0).reshape(-1, 1, 28, 28).contiguous(),
+        torch.from_numpy(y).clone(),
+        DIGITS,
+        "mnist",
     )
 
 
@@ -98,7 +101,9 @@ def digits28(size: int = 28) -> ImageSet:
     d = load_digits()
     x = torch.from_numpy(np.asarray(d.images, dtype=np.float32) / 16.0).unsqueeze(1)
     x = resize(x, size)
-    return ImageSet(x.contiguous(), torch.from_numpy(np.asarray(d.target, dtype=np.int64)), DIGITS, "digits28")
+    return ImageSet(
+        x.contiguous(), torch.from_numpy(np.asarray(d.target, dtype=np.int64)), DIGITS, "digits28"
+    )
 
 
 @lru_cache(maxsize=1)

@@ -115,7 +115,9 @@ class ExitHead(nn.Module):
             return h.mean(dim=(2, 3))
         return h.flatten(1)
 
-    def forward(self, h: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> HeadOutput:
+    def forward(
+        self, h: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> HeadOutput:
         """Logits for stage output ``h``; VIB heads sample ``z`` when ``sample`` (training)."""
         e = self.encoder(self._reduce(h))
         if self.kind == "plain":

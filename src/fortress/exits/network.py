@@ -146,7 +146,9 @@ class EarlyExitNet(nn.Module):
             for s, h in zip(stages, hiddens, strict=True)
         )
         self.train_final_exit = train_final_exit
-        self.final_head: nn.Module = copy.deepcopy(backbone.classifier) if train_final_exit else backbone.classifier
+        self.final_head: nn.Module = (
+            copy.deepcopy(backbone.classifier) if train_final_exit else backbone.classifier
+        )
         if train_final_exit:
             for p in self.final_head.parameters():
                 p.requires_grad_(True)
@@ -171,7 +173,7 @@ class EarlyExitNet(nn.Module):
         thr = [float(t) for t in thresholds]
         if len(thr) != len(self.heads):
             raise ConfigError(f"need {len(self.heads)} thresholds (one per head), got {len(thr)}: {thr}")
-        if any(not (0.0 <= t) or t != t for t in thr):
+        if any(not (t >= 0.0) or t != t for t in thr):
             raise ConfigError(f"thresholds must be non-negative numbers, got {thr}")
         self.thresholds.copy_(torch.tensor(thr))
 
@@ -192,7 +194,9 @@ class EarlyExitNet(nn.Module):
         return self
 
     # -- inference -------------------------------------------------------------------------------
-    def forward_all(self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> AllExits:
+    def forward_all(
+        self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> AllExits:
         """Run every stage and every exit on the whole batch.
 
         Args:

@@ -65,7 +65,11 @@ class StagedBackbone(nn.Module):
             raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
         self.stages = nn.ModuleList(stages)
         self.classifier = classifier
-        self.input_shape: tuple[int, int, int] = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
+        self.input_shape: tuple[int, int, int] = (
+            int(input_shape[0]),
+            int(input_shape[1]),
+            int(input_shape[2]),
+        )
         self.num_classes = int(num_classes)
         self.arch = arch
         self.arch_params: dict[str, Any] = dict(arch_params or {})
@@ -90,9 +94,7 @@ class StagedBackbone(nn.Module):
                 shapes.append(tuple(h.shape[1:]))
             out = self.classifier(h)
         except RuntimeError as exc:
-            raise ConfigError(
-                f"the stages do not run on inputs of shape {self.input_shape}: {exc}"
-            ) from exc
+            raise ConfigError(f"the stages do not run on inputs of shape {self.input_shape}: {exc}") from exc
         finally:
             self.train(was_training)
         if tuple(out.shape) != (1, self.num_classes):
@@ -218,5 +220,11 @@ def from_stages(
     shared, so the user's trained weights are used as they are.
     """
     return StagedBackbone(
-        list(stages), classifier, input_shape=input_shape, num_classes=num_classes, mean=mean, std=std, arch=arch
+        list(stages),
+        classifier,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        arch=arch,
     )

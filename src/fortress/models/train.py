@@ -104,7 +104,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * idx.numel()
+            total += loss.item() * idx.numel()
             count += idx.numel()
         report.train_loss.append(total / count)
         acc = evaluate_accuracy(model, *val) if val is not None else None

@@ -13,7 +13,13 @@ from torch import Tensor
 
 from fortress.defenses.base import Defense, DefenseOutput
 from fortress.defenses.dnf.ood import OODSource
-from fortress.defenses.dnf.training import DNFTrainConfig, DNFTrainReport, StepInfo, load_trainable_state, train_dnf
+from fortress.defenses.dnf.training import (
+    DNFTrainConfig,
+    DNFTrainReport,
+    StepInfo,
+    load_trainable_state,
+    train_dnf,
+)
 from fortress.errors import ArtifactError, ConfigError
 from fortress.exits.heads import HeadKind, PoolKind
 from fortress.exits.network import EarlyExitNet
@@ -119,7 +125,14 @@ class DNF(Defense):
     ) -> DNFTrainReport:
         """Train the exit heads (paper Alg. 1); see :func:`~fortress.defenses.dnf.training.train_dnf`."""
         report = train_dnf(
-            self.net, x_id, y_id, ood, config=config, val=val, checkpoint_dir=checkpoint_dir, resume=resume,
+            self.net,
+            x_id,
+            y_id,
+            ood,
+            config=config,
+            val=val,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
             on_step=on_step,
         )
         self.net.eval()
@@ -168,7 +181,9 @@ class DNF(Defense):
         directory = Path(directory)
         meta = read_json(directory / "defense.json")
         if meta.get("defense") != cls.name:
-            raise ArtifactError(f"{directory / 'defense.json'} holds defense {meta.get('defense')!r}, not 'dnf'")
+            raise ArtifactError(
+                f"{directory / 'defense.json'} holds defense {meta.get('defense')!r}, not 'dnf'"
+            )
         victim = load_model(directory / "victim")
         params = dict(meta.get("params", {}))
         if compute is not None:

@@ -7,6 +7,7 @@ the choice is recorded with the results.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +43,8 @@ class GeneratorOOD(OODSource):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        return self.generator(torch.randn(n, self.generator.nz, generator=generator))
+        out: Tensor = self.generator(torch.randn(n, self.generator.nz, generator=generator))
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "dcgan", "proxy": self.proxy, "nz": self.generator.nz}
@@ -53,7 +55,9 @@ class PoolOOD(OODSource):
 
     def __init__(self, images: Tensor, *, name: str = "proxy") -> None:
         if images.dim() != 4 or images.shape[0] == 0:
-            raise ConfigError(f"proxy pool must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
+            raise ConfigError(
+                f"proxy pool must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}"
+            )
         self.images = images
         self.name = name
 
@@ -103,14 +107,19 @@ class MixtureOOD(OODSource):
         if not sources:
             raise ConfigError("a mixture needs at least one OOD source")
         w = [1.0] * len(sources) if weights is None else [float(v) for v in weights]
-        if len(w) != len(sources) or any(v < 0 for v in w) or sum(w) <= 0:
+        if len(w) != len(sources) or any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
             raise ConfigError(f"mixture weights must be {len(sources)} non-negative numbers, got {list(w)}")
         self.sources = list(sources)
         self.weights = [v / sum(w) for v in w]
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        counts = [int(round(n * w)) for w in self.weights]
-        counts[-1] = n - sum(counts[:-1])
+        # largest-remainder apportionment: non-negative counts summing to n, each within 1 of n·w
+        # (rounding each share could over-allocate and leave the last source a negative count)
+        raw = [n * w for w in self.weights]
+        counts = [int(r) for r in raw]
+        by_remainder = sorted(range(len(raw)), key=lambda k: counts[k] - raw[k])
+        for k in by_remainder[: n - sum(counts)]:
+            counts[k] += 1
         parts = [s.sample(c, generator) for s, c in zip(self.sources, counts, strict=True) if c > 0]
         x = torch.cat(parts)
         return x[torch.randperm(n, generator=generator)]

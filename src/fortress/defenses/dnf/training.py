@@ -225,7 +225,9 @@ def train_dnf(
             net, {k: v for k, v in tensors.items() if k.startswith(("heads.", "final_head."))}, ckpt_dir
         )
         copy_state_checked(
-            labeler, {k[len("labeler."):]: v for k, v in tensors.items() if k.startswith("labeler.")}, ckpt_dir
+            labeler,
+            {k[len("labeler.") :]: v for k, v in tensors.items() if k.startswith("labeler.")},
+            ckpt_dir,
         )
         _restore_opt(opt, tensors, meta["optimizer"])
         report = DNFTrainReport(**meta["report"])
@@ -251,20 +253,17 @@ def train_dnf(
             out_id = _slice(out, 0, b)
             out_ood = _slice(out, b, None)
             t_id = id_loss(out_id, yb, cfg.weights, trained_exits)
-            if cfg.ood_labels == "initial":
-                y_ood = _initial_labels(net, labeler, xo)
-            else:
-                y_ood = pseudo_labels(out_ood)
+            y_ood = _initial_labels(net, labeler, xo) if cfg.ood_labels == "initial" else pseudo_labels(out_ood)
             t_ood = ood_loss(out_ood, y_ood, cfg.weights, trained_exits)
             loss = t_id.total + cfg.weights.tau * t_ood.total
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums[0] += float(loss)
-            sums[1] += float(t_id.total)
-            sums[2] += float(t_ood.total)
+            sums[0] += loss.item()
+            sums[1] += t_id.total.item()
+            sums[2] += t_ood.total.item()
             if on_step is not None:
-                on_step(StepInfo(epoch, s, steps, float(loss), t_id, t_ood))
+                on_step(StepInfo(epoch, s, steps, loss.item(), t_id, t_ood))
         net.eval()
         report.loss.append(sums[0] / steps)
         report.id_loss.append(sums[1] / steps)
@@ -274,11 +273,16 @@ def train_dnf(
                 logits, _ = net.forward_dynamic(val[0])
             report.val_acc.append(float((logits.argmax(1) == val[1]).float().mean()))
             report.val_exit_hist.append(_exit_hist(net, val[0]))
-        report.ood_exit_hist.append(_exit_hist(net, ood.sample(512, torch.Generator().manual_seed(cfg.seed + 7))))
+        report.ood_exit_hist.append(
+            _exit_hist(net, ood.sample(512, torch.Generator().manual_seed(cfg.seed + 7)))
+        )
         report.epochs_done = epoch + 1
         report.wall_s = time.perf_counter() - t0
         log.info(
-            "DNF epoch %d/%d loss %.4f val_acc %s", epoch + 1, cfg.epochs, report.loss[-1],
+            "DNF epoch %d/%d loss %.4f val_acc %s",
+            epoch + 1,
+            cfg.epochs,
+            report.loss[-1],
             report.val_acc[-1] if report.val_acc else None,
         )
         if checkpoint_dir is not None:
@@ -293,7 +297,9 @@ def _slice(out: Any, start: int, stop: int | None) -> Any:
 
     sl = slice(start, stop)
     heads = tuple(
-        HeadOutput(h.logits[sl], None if h.mu is None else h.mu[sl], None if h.logvar is None else h.logvar[sl])
+        HeadOutput(
+            h.logits[sl], None if h.mu is None else h.mu[sl], None if h.logvar is None else h.logvar[sl]
+        )
         for h in out.heads
     )
     return AllExits(out.logits[:, sl], heads)

@@ -1,0 +1,265 @@
+"""The library calls behind the CLI verbs: train a victim, protect it with DNF, attack a defense.
+
+Each function does one job and returns what it made; the CLI only parses arguments, shows
+progress and prints. Everything here works on the embedded MNIST data (``dataset="mnist"``);
+other data sets plug in through the Python API (``fortress.data.loaders``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fortress.attacks import ATTACKS, EvalSet, ProgressFn
+from fortress.bench.records import ResultRecord
+from fortress.config import AttackConfig, OODConfig, ProtectConfig, VictimConfig, to_dict
+from fortress.data.base import ImageSet
+from fortress.data.embedded import MnistSplits, mnist_splits
+from fortress.data.loaders import load_dataset
+from fortress.defenses.base import Defense
+from fortress.defenses.dnf import (
+    DNF,
+    GeneratorOOD,
+    MixtureOOD,
+    NoiseOOD,
+    OODSource,
+    PoolOOD,
+    StepInfo,
+    train_dcgan,
+)
+from fortress.errors import ConfigError
+from fortress.models import (
+    StagedBackbone,
+    create_model,
+    evaluate_accuracy,
+    predict_logits,
+    save_model,
+    train_classifier,
+)
+from fortress.oracle import LocalOracle
+
+__all__ = [
+    "DEFAULT_POOLS",
+    "build_ood",
+    "defended_accuracy",
+    "id_data",
+    "protect",
+    "run_attack",
+    "train_victim",
+]
+
+log = logging.getLogger(__name__)
+
+#: Attacker pools used when an attack needs one and the config names none.
+DEFAULT_POOLS: dict[str, str] = {"knockoff": "digits28"}
+
+
+def id_data(dataset: str) -> MnistSplits:
+    """The defender's data for ``dataset`` (the embedded MNIST digits)."""
+    if dataset != "mnist":
+        raise ConfigError(
+            f"dataset {dataset!r} is not available to the CLI pipeline; valid: 'mnist' "
+            "(use fortress.data.loaders with the Python API for your own data)"
+        )
+    return mnist_splits()
+
+
+def train_victim(
+    cfg: VictimConfig,
+    out: Path | None = None,
+    *,
+    on_epoch: Callable[[int, float, float | None], None] | None = None,
+) -> tuple[StagedBackbone, float]:
+    """Train a victim on the ID training split; save it to ``out`` if given.
+
+    Returns:
+        The model (eval mode) and its ID-test accuracy.
+    """
+    data = id_data(cfg.dataset)
+    torch.manual_seed(cfg.seed)
+    c, h, _ = data.train.x.shape[1:]
+    model = create_model(cfg.arch, num_classes=10, in_channels=int(c), image_size=int(h))
+    train_classifier(
+        model,
+        data.train.x,
+        data.train.targets,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        max_shift=cfg.max_shift,
+        seed=cfg.seed,
+        on_epoch=on_epoch,
+    )
+    acc = evaluate_accuracy(model, data.test.x, data.test.targets)
+    if out is not None:
+        save_model(model, out, extra={"test_acc": acc, "config": to_dict(cfg)})
+    return model, acc
+
+
+def build_ood(
+    cfg: OODConfig,
+    image_shape: tuple[int, int, int],
+    *,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> OODSource:
+    """Build DNF's OOD source (training the DCGAN on the proxy set when ``kind`` needs it)."""
+    noise = NoiseOOD(image_shape)
+    if cfg.kind == "noise":
+        return noise
+    proxy = (
+        load_dataset(cfg.proxy, n=cfg.proxy_size, seed=cfg.seed)
+        if cfg.proxy == "patches"
+        else load_dataset(cfg.proxy)
+    )
+    x = proxy.x[: cfg.proxy_size]
+    if tuple(x.shape[1:]) != image_shape:
+        raise ConfigError(
+            f"proxy set {cfg.proxy!r} has images {tuple(x.shape[1:])}, the victim takes {image_shape}"
+        )
+    if cfg.kind == "proxy":
+        return PoolOOD(x, name=cfg.proxy)
+    gen, _ = train_dcgan(x, epochs=cfg.dcgan_epochs, ngf=cfg.dcgan_ngf, seed=cfg.seed, on_epoch=on_epoch)
+    dcgan = GeneratorOOD(gen, proxy=cfg.proxy)
+    return dcgan if cfg.kind == "dcgan" else MixtureOOD([dcgan, noise])
+
+
+def protect(
+    victim: StagedBackbone,
+    cfg: ProtectConfig,
+    *,
+    dataset: str = "mnist",
+    out: Path | None = None,
+    resume: bool = True,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_dcgan_epoch: Callable[[int, float, float], None] | None = None,
+) -> DNF:
+    """Wrap ``victim`` in DNF and train its exits (paper Alg. 1); save to ``out`` if given.
+
+    Checkpoints go to ``out/checkpoints`` each epoch, so an interrupted run resumes.
+    """
+    data = id_data(dataset)
+    dnf = DNF(
+        victim,
+        head_kind=cfg.head_kind,
+        hidden=cfg.hidden,
+        thresholds=cfg.thresholds,
+        dataset=dataset,
+        train_final_exit=cfg.train_final_exit,
+    )
+    ood = build_ood(cfg.ood, victim.input_shape, on_epoch=on_dcgan_epoch)
+    dnf.fit(
+        data.train.x,
+        data.train.targets,
+        ood,
+        config=cfg.train,
+        val=(data.val.x, data.val.targets),
+        checkpoint_dir=None if out is None else Path(out) / "checkpoints",
+        resume=resume,
+        on_step=on_step,
+    )
+    if out is not None:
+        dnf.save(out)
+    return dnf
+
+
+@torch.no_grad()
+def defended_accuracy(defense: Defense, data: ImageSet) -> tuple[float, list[float]]:
+    """Accuracy of the defense's answers on labelled ``data`` and its exit histogram (empty without exits).
+
+    Called directly on the defense, so it never spends an oracle's budget.
+    """
+    out = defense.respond(data.x)
+    acc = float((out.probs.argmax(1) == data.targets).float().mean())
+    hist: list[float] = []
+    if out.exits is not None and defense.num_exits:
+        counts = torch.bincount(out.exits, minlength=defense.num_exits).float()
+        hist = (counts / counts.sum()).tolist()
+    return acc, hist
+
+
+def run_attack(
+    defense: Defense,
+    cfg: AttackConfig,
+    *,
+    dataset: str = "mnist",
+    eval_every: int | None = None,
+    progress: ProgressFn | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> ResultRecord:
+    """Run one attack against ``defense`` at ``cfg.budget`` and return its result record.
+
+    The evaluation set (ID test) and the victim's own labels for fidelity are computed directly on
+    the models, off-budget; the attack sees only a :class:`~fortress.oracle.LocalOracle`.
+    """
+    data = id_data(dataset)
+    attack_cls = ATTACKS.get(cfg.name)
+    victim = defense.victim
+    victim_labels = predict_logits(victim, data.test.x).argmax(1)
+    victim_acc = float((victim_labels == data.test.targets).float().mean())
+    defended_acc, hist_id = defended_accuracy(defense, data.test)
+    eval_set = EvalSet(data.test.x, data.test.targets, victim_labels)
+    oracle = LocalOracle(defense, budget=cfg.budget, output_mode=cfg.output_mode)
+    attack = attack_cls(oracle, budget=cfg.budget, seed=cfg.seed, **cfg.params)
+    pool_name = cfg.pool or DEFAULT_POOLS.get(cfg.name)
+    pool = None if pool_name is None else load_dataset(pool_name).x
+    torch.manual_seed(cfg.seed)
+    c, h, _ = victim.input_shape
+    clone = create_model(cfg.clone, num_classes=victim.num_classes, in_channels=c, image_size=h)
+    t0 = time.perf_counter()
+    result = attack.run(clone, pool, eval_set=eval_set, eval_every=eval_every, progress=progress)
+    wall = time.perf_counter() - t0
+    qlog = oracle.log
+    return ResultRecord(
+        defense=defense.name,
+        attack=cfg.name,
+        dataset=dataset,
+        victim_arch=victim.arch,
+        clone_arch=cfg.clone,
+        budget=cfg.budget,
+        queries_used=result.queries_used,
+        seed=cfg.seed,
+        victim_acc=victim_acc,
+        defended_acc=defended_acc,
+        clone_acc=result.clone_acc,
+        clone_fidelity=result.clone_fidelity,
+        exit_hist_id=hist_id,
+        exit_hist_attack=qlog.exit_hist,
+        mean_l1_perturbation=qlog.mean_l1,
+        defense_s_per_1k_queries=qlog.s_per_1k,
+        wall_s=wall,
+        config={
+            "attack": to_dict(cfg),
+            "attack_hparams": attack.hparams(),
+            "defense": defense.hparams(),
+            "pool": pool_name,
+            **(extra_config or {}),
+        },
+        clone_acc_best=result.best_clone_acc,
+        checkpoints=[
+            {
+                "queries": c.queries,
+                "clone_acc": c.clone_acc,
+                "clone_fidelity": c.clone_fidelity,
+                "wall_s": c.wall_s,
+            }
+            for c in result.checkpoints
+        ],
+        extra={"oracle_log": qlog.as_dict(), "attack_extras": _jsonable(result.extras)},
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, int | float | str | bool) or obj is None:
+        return obj
+    return str(obj)
