@@ -7,6 +7,11 @@ check and tune DFME's defaults (Truong et al., CVPR 2021).
 
 Example:
     PYTHONPATH=src python benchmarks/dfme_mnist_sanity.py --budget 200000 --seed 0 --clone lenet5
+
+Measured (victim 97.1 %, seed 0, one thread on a shared 2-core CPU, DFME defaults):
+    lenet5 clone, 1M queries: 35.6 % at 100k, 72.8 % at 200k, 82.3 % at 300k (173 s), 91.6 % at
+    500k, 94.6 % at 1M (best 95.1 %), 587 s in all. lenet5-half clone, 150k: 41.8 % (66 s).
+    With ``--set diversity_weight=0`` (the paper's DFME) the clone plateaus at 77.5 % (500k).
 """
 
 from __future__ import annotations
@@ -37,12 +42,15 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clone", choices=["lenet5", "lenet5-half"], default="lenet5")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is best on a shared 2-core machine: 2 threads spin against other jobs)",
+    )
     parser.add_argument("--victim-cache", type=Path, default=None, help="directory to save/load the victim")
     parser.add_argument("--eval-every", type=int, default=None)
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="NAME=JSON", help="DFME hyper-parameter override"
-    )
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=JSON", help="DFME hyper-parameter override")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}

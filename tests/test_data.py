@@ -149,9 +149,7 @@ def test_noise_rejects_unknown_kind() -> None:
 
 
 def _idx_bytes(arr: np.ndarray, magic: int) -> bytes:
-    return (
-        struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
-    )
+    return struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
 
 
 def _write(path: Path, data: bytes, gz: bool) -> None:
@@ -210,9 +208,7 @@ def test_idx_wrong_magic(tmp_path: Path) -> None:
     (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(x, 0x803))
     # a labels file carrying the images magic number (e.g. the two files swapped)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(y, 0x803))
-    with pytest.raises(
-        ArtifactError, match=r"train-labels-idx1-ubyte has IDX magic number 0x00000803.*0x00000801"
-    ):
+    with pytest.raises(ArtifactError, match=r"train-labels-idx1-ubyte has IDX magic number 0x00000803.*0x00000801"):
         load_mnist_idx(tmp_path)
 
 
@@ -418,9 +414,7 @@ def test_cifar_refuses_malicious_pickle(tmp_path: Path, capfd: pytest.CaptureFix
     marker = tmp_path / "pwned"
     payload = {b"data": _Evil(f"echo pwned; touch {shlex.quote(str(marker))}"), b"labels": [0]}
     _dump(ref["root"] / "test_batch", payload)
-    with pytest.raises(
-        ArtifactError, match=rf"refusing to unpickle {os.system.__module__}\.system from .*test_batch"
-    ):
+    with pytest.raises(ArtifactError, match=rf"refusing to unpickle {os.system.__module__}\.system from .*test_batch"):
         load_cifar(tmp_path, "test")
     assert not marker.exists()
     assert "pwned" not in capfd.readouterr().out
@@ -656,7 +650,5 @@ def test_load_dataset_errors(tmp_path: Path) -> None:
         load_dataset("npz", tmp_path / "missing.npz")
     with pytest.raises(UnknownComponent, match=r"unknown dataset 'svhn'.*cifar10.*mnist-train.*npz"):
         load_dataset("svhn")
-    with pytest.raises(
-        ConfigError, match=r"does not take option\(s\) colour; valid options: n, shape, kind, seed"
-    ):
+    with pytest.raises(ConfigError, match=r"does not take option\(s\) colour; valid options: n, shape, kind, seed"):
         load_dataset("noise", colour=True)

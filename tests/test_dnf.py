@@ -211,9 +211,7 @@ def test_pseudo_labels_are_exit_zero_top1_without_gradient() -> None:
 # Gradients flow to exactly the trainable parameters
 
 
-@pytest.mark.parametrize(
-    ("kind", "train_final"), [("vib", False), ("plain", False), ("vib", True), ("plain", True)]
-)
+@pytest.mark.parametrize(("kind", "train_final"), [("vib", False), ("plain", False), ("vib", True), ("plain", True)])
 def test_every_trainable_parameter_gets_a_gradient(kind: str, train_final: bool) -> None:
     # plain heads as in Table 6 (one linear layer); VIB heads with a latent and a decoder (Table 5 shape)
     hidden = 8 if kind == "vib" else None
@@ -232,10 +230,7 @@ def test_every_trainable_parameter_gets_a_gradient(kind: str, train_final: bool)
     )
     exits = list(range(net.num_exits if train_final else net.num_exits - 1))
     w = DNFLossWeights()
-    loss = (
-        id_loss(out_id, y_id, w, exits).total
-        + w.tau * ood_loss(out_ood, pseudo_labels(out_ood), w, exits).total
-    )
+    loss = id_loss(out_id, y_id, w, exits).total + w.tau * ood_loss(out_ood, pseudo_labels(out_ood), w, exits).total
     loss.backward()
     trainable = net.trainable_parameters()
     assert trainable
@@ -289,9 +284,7 @@ def test_train_dnf_lowers_the_loss_and_sends_noise_to_exit_zero(trained_victim: 
     )
     after_noise, after_id = exit0_fraction(net, noise), exit0_fraction(net, s.test.x[:300])
     assert report.epochs_done == 2
-    assert (
-        len(report.loss) == len(report.val_acc) == len(report.val_exit_hist) == len(report.ood_exit_hist) == 2
-    )
+    assert len(report.loss) == len(report.val_acc) == len(report.val_exit_hist) == len(report.ood_exit_hist) == 2
     assert report.loss[-1] < report.loss[0]
     assert after_noise >= before_noise + 0.3, (before_noise, after_noise)
     assert after_id < after_noise, (after_id, after_noise)  # ID digits do not leave early like noise
@@ -431,9 +424,7 @@ def test_resume_with_a_different_config_is_refused(one_epoch_checkpoint: Path, t
     with pytest.raises(ArtifactError, match="different DNF configuration"):
         ckpt_train(ckpt_net(), other, checkpoint_dir=one_epoch_checkpoint)
     with pytest.raises(ArtifactError):
-        ckpt_train(
-            ckpt_net(), dataclasses.replace(ckpt_config(), epochs=5), checkpoint_dir=one_epoch_checkpoint
-        )
+        ckpt_train(ckpt_net(), dataclasses.replace(ckpt_config(), epochs=5), checkpoint_dir=one_epoch_checkpoint)
     # resume=False starts over instead
     copy = tmp_path / "copy"
     shutil.copytree(one_epoch_checkpoint, copy)
@@ -611,9 +602,7 @@ def test_dnf_save_load_roundtrip(fitted_dnf: DNF, tmp_path: Path) -> None:
     x = query_batch()
     ref = fitted_dnf.respond(x)
     assert fitted_dnf.save(tmp_path / "dnf") == tmp_path / "dnf"
-    files = sorted(
-        p.relative_to(tmp_path / "dnf").as_posix() for p in (tmp_path / "dnf").rglob("*") if p.is_file()
-    )
+    files = sorted(p.relative_to(tmp_path / "dnf").as_posix() for p in (tmp_path / "dnf").rglob("*") if p.is_file())
     assert files == ["defense.json", "dnf.safetensors", "victim/model.json", "victim/model.safetensors"]
     loaded = load_defense(tmp_path / "dnf")
     assert isinstance(loaded, DNF)

@@ -84,9 +84,7 @@ CONFIGS: dict[str, Callable[[], EarlyExitNet]] = {
     "lenet-vib": lambda: scramble_heads(EarlyExitNet(lenet(0), head_kind="vib")),
     "lenet-plain": lambda: scramble_heads(EarlyExitNet(lenet(1), head_kind="plain")),
     "lenet-vib-heads-0-2": lambda: scramble_heads(EarlyExitNet(lenet(2), head_kind="vib", exit_after=[0, 2])),
-    "lenet-plain-heads-0-1": lambda: scramble_heads(
-        EarlyExitNet(lenet(3), head_kind="plain", exit_after=[0, 1])
-    ),
+    "lenet-plain-heads-0-1": lambda: scramble_heads(EarlyExitNet(lenet(3), head_kind="plain", exit_after=[0, 1])),
     "byo-vib-hidden": lambda: scramble_heads(EarlyExitNet(byo_model(4), head_kind="vib", hidden=8), 5.0),
     "byo-plain": lambda: scramble_heads(EarlyExitNet(byo_model(5), head_kind="plain"), 5.0),
 }
@@ -146,9 +144,7 @@ def test_dynamic_equals_static_for_random_thresholds_and_batches(config: str) ->
         where = f"{config} case {case}: n={n}, thresholds={thr}"
         assert ld.shape == ls.shape == (n, net.num_classes), where
         assert ed.dtype == es.dtype == torch.long, where
-        assert torch.equal(ed, es), (
-            f"{where}: exits differ at rows {torch.nonzero(ed != es).flatten().tolist()}"
-        )
+        assert torch.equal(ed, es), f"{where}: exits differ at rows {torch.nonzero(ed != es).flatten().tolist()}"
         assert torch.allclose(ld, ls, atol=1e-5), f"{where}: max diff {float((ld - ls).abs().max())}"
         seen_exits += torch.bincount(ed, minlength=net.num_exits)
     # the cases are not vacuous: every exit (each head and the final one) was taken by some row
@@ -473,9 +469,7 @@ def test_bad_head_arguments_raise_config_error(kwargs: dict[str, Any]) -> None:
 
 
 def bn_buffers(module: nn.Module) -> dict[str, Tensor]:
-    return {
-        k: v.clone() for k, v in module.state_dict().items() if "running_" in k or "num_batches_tracked" in k
-    }
+    return {k: v.clone() for k, v in module.state_dict().items() if "running_" in k or "num_batches_tracked" in k}
 
 
 def test_backbone_is_frozen_and_only_heads_are_trainable() -> None:

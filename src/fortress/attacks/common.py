@@ -204,11 +204,7 @@ def train_clone(
         raise ConfigError(f"transfer set has {x.shape[0]} images but {targets.shape[0]} target rows")
     opt = make_optimizer(clone, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     device = next(clone.parameters()).device
-    sched = (
-        torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=lr_gamma)
-        if lr_step is not None
-        else None
-    )
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=lr_gamma) if lr_step is not None else None
     losses: list[float] = []
     n = x.shape[0]
     for epoch in range(epochs):

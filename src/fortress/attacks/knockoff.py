@@ -34,12 +34,16 @@ class KnockoffNets(Attack):
     clone after training, recorded as the final checkpoint (``eval_every`` is ignored). Run the
     attack at several budgets for a curve.
 
-    Defaults are for a LeNet-size clone trained from scratch on a few thousand images (measured on
-    the embedded MNIST, see the issue report): Adam at ``lr=1e-3`` for 30 epochs of batch 64, no
-    learning-rate steps and no augmentation. The original trains an ImageNet-pretrained ResNet with
-    SGD ``lr=0.01``, momentum 0.5, StepLR (step 60, gamma 0.1; ModelGuard/DNF: 30 epochs, step 10,
-    gamma 0.5, batch 32); pass ``optimizer="sgd", lr=0.01, momentum=0.5, lr_step=10, lr_gamma=0.5``
-    for that schedule.
+    Defaults are for a LeNet-size clone trained from scratch on a few thousand images: Adam at
+    ``lr=1e-3`` for 30 epochs of batch 64, no learning-rate steps and no augmentation. The original
+    trains an ImageNet-pretrained ResNet with SGD ``lr=0.01``, momentum 0.5 and StepLR (step 60,
+    gamma 0.1; ModelGuard/DNF: 30 epochs, step 10, gamma 0.5, batch 32); pass ``optimizer="sgd",
+    lr=0.01, momentum=0.5, lr_step=10, lr_gamma=0.5`` for that schedule. Measured against a LeNet-5
+    victim (97.1 % on the embedded MNIST test split), LeNet-5 clone from scratch, seed 0, soft
+    labels: 5,000 natural patches give 76.6 % with Adam and 21.4 % with the original SGD schedule
+    (30 epochs are too few for SGD at 0.01 from scratch); the 1,797 scikit-learn digits give 41.8 %
+    and 45.5 %. Shift augmentation (``max_shift=2``) helps on digits (57.8 %) but hurts on patches
+    (57.6 %), so it stays off.
 
     Args:
         oracle: soft, hard or top-k oracle.
@@ -182,7 +186,7 @@ class KnockoffNets(Attack):
         n = min(self.budget, pool.shape[0])
         stopped_at_pool = self.budget > pool.shape[0]
         if stopped_at_pool:
-            log.warning("budget %d exceeds the pool of %d images; querying the pool once", self.budget, n)
+            log.info("budget %d exceeds the pool of %d images; querying the pool once", self.budget, n)
         order = torch.randperm(pool.shape[0], generator=rng)[:n]
         images = pool[order]
         answers: list[Tensor] = []

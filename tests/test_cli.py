@@ -1,0 +1,171 @@
+"""The CLI end to end on tiny settings: every verb runs, and every bad input is one line + non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fortress.bench.records import read_records
+from fortress.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def victim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "victim"
+    res = runner.invoke(app, ["train-victim", "--out", str(out), "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    assert "ID test accuracy" in res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def dnf_dir(victim_dir: Path) -> Path:
+    out = victim_dir.parent / "dnf"
+    res = runner.invoke(app, ["protect", str(victim_dir), "--out", str(out), "--epochs", "1", "--ood", "noise"])
+    assert res.exit_code == 0, res.output
+    assert "defended ID accuracy" in res.output
+    return out
+
+
+def test_list_shows_every_registry() -> None:
+    res = runner.invoke(app, ["list"])
+    assert res.exit_code == 0
+    for word in ("attacks", "dfme", "knockoff", "defenses", "dnf", "undefended", "models", "lenet5", "datasets"):
+        assert word in res.output
+    res = runner.invoke(app, ["list", "models"])
+    assert "resnet34-8x" in res.output and "dfme" not in res.output
+
+
+def test_list_unknown_registry_fails() -> None:
+    res = runner.invoke(app, ["list", "weapons"])
+    assert res.exit_code != 0
+
+
+def test_saved_artifacts_are_safetensors_and_json_only(victim_dir: Path, dnf_dir: Path) -> None:
+    files = [p for p in dnf_dir.rglob("*") if p.is_file()]
+    assert files
+    assert {p.suffix for p in files} <= {".safetensors", ".json"}
+    assert {p.suffix for p in victim_dir.iterdir()} == {".safetensors", ".json"}
+
+
+def test_attack_appends_records_against_dnf_and_victim(victim_dir: Path, dnf_dir: Path, tmp_path: Path) -> None:
+    for target in (dnf_dir, victim_dir):
+        res = runner.invoke(
+            app,
+            [
+                "attack",
+                "knockoff",
+                "--target",
+                str(target),
+                "--budget",
+                "200",
+                "--out",
+                str(tmp_path),
+                "--pool",
+                "digits28",
+                "--param",
+                "epochs=2",
+            ],
+        )
+        assert res.exit_code == 0, res.output
+    recs = read_records(tmp_path / "results.jsonl")
+    assert [r.defense for r in recs] == ["dnf", "undefended"]
+    assert all(r.queries_used == 200 and r.budget == 200 for r in recs)
+    assert recs[0].exit_hist_attack and abs(sum(recs[0].exit_hist_attack) - 1) < 1e-6
+    assert recs[0].config["attack_hparams"]["epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["attack", "nosuch", "--target", "{victim}", "--budget", "10", "--out", "{tmp}"], "unknown attack 'nosuch'"),
+        (["attack", "knockoff", "--target", "{tmp}/missing", "--budget", "10", "--out", "{tmp}"], "not found"),
+        (["attack", "knockoff", "--target", "{victim}", "--budget", "0", "--out", "{tmp}"], "budget"),
+        (
+            ["attack", "knockoff", "--target", "{victim}", "--budget", "10", "--out", "{tmp}", "--param", "x"],
+            "KEY=VALUE",
+        ),
+        (
+            ["attack", "knockoff", "--target", "{victim}", "--budget", "10", "--out", "{tmp}", "--pool", "nope"],
+            "unknown dataset",
+        ),
+        (
+            ["attack", "dfme", "--target", "{victim}", "--budget", "10", "--out", "{tmp}", "--output-mode", "hard"],
+            "output mode",
+        ),
+        (["train-victim", "--out", "{tmp}/v", "--arch", "alexnet"], "unknown model 'alexnet'"),
+        (["train-victim", "--out", "{tmp}/v", "--epochs", "0"], "invalid victim"),
+        (["protect", "{tmp}/missing", "--out", "{tmp}/d"], "not found"),
+        (["protect", "{victim}", "--out", "{tmp}/d", "--thresholds", "a,b"], "comma-separated"),
+        (
+            ["protect", "{victim}", "--out", "{tmp}/d", "--thresholds", "0.9", "--epochs", "1", "--ood", "noise"],
+            "thresholds",
+        ),
+    ],
+)
+def test_bad_input_gives_one_line_and_nonzero_exit(
+    args: list[str], needle: str, victim_dir: Path, tmp_path: Path
+) -> None:
+    filled = [a.replace("{victim}", str(victim_dir)).replace("{tmp}", str(tmp_path)) for a in args]
+    res = runner.invoke(app, filled)
+    assert res.exit_code == 1, res.output
+    assert needle in res.output
+    assert "Traceback" not in res.output
+    assert len([ln for ln in res.output.strip().splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_corrupt_weights_are_reported_and_results_kept(victim_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    (bad).mkdir()
+    (bad / "model.json").write_text((victim_dir / "model.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"\x00garbage")
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"keep": "me"}\n')
+    res = runner.invoke(app, ["attack", "knockoff", "--target", str(bad), "--budget", "10", "--out", str(tmp_path)])
+    assert res.exit_code == 1
+    assert "corrupt" in res.output
+    assert results.read_text() == '{"keep": "me"}\n'
+
+
+def test_protect_resumes_from_checkpoint(victim_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dnf"
+    args = ["protect", str(victim_dir), "--out", str(out), "--epochs", "2", "--ood", "noise"]
+    assert runner.invoke(app, args).exit_code == 0
+    state = json.loads((out / "checkpoints" / "dnf-checkpoint.json").read_text())
+    assert state["report"]["epochs_done"] == 2
+    res = runner.invoke(app, args)  # everything done: resumes at epoch 2 and trains nothing more
+    assert res.exit_code == 0
+    state2 = json.loads((out / "checkpoints" / "dnf-checkpoint.json").read_text())
+    assert state2["report"]["loss"] == state["report"]["loss"]
+
+
+def test_python_dash_m_entry_point(tmp_path: Path) -> None:
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fortress",
+            "attack",
+            "dfme",
+            "--target",
+            str(tmp_path / "x"),
+            "--budget",
+            "5",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env={**env, "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert res.returncode == 1
+    assert res.stderr.strip().count("\n") == 0 and "error:" in res.stderr
