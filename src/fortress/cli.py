@@ -201,9 +201,7 @@ def train_victim_cmd(
 def protect_cmd(
     victim: Annotated[Path, typer.Argument(help="Directory of a saved victim.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the protected model.")],
-    config: Annotated[
-        Path | None, typer.Option(help="ProtectConfig TOML (options below override it).")
-    ] = None,
+    config: Annotated[Path | None, typer.Option(help="ProtectConfig TOML (options below override it).")] = None,
     head: Annotated[str | None, typer.Option(help="Exit head kind: vib (paper) or plain.")] = None,
     epochs: Annotated[int | None, typer.Option(help="DNF training epochs (paper: 10).")] = None,
     ood: Annotated[str | None, typer.Option(help="OOD source: dcgan, proxy, noise or dcgan+noise.")] = None,
@@ -300,9 +298,7 @@ def attack_cmd(
 @_friendly
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("demo-out"),
-    quick: Annotated[
-        bool, typer.Option("--quick", help="A few minutes instead of < 30 on 2 CPU cores.")
-    ] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A few minutes instead of < 30 on 2 CPU cores.")] = False,
     seeds: Annotated[str, typer.Option(help="Comma-separated attack seeds.")] = "0",
 ) -> None:
     """Train a LeNet-5 victim, protect it with DNF, attack both with DFME and Knockoff; print the table."""
@@ -315,9 +311,7 @@ def demo_cmd(
     cfg = demo_config(quick=quick, seeds=seed_list)
     with _progress() as update:
         result = run_demo(cfg, out, event=update)
-    console.print(
-        _records_table(result.records, f"fortress demo ({'quick' if quick else 'full'}), MNIST, LeNet-5")
-    )
+    console.print(_records_table(result.records, f"fortress demo ({'quick' if quick else 'full'}), MNIST, LeNet-5"))
     console.print(
         f"victim ID accuracy {100 * result.victim_acc:.2f}% · results: {out / 'results.jsonl'} · "
         f"exit histograms: {result.plot} · {result.wall_s / 60:.1f} min",

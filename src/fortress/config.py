@@ -84,9 +84,7 @@ class OODConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("dcgan", "proxy", "noise", "dcgan+noise"):
-            raise ConfigError(
-                f"unknown OOD kind {self.kind!r}; valid kinds: dcgan, proxy, noise, dcgan+noise"
-            )
+            raise ConfigError(f"unknown OOD kind {self.kind!r}; valid kinds: dcgan, proxy, noise, dcgan+noise")
         if self.proxy_size < 2 or self.dcgan_epochs < 1 or self.dcgan_ngf < 1:
             raise ConfigError(f"invalid OOD settings: {self}")
 
@@ -100,6 +98,8 @@ class ProtectConfig:
         hidden: head hidden width (``None``: one linear layer, paper Table 6).
         thresholds: per-head thresholds (``None``: the paper's defaults for the data set).
         train_final_exit: train a copy of the final classifier too.
+        utility_guard: after training, raise thresholds so no head answers a held-out ID
+            validation image wrongly that the victim answers rightly (``DNF.guard_utility``).
         train: DNF training hyper-parameters.
         ood: OOD data source.
     """
@@ -108,6 +108,7 @@ class ProtectConfig:
     hidden: int | None = None
     thresholds: tuple[float, ...] | None = None
     train_final_exit: bool = False
+    utility_guard: bool = True
     train: DNFTrainConfig = field(default_factory=DNFTrainConfig)
     ood: OODConfig = field(default_factory=OODConfig)
 

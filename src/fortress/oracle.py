@@ -224,7 +224,5 @@ class LocalOracle(Oracle):
             self.log.l1_sum += float(sum(float(o.l1.sum()) for o in outs if o.l1 is not None))
             self.log.l1_count += n
         if outs[0].top1_changed is not None:
-            self.log.top1_changed += int(
-                sum(int(o.top1_changed.sum()) for o in outs if o.top1_changed is not None)
-            )
+            self.log.top1_changed += int(sum(int(o.top1_changed.sum()) for o in outs if o.top1_changed is not None))
         return apply_output_mode(probs, self.output_mode, self.top_k)

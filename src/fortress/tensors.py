@@ -49,18 +49,14 @@ def check_images(x: object, shape: Sequence[int] | None = None, *, name: str = "
     if x.shape[0] == 0:
         raise InvalidInput(f"{name} is an empty batch (shape {tuple(x.shape)}); send at least one image")
     if shape is not None and tuple(x.shape[1:]) != tuple(shape):
-        raise InvalidInput(
-            f"{name} have per-image shape {tuple(x.shape[1:])}, expected {tuple(shape)} (C, H, W)"
-        )
+        raise InvalidInput(f"{name} have per-image shape {tuple(x.shape[1:])}, expected {tuple(shape)} (C, H, W)")
     finite = torch.isfinite(x)
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise InvalidInput(f"{name} contain {bad} NaN or infinite values; expected finite values in [0, 1]")
     lo, hi = float(x.min()), float(x.max())
     if lo < -RANGE_TOL or hi > 1.0 + RANGE_TOL:
-        raise InvalidInput(
-            f"{name} have values in [{lo:.4g}, {hi:.4g}], expected [0, 1] (scale 0-255 images by 1/255)"
-        )
+        raise InvalidInput(f"{name} have values in [{lo:.4g}, {hi:.4g}], expected [0, 1] (scale 0-255 images by 1/255)")
     return x
 
 

@@ -56,7 +56,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Attacker pools used when an attack needs one and the config names none.
-DEFAULT_POOLS: dict[str, str] = {"knockoff": "digits28"}
+DEFAULT_POOLS: dict[str, str] = {"knockoff": "patches"}
+
+#: The defender's proxy crops are drawn with this seed offset, so they are never the very crops an
+#: attacker's ``patches`` pool (seed 0) holds; both come from the same two photographs.
+PROXY_SEED_OFFSET = 10_000
 
 
 def id_data(dataset: str) -> MnistSplits:
@@ -112,15 +116,11 @@ def build_ood(
     if cfg.kind == "noise":
         return noise
     proxy = (
-        load_dataset(cfg.proxy, n=cfg.proxy_size, seed=cfg.seed)
-        if cfg.proxy == "patches"
-        else load_dataset(cfg.proxy)
+        load_dataset(cfg.proxy, n=cfg.proxy_size, seed=cfg.seed) if cfg.proxy == "patches" else load_dataset(cfg.proxy)
     )
     x = proxy.x[: cfg.proxy_size]
     if tuple(x.shape[1:]) != image_shape:
-        raise ConfigError(
-            f"proxy set {cfg.proxy!r} has images {tuple(x.shape[1:])}, the victim takes {image_shape}"
-        )
+        raise ConfigError(f"proxy set {cfg.proxy!r} has images {tuple(x.shape[1:])}, the victim takes {image_shape}")
     if cfg.kind == "proxy":
         return PoolOOD(x, name=cfg.proxy)
     gen, _ = train_dcgan(x, epochs=cfg.dcgan_epochs, ngf=cfg.dcgan_ngf, seed=cfg.seed, on_epoch=on_epoch)
@@ -162,6 +162,8 @@ def protect(
         resume=resume,
         on_step=on_step,
     )
+    if cfg.utility_guard:
+        dnf.guard_utility(data.val.x, data.val.targets)
     if out is not None:
         dnf.save(out)
     return dnf

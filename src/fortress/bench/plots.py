@@ -15,9 +15,7 @@ from fortress.bench.records import ResultRecord
 __all__ = ["plot_exit_histograms"]
 
 
-def plot_exit_histograms(
-    records: Sequence[ResultRecord], path: Path, *, title: str | None = None
-) -> Path | None:
+def plot_exit_histograms(records: Sequence[ResultRecord], path: Path, *, title: str | None = None) -> Path | None:
     """Bar chart of the exit distribution of ID test queries vs each attack's queries (paper Table 12).
 
     Only records with exit histograms (defenses with exits) are drawn; returns ``None`` if none has one.

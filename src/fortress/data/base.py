@@ -38,9 +38,7 @@ class ImageSet:
                     f"got {self.y.dtype} {tuple(self.y.shape)}"
                 )
             if self.classes is not None and self.y.numel() and int(self.y.max()) >= len(self.classes):
-                raise InvalidInput(
-                    f"{self.name} has label {int(self.y.max())} but only {len(self.classes)} classes"
-                )
+                raise InvalidInput(f"{self.name} has label {int(self.y.max())} but only {len(self.classes)} classes")
 
     @property
     def targets(self) -> Tensor:

@@ -101,9 +101,7 @@ def digits28(size: int = 28) -> ImageSet:
     d = load_digits()
     x = torch.from_numpy(np.asarray(d.images, dtype=np.float32) / 16.0).unsqueeze(1)
     x = resize(x, size)
-    return ImageSet(
-        x.contiguous(), torch.from_numpy(np.asarray(d.target, dtype=np.int64)), DIGITS, "digits28"
-    )
+    return ImageSet(x.contiguous(), torch.from_numpy(np.asarray(d.target, dtype=np.int64)), DIGITS, "digits28")
 
 
 @lru_cache(maxsize=1)

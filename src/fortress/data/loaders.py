@@ -66,9 +66,7 @@ def _require_exists(path: Path, what: str) -> None:
 def _check_labels(y: npt.NDArray[np.int64], num_classes: int, source: Path) -> None:
     """Raise :class:`ArtifactError` if a label falls outside ``[0, num_classes)``."""
     if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ArtifactError(
-            f"{source} has labels in [{int(y.min())}, {int(y.max())}], expected [0, {num_classes - 1}]"
-        )
+        raise ArtifactError(f"{source} has labels in [{int(y.min())}, {int(y.max())}], expected [0, {num_classes - 1}]")
 
 
 # --------------------------------------------------------------------------------------------- IDX
@@ -105,21 +103,15 @@ def _parse_idx(path: Path, magic: int) -> npt.NDArray[np.uint8]:
     """Parse one IDX file of unsigned bytes with the expected ``magic`` number."""
     raw = _read_bytes(path)
     if len(raw) < 4:
-        raise ArtifactError(
-            f"{path} is truncated: {len(raw)} bytes, shorter than the 4-byte IDX magic number"
-        )
+        raise ArtifactError(f"{path} is truncated: {len(raw)} bytes, shorter than the 4-byte IDX magic number")
     (found,) = struct.unpack(">I", raw[:4])
     if found != magic:
         kind = "images" if magic == _IDX_IMAGES_MAGIC else "labels"
-        raise ArtifactError(
-            f"{path} has IDX magic number 0x{found:08X}, expected 0x{magic:08X} (unsigned-byte {kind})"
-        )
+        raise ArtifactError(f"{path} has IDX magic number 0x{found:08X}, expected 0x{magic:08X} (unsigned-byte {kind})")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ArtifactError(
-            f"{path} is truncated: {len(raw)} bytes, shorter than its {header}-byte IDX header"
-        )
+        raise ArtifactError(f"{path} is truncated: {len(raw)} bytes, shorter than its {header}-byte IDX header")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(dims, dtype=np.int64))
     if len(raw) - header != expected:
@@ -260,9 +252,7 @@ def _load_pickle_dict(path: Path) -> dict[str, Any]:
     except _UNPICKLE_ERRORS as exc:
         raise ArtifactError(f"cannot unpickle {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict):
-        raise ArtifactError(
-            f"{path} holds a {type(obj).__name__}, expected a dict (a CIFAR batch or meta file)"
-        )
+        raise ArtifactError(f"{path} holds a {type(obj).__name__}, expected a dict (a CIFAR batch or meta file)")
     out: dict[str, Any] = {}
     for key, value in obj.items():
         if isinstance(key, bytes):
@@ -276,9 +266,7 @@ def _load_pickle_dict(path: Path) -> dict[str, Any]:
 def _entry(d: dict[str, Any], key: str, path: Path) -> Any:
     """``d[key]``, or an :class:`ArtifactError` listing the available keys."""
     if key not in d:
-        raise ArtifactError(
-            f"{path} has no {key!r} entry; available keys: {', '.join(sorted(d)) or '(none)'}"
-        )
+        raise ArtifactError(f"{path} has no {key!r} entry; available keys: {', '.join(sorted(d)) or '(none)'}")
     return d[key]
 
 
@@ -286,9 +274,7 @@ def _names(d: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
     """Decode a list of class names (bytes or str) from a CIFAR meta file."""
     raw = _entry(d, key, path)
     if not isinstance(raw, list | tuple) or not raw:
-        raise ArtifactError(
-            f"{path} entry {key!r} is a {type(raw).__name__}, expected a non-empty list of names"
-        )
+        raise ArtifactError(f"{path} entry {key!r} is a {type(raw).__name__}, expected a non-empty list of names")
     names = []
     for item in raw:
         if isinstance(item, bytes):
@@ -304,11 +290,7 @@ def _cifar_batch(path: Path, label_key: str) -> tuple[npt.NDArray[np.uint8], npt
     d = _load_pickle_dict(path)
     data = _entry(d, "data", path)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        desc = (
-            f"{data.dtype} array of shape {data.shape}"
-            if isinstance(data, np.ndarray)
-            else type(data).__name__
-        )
+        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise ArtifactError(f"{path} 'data' is a {desc}, expected a uint8 array of shape (N, 3072)")
     raw_labels = _entry(d, label_key, path)
     try:
@@ -330,9 +312,7 @@ def _cifar_dir(root: Path, folder: str, probe: str) -> Path:
         return root / folder
     if (root / probe).is_file():
         return root
-    raise ArtifactError(
-        f"{root} holds neither {folder}/ nor {probe}; expected the extracted CIFAR python archive"
-    )
+    raise ArtifactError(f"{root} holds neither {folder}/ nor {probe}; expected the extracted CIFAR python archive")
 
 
 def load_cifar(
@@ -387,9 +367,7 @@ def load_cifar(
     images = np.concatenate(xs)
     if images.shape[0] == 0:
         raise ArtifactError(f"{folder} {split} batches hold no images")
-    return ImageSet(
-        _u8_to_images(images), torch.from_numpy(np.concatenate(ys)), classes, f"{variant}-{split}"
-    )
+    return ImageSet(_u8_to_images(images), torch.from_numpy(np.concatenate(ys)), classes, f"{variant}-{split}")
 
 
 # -------------------------------------------------------------------------------------- ImageFolder
@@ -450,9 +428,7 @@ def load_image_folder(
     suffixes = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ArtifactError(
-            f"image folder {root} has no class sub-folders; expected root/<class>/<image> files"
-        )
+        raise ArtifactError(f"image folder {root} has no class sub-folders; expected root/<class>/<image> files")
     files: list[tuple[Path, int]] = []
     empty = []
     for label, cls in enumerate(classes):
@@ -508,9 +484,7 @@ def _npz_images(arr: npt.NDArray[Any], key: str, path: Path) -> Tensor:
     if arr.dtype == np.uint8:
         return _u8_to_images(arr)
     if not np.issubdtype(arr.dtype, np.floating):
-        raise ArtifactError(
-            f"{path} array {key!r} has dtype {arr.dtype}; expected uint8 (0-255) or float in [0, 1]"
-        )
+        raise ArtifactError(f"{path} array {key!r} has dtype {arr.dtype}; expected uint8 (0-255) or float in [0, 1]")
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     if not bool(torch.isfinite(x).all()):
         raise ArtifactError(f"{path} array {key!r} holds NaN or infinite values; expected floats in [0, 1]")
@@ -549,9 +523,7 @@ def load_npz(path: Path | str, *, x_key: str = "x", y_key: str | None = "y") -> 
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"cannot read {path} as an .npz archive: {exc}") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ArtifactError(
-            f"{path} is a single .npy array, expected an .npz archive with an {x_key!r} array"
-        )
+        raise ArtifactError(f"{path} is a single .npy array, expected an .npz archive with an {x_key!r} array")
     with archive:
 
         def get(key: str) -> npt.NDArray[Any]:
@@ -625,9 +597,7 @@ def _digits28(path: Path | None, *, size: int = 28) -> ImageSet:
     return digits28(size)
 
 
-def _patches(
-    path: Path | None, *, n: int = 5000, size: int = 28, channels: int = 1, seed: int = 0
-) -> ImageSet:
+def _patches(path: Path | None, *, n: int = 5000, size: int = 28, channels: int = 1, seed: int = 0) -> ImageSet:
     return natural_patches(n, size, channels=channels, seed=seed)
 
 

@@ -42,9 +42,7 @@ class Undefended(Defense):
     def save(self, directory: Path) -> Path:
         directory = Path(directory)
         save_model(self.victim, directory / "victim")
-        atomic_write_text(
-            directory / "defense.json", json.dumps({"defense": self.name, "params": {}}, indent=2)
-        )
+        atomic_write_text(directory / "defense.json", json.dumps({"defense": self.name, "params": {}}, indent=2))
         return directory
 
 

@@ -36,11 +36,25 @@ LOGVAR_RANGE = (-10.0, 10.0)
 
 @dataclass(frozen=True)
 class HeadOutput:
-    """A head's answer: logits plus, for VIB heads, the latent Gaussian's parameters."""
+    """A head's answer: logits plus, for VIB heads, the latent Gaussian's parameters.
+
+    Attributes:
+        logits: logits of the sampled latent in training, of the mean otherwise.
+        mu: latent mean (VIB heads).
+        logvar: latent log-variance (VIB heads).
+        mean_logits: logits of the latent mean (what inference answers with); equals ``logits``
+            for plain heads and when not sampling.
+    """
 
     logits: Tensor
     mu: Tensor | None = None
     logvar: Tensor | None = None
+    mean_logits: Tensor | None = None
+
+    @property
+    def inference_logits(self) -> Tensor:
+        """The logits inference uses (the latent mean's)."""
+        return self.logits if self.mean_logits is None else self.mean_logits
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -106,27 +120,23 @@ class ExitHead(nn.Module):
             self.decoder: nn.Module = nn.Identity() if hidden is None else nn.Linear(hidden, num_classes)
         else:
             self.encoder = nn.Linear(self.in_features, latent)
-            self.decoder = (
-                nn.Identity() if hidden is None else nn.Sequential(nn.ReLU(), nn.Linear(hidden, num_classes))
-            )
+            self.decoder = nn.Identity() if hidden is None else nn.Sequential(nn.ReLU(), nn.Linear(hidden, num_classes))
 
     def _reduce(self, h: Tensor) -> Tensor:
         if self.pool == "avg":
             return h.mean(dim=(2, 3))
         return h.flatten(1)
 
-    def forward(
-        self, h: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
-    ) -> HeadOutput:
+    def forward(self, h: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> HeadOutput:
         """Logits for stage output ``h``; VIB heads sample ``z`` when ``sample`` (training)."""
         e = self.encoder(self._reduce(h))
         if self.kind == "plain":
             return HeadOutput(self.decoder(e))
         mu, logvar = e.chunk(2, dim=1)
         logvar = logvar.clamp(*LOGVAR_RANGE)
-        if sample:
-            eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
-            z = mu + eps * (0.5 * logvar).exp()
-        else:
-            z = mu
-        return HeadOutput(self.decoder(z), mu, logvar)
+        mean_logits = self.decoder(mu)
+        if not sample:
+            return HeadOutput(mean_logits, mu, logvar, mean_logits)
+        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+        z = mu + eps * (0.5 * logvar).exp()
+        return HeadOutput(self.decoder(z), mu, logvar, mean_logits)

@@ -78,12 +78,17 @@ class AllExits:
     """Every exit's output for a batch.
 
     Attributes:
-        logits: ``(E, B, K)``, exits in depth order (last = final exit).
+        logits: ``(E, B, K)``, exits in depth order (last = final exit); sampled VIB latents in training.
         heads: each head's :class:`HeadOutput` (``E-1`` entries; VIB heads carry ``mu``/``logvar``).
     """
 
     logits: Tensor
     heads: tuple[HeadOutput, ...]
+
+    @property
+    def mean_logits(self) -> Tensor:
+        """``(E, B, K)`` logits of the latent means (what inference answers with)."""
+        return torch.stack([h.inference_logits for h in self.heads] + [self.logits[-1]])
 
 
 class EarlyExitNet(nn.Module):
@@ -146,9 +151,7 @@ class EarlyExitNet(nn.Module):
             for s, h in zip(stages, hiddens, strict=True)
         )
         self.train_final_exit = train_final_exit
-        self.final_head: nn.Module = (
-            copy.deepcopy(backbone.classifier) if train_final_exit else backbone.classifier
-        )
+        self.final_head: nn.Module = copy.deepcopy(backbone.classifier) if train_final_exit else backbone.classifier
         if train_final_exit:
             for p in self.final_head.parameters():
                 p.requires_grad_(True)
@@ -194,9 +197,7 @@ class EarlyExitNet(nn.Module):
         return self
 
     # -- inference -------------------------------------------------------------------------------
-    def forward_all(
-        self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
-    ) -> AllExits:
+    def forward_all(self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> AllExits:
         """Run every stage and every exit on the whole batch.
 
         Args:

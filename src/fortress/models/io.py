@@ -97,9 +97,7 @@ def copy_state_checked(module: nn.Module, state: Mapping[str, Tensor], source: P
         )
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise ArtifactError(
-                f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
-            )
+            raise ArtifactError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
         if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all()):
             raise ArtifactError(f"{source}: tensor {k!r} contains NaN or infinite values")
     module.load_state_dict(dict(state), strict=True)

@@ -81,8 +81,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         if in_planes < 1 or planes < 1 or stride < 1:
             raise ConfigError(
-                "BasicBlock needs positive sizes, got "
-                f"in_planes={in_planes}, planes={planes}, stride={stride}"
+                f"BasicBlock needs positive sizes, got in_planes={in_planes}, planes={planes}, stride={stride}"
             )
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)

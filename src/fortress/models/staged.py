@@ -98,9 +98,7 @@ class StagedBackbone(nn.Module):
         finally:
             self.train(was_training)
         if tuple(out.shape) != (1, self.num_classes):
-            raise ConfigError(
-                f"the classifier outputs shape {tuple(out.shape[1:])}, expected ({self.num_classes},)"
-            )
+            raise ConfigError(f"the classifier outputs shape {tuple(out.shape[1:])}, expected ({self.num_classes},)")
         return shapes
 
     @property

@@ -84,9 +84,7 @@ def vgg11(
         >>> vgg11().stage_channels
         [64, 128, 256, 512, 512]
     """
-    return _vgg(
-        "vgg11", num_classes=num_classes, in_channels=in_channels, image_size=image_size, mean=mean, std=std
-    )
+    return _vgg("vgg11", num_classes=num_classes, in_channels=in_channels, image_size=image_size, mean=mean, std=std)
 
 
 def vgg16(
@@ -110,6 +108,4 @@ def vgg16(
         >>> vgg16().stage_shapes[-1]
         (512, 1, 1)
     """
-    return _vgg(
-        "vgg16", num_classes=num_classes, in_channels=in_channels, image_size=image_size, mean=mean, std=std
-    )
+    return _vgg("vgg16", num_classes=num_classes, in_channels=in_channels, image_size=image_size, mean=mean, std=std)

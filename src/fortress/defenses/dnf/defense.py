@@ -92,6 +92,8 @@ class DNF(Defense):
             "dataset": dataset,
             "train_final_exit": train_final_exit,
         }
+        self.initial_thresholds = self.thresholds
+        self.guarded = False
         self.train_report: DNFTrainReport | None = None
         self.ood_description: dict[str, Any] | None = None
 
@@ -142,6 +144,39 @@ class DNF(Defense):
         return report
 
     @torch.no_grad()
+    def guard_utility(self, x_val: Tensor, y_val: Tensor, *, max_harm: int = 0) -> list[float]:
+        """Raise thresholds so early exits do not cost utility on held-out ID data.
+
+        Goes beyond the paper (whose App. H searches thresholds under a utility constraint): head by
+        head, in depth order, the rows of ``(x_val, y_val)`` that would leave at head ``j`` are
+        checked against the final exit; while more than ``max_harm`` of them are answered wrongly by
+        the head but rightly by the final exit, head ``j``'s threshold is raised just above the
+        confidence of the most confident such row. Thresholds only ever go up.
+
+        Returns:
+            The new thresholds (also set on the network).
+        """
+        allx = self.net.forward_all(x_val)
+        conf = torch.softmax(allx.logits, dim=2).amax(dim=2)  # (E, N)
+        pred = allx.logits.argmax(dim=2)
+        final_ok = pred[-1] == y_val
+        thr = self.thresholds
+        pending = torch.ones(x_val.shape[0], dtype=torch.bool)
+        for j in range(len(thr)):
+            harmful = pending & (pred[j] != y_val) & final_ok
+            while True:
+                leaves = pending & (conf[j] >= thr[j])
+                bad = harmful & leaves
+                if int(bad.sum()) <= max_harm:
+                    break
+                worst = torch.sort(conf[j][bad], descending=True).values[max_harm]
+                thr[j] = float(torch.nextafter(worst, torch.tensor(2.0)))
+            pending &= ~(conf[j] >= thr[j])
+        self.net.set_thresholds(thr)
+        self.guarded = True
+        return thr
+
+    @torch.no_grad()
     def _respond(self, x: Tensor) -> DefenseOutput:
         if self.compute == "dynamic":
             logits, exits = self.net.forward_dynamic(x)
@@ -153,6 +188,8 @@ class DNF(Defense):
         return {
             **self._init,
             "thresholds": self.thresholds,
+            "initial_thresholds": self.initial_thresholds,
+            "utility_guard": self.guarded,
             "compute": self.compute,
             "train": getattr(self, "_train_config", None),
             "ood": self.ood_description,
@@ -181,9 +218,7 @@ class DNF(Defense):
         directory = Path(directory)
         meta = read_json(directory / "defense.json")
         if meta.get("defense") != cls.name:
-            raise ArtifactError(
-                f"{directory / 'defense.json'} holds defense {meta.get('defense')!r}, not 'dnf'"
-            )
+            raise ArtifactError(f"{directory / 'defense.json'} holds defense {meta.get('defense')!r}, not 'dnf'")
         victim = load_model(directory / "victim")
         params = dict(meta.get("params", {}))
         if compute is not None:

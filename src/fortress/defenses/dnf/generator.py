@@ -54,15 +54,11 @@ class DCGANGenerator(nn.Module):
         super().__init__()
         c, h, w = image_shape
         if h != w or h % 4 != 0 or h < 8:
-            raise ConfigError(
-                f"DCGAN images must be square with side divisible by 4 (>= 8), got {image_shape}"
-            )
+            raise ConfigError(f"DCGAN images must be square with side divisible by 4 (>= 8), got {image_shape}")
         self.image_shape = (c, h, w)
         self.nz = nz
         self.s0 = h // 4
-        self.project = nn.Sequential(
-            nn.Linear(nz, 2 * ngf * self.s0 * self.s0), nn.BatchNorm1d(2 * ngf * self.s0**2)
-        )
+        self.project = nn.Sequential(nn.Linear(nz, 2 * ngf * self.s0 * self.s0), nn.BatchNorm1d(2 * ngf * self.s0**2))
         self.net = nn.Sequential(
             nn.ReLU(),
             nn.ConvTranspose2d(2 * ngf, ngf, 4, 2, 1),

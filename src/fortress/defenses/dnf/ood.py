@@ -55,9 +55,7 @@ class PoolOOD(OODSource):
 
     def __init__(self, images: Tensor, *, name: str = "proxy") -> None:
         if images.dim() != 4 or images.shape[0] == 0:
-            raise ConfigError(
-                f"proxy pool must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}"
-            )
+            raise ConfigError(f"proxy pool must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
         self.images = images
         self.name = name
 
