@@ -32,7 +32,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# wide enough for the results table when output is piped or logged (a terminal keeps its own width)
+console = Console(width=None if Console().is_terminal else 160)
 err_console = Console(stderr=True)
 
 
@@ -111,7 +112,7 @@ def _pct(v: float | None) -> str:
 
 
 def _hist(h: Sequence[float]) -> str:
-    return " ".join(f"{100 * v:.0f}" for v in h) if h else "—"
+    return "/".join(f"{100 * v:.0f}" for v in h) if h else "—"
 
 
 def _records_table(records: Sequence[Any], title: str) -> Table:

@@ -177,8 +177,8 @@ def train_dcgan(
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
-            gl += float(loss_g)
-            dl += float(loss_d)
+            gl += loss_g.item()
+            dl += loss_d.item()
             steps += 1
         report.g_loss.append(gl / max(steps, 1))
         report.d_loss.append(dl / max(steps, 1))
