@@ -7,7 +7,6 @@ generators and batches, a few hundred queries per attack.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -36,15 +35,6 @@ SMALL_DFME: dict[str, Any] = {"batch_size": 16, "grad_m": 1, "d_iter": 2, "nz": 
 SMALL_COST = 16 * (1 + 1 + 2)
 #: A small knockoff: one short epoch is enough to move the weights.
 SMALL_KNOCKOFF: dict[str, Any] = {"epochs": 2, "batch_size": 32, "query_batch_size": 25}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and do not spin against other jobs on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

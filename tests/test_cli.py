@@ -169,3 +169,45 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     )
     assert res.returncode == 1
     assert res.stderr.strip().count("\n") == 0 and "error:" in res.stderr
+
+
+def test_api_quota_exhausted_mid_attack_is_one_line_and_keeps_results(victim_dir: Path, tmp_path: Path) -> None:
+    results = tmp_path / "results.jsonl"
+    ok = runner.invoke(
+        app,
+        [
+            "attack",
+            "knockoff",
+            "--target",
+            str(victim_dir),
+            "--budget",
+            "100",
+            "--out",
+            str(tmp_path),
+            "--param",
+            "epochs=1",
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    before = results.read_text()
+    res = runner.invoke(
+        app,
+        [
+            "attack",
+            "knockoff",
+            "--target",
+            str(victim_dir),
+            "--budget",
+            "300",
+            "--api-budget",
+            "100",
+            "--out",
+            str(tmp_path),
+            "--param",
+            "epochs=1",
+        ],
+    )
+    assert res.exit_code == 1
+    assert "query budget exhausted" in res.output
+    assert "nothing was charged" in res.output
+    assert results.read_text() == before

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor
 
 from fortress.data import MnistSplits, mnist_splits
@@ -41,15 +41,6 @@ from fortress.exits.heads import ExitHead, HeadOutput, gaussian_kl
 from fortress.exits.network import AllExits, EarlyExitNet
 from fortress.models import StagedBackbone, create_model, save_model, train_classifier
 from fortress.models.io import load_state, read_json, save_state
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small tensors run fastest single-threaded on a shared machine; restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @lru_cache(maxsize=1)
@@ -143,10 +134,13 @@ def test_id_kl_term_uses_the_heads_gaussians() -> None:
 
 def test_ood_likelihood_term_is_the_mean_log_probability_of_the_pseudo_labels() -> None:
     out, y = hand_exits(), labels()
-    t = ood_loss(out, y, W0, [0, 1])
     logq = [F.log_softmax(out.logits[i], 1).gather(1, y.view(-1, 1)).mean() for i in (0, 1)]
-    torch.testing.assert_close(t.ce, sum(logq) / 2)
+    # default: exit 0 defines the pseudo-labels and is not pushed away from them
+    t = ood_loss(out, y, W0, [0, 1])
+    torch.testing.assert_close(t.ce, logq[1] / 2)
     torch.testing.assert_close(t.total, t.ce)  # minimising it lowers q(ŷ|x)
+    t_all = ood_loss(out, y, dataclasses.replace(W0, ood_likelihood_at_first=True), [0, 1])
+    torch.testing.assert_close(t_all.ce, sum(logq) / 2)
 
 
 def test_ood_total_composition() -> None:
@@ -166,7 +160,7 @@ def test_ood_likelihood_clamps_at_the_floor_with_no_gradient_past_it() -> None:
     logits[0, 2:, 0] = 1.0  # rows 2, 3: within the bound
     logits.requires_grad_(True)
     out = AllExits(logits, ())
-    t = ood_loss(out, y, DNFLossWeights(alpha=0.0, ood_prob_floor=floor), [0])
+    t = ood_loss(out, y, DNFLossWeights(alpha=0.0, ood_prob_floor=floor, ood_likelihood_at_first=True), [0])
     logq = F.log_softmax(logits[0].detach(), 1)[:, 0]
     expected = (math.log(floor) * 2 + float(logq[2]) + float(logq[3])) / 4
     assert float(t.ce.detach()) == pytest.approx(expected)
@@ -176,7 +170,9 @@ def test_ood_likelihood_clamps_at_the_floor_with_no_gradient_past_it() -> None:
     # the whole term never goes below log(floor)
     logits2 = torch.full((1, 4, K), 0.0, dtype=torch.float64)
     logits2[0, :, 0] = -100.0
-    t2 = ood_loss(AllExits(logits2, ()), y, DNFLossWeights(ood_prob_floor=floor, alpha=0.0), [0])
+    t2 = ood_loss(
+        AllExits(logits2, ()), y, DNFLossWeights(ood_prob_floor=floor, alpha=0.0, ood_likelihood_at_first=True), [0]
+    )
     assert float(t2.ce) == pytest.approx(math.log(floor))
 
 
@@ -269,6 +265,9 @@ def exit0_fraction(net: EarlyExitNet, x: Tensor) -> float:
     return float((exits == 0).float().mean())
 
 
+EPOCHS = 4
+
+
 def test_train_dnf_lowers_the_loss_and_sends_noise_to_exit_zero(trained_victim: StagedBackbone) -> None:
     torch.manual_seed(1)
     net = EarlyExitNet(trained_victim, head_kind="vib", dataset="mnist").eval()
@@ -278,22 +277,22 @@ def test_train_dnf_lowers_the_loss_and_sends_noise_to_exit_zero(trained_victim: 
     before_noise, before_id = exit0_fraction(net, noise), exit0_fraction(net, s.test.x[:300])
     victim_before = {k: v.clone() for k, v in trained_victim.state_dict().items()}
     steps: list[StepInfo] = []
-    cfg = DNFTrainConfig(epochs=2, batch_size=64, ood_batch_size=64)
+    cfg = DNFTrainConfig(epochs=EPOCHS, batch_size=32, ood_batch_size=64)
     report = train_dnf(
         net, s.train.x[:1000], s.train.y[:1000], ood, config=cfg, val=(s.val.x, s.val.y), on_step=steps.append
     )
     after_noise, after_id = exit0_fraction(net, noise), exit0_fraction(net, s.test.x[:300])
-    assert report.epochs_done == 2
-    assert len(report.loss) == len(report.val_acc) == len(report.val_exit_hist) == len(report.ood_exit_hist) == 2
+    assert report.epochs_done == EPOCHS
+    assert len(report.loss) == len(report.val_acc) == len(report.val_exit_hist) == len(report.ood_exit_hist) == EPOCHS
     assert report.loss[-1] < report.loss[0]
     assert after_noise >= before_noise + 0.3, (before_noise, after_noise)
     assert after_id < after_noise, (after_id, after_noise)  # ID digits do not leave early like noise
     assert before_id == 0.0 or after_id <= before_id + 0.2
     assert all(sum(h) == pytest.approx(1.0) for h in report.val_exit_hist + report.ood_exit_hist)
     # progress callbacks: one per step, numbered within each epoch
-    assert len(steps) == 2 * 16
+    assert len(steps) == EPOCHS * 32
     assert [(st.epoch, st.step) for st in steps[:2]] == [(0, 0), (0, 1)]
-    assert all(st.steps_per_epoch == 16 for st in steps)
+    assert all(st.steps_per_epoch == 32 for st in steps)
     assert not net.training
     for k, v in trained_victim.state_dict().items():  # the frozen victim is never modified
         assert torch.equal(v, victim_before[k]), k
@@ -463,7 +462,7 @@ def _nan_weights(d: Path) -> None:
     w = d / str(read_json(d / CKPT_STATE)["weights"])
     tensors = load_state(w)
     tensors["heads.1.encoder.bias"] = torch.full_like(tensors["heads.1.encoder.bias"], float("nan"))
-    save_state(tensors, w)
+    save_file(tensors, str(w))  # save_state refuses non-finite tensors; write the damage directly
 
 
 @pytest.mark.parametrize(
@@ -512,7 +511,8 @@ def test_bad_train_config_raises_config_error(kwargs: dict[str, Any]) -> None:
 
 def test_default_train_config_is_the_paper_and_json_ready() -> None:
     cfg = DNFTrainConfig()
-    assert (cfg.epochs, cfg.optimizer, cfg.lr) == (10, "sgd", 1e-3)
+    # the paper's epochs and optimiser; lr 0.01 instead of App. D's 0.001 (docs/dnf.md, item 5)
+    assert (cfg.epochs, cfg.optimizer, cfg.lr) == (10, "sgd", 1e-2)
     assert (cfg.weights.alpha, cfg.weights.tau, cfg.weights.kl_weight) == (0.1, 1.0, 1.0)
     assert json.loads(json.dumps(cfg.as_dict()))["weights"]["alpha"] == 0.1
 

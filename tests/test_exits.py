@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -24,15 +24,6 @@ from fortress.models import StagedBackbone, create_model, from_sequential
 
 HEAD_SCALE = 20.0  # makes random heads confident on some rows and unsure on others
 CASES_PER_CONFIG = 25
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small tensors run fastest single-threaded on a shared machine; restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ tensor contract every entry point enforces."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from functools import lru_cache
 
 import pytest
@@ -18,15 +17,6 @@ from fortress.exits.heads import ExitHead
 from fortress.models import StagedBackbone, create_model
 from fortress.oracle import LocalOracle, OutputMode, QueryLog, apply_output_mode
 from fortress.tensors import PROB_EPS, RANGE_TOL, check_images, check_probs, to_positive_probs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small tensors run fastest single-threaded on a shared machine; restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def lenet(seed: int = 0) -> StagedBackbone:

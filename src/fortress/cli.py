@@ -163,7 +163,7 @@ def list_components(
 ) -> None:
     """List registered attacks, defenses, models and data sets."""
     from fortress.attacks import ATTACKS
-    from fortress.data.loaders import DATASETS
+    from fortress.data.registry import DATASETS
     from fortress.defenses import DEFENSES
     from fortress.models import MODELS
 
@@ -261,13 +261,15 @@ def attack_cmd(
     output_mode: Annotated[str, typer.Option(help="Oracle output: soft, hard or topk.")] = "soft",
     pool: Annotated[str | None, typer.Option(help="Attacker pool data set (attacks that need one).")] = None,
     param: Annotated[list[str] | None, typer.Option(help="Extra attack hyper-parameter KEY=VALUE.")] = None,
+    api_budget: Annotated[
+        int | None, typer.Option(help="The target API's own query quota (default: the attack budget).")
+    ] = None,
 ) -> None:
     """Run an extraction attack against a saved defense and append its result record."""
     from fortress.bench.pipeline import run_attack
     from fortress.bench.records import append_record
     from fortress.config import AttackConfig
     from fortress.defenses import load_defense
-    from fortress.models import save_model
 
     if not str(target).startswith(("http://", "https://")):
         defense = load_defense(target)
@@ -288,11 +290,11 @@ def attack_cmd(
             cfg,
             progress=lambda used, b: update(f"{name} vs {defense.name}", used, b),
             extra_config={"target": str(target)},
+            api_budget=api_budget,
         )
     append_record(out / "results.jsonl", rec)
     console.print(_records_table([rec], f"{name} against {target}"))
     console.print(f"record appended to {out / 'results.jsonl'}", highlight=False)
-    _ = save_model  # clones are reproducible from the record's seed and config
 
 
 @app.command("demo")

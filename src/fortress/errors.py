@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "FortressError",
     "InvalidInput",
+    "TrainingDiverged",
     "UnknownComponent",
 ]
 
@@ -57,3 +58,7 @@ class BudgetExceeded(FortressError):
 
 class ArtifactError(FortressError):
     """A saved model, checkpoint or result file is missing, unreadable or corrupt."""
+
+
+class TrainingDiverged(FortressError):
+    """Training produced non-finite weights; nothing non-finite is saved."""

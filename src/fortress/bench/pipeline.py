@@ -20,7 +20,7 @@ from fortress.bench.records import ResultRecord
 from fortress.config import AttackConfig, OODConfig, ProtectConfig, VictimConfig, to_dict
 from fortress.data.base import ImageSet
 from fortress.data.embedded import MnistSplits, mnist_splits
-from fortress.data.loaders import load_dataset
+from fortress.data.registry import load_dataset
 from fortress.defenses.base import Defense
 from fortress.defenses.dnf import (
     DNF,
@@ -192,8 +192,13 @@ def run_attack(
     eval_every: int | None = None,
     progress: ProgressFn | None = None,
     extra_config: dict[str, Any] | None = None,
+    api_budget: int | None = None,
 ) -> ResultRecord:
     """Run one attack against ``defense`` at ``cfg.budget`` and return its result record.
+
+    ``api_budget`` is the oracle's own quota (default: the attack budget); when it is smaller, the
+    oracle refuses the batch that would pass it and :class:`~fortress.errors.BudgetExceeded`
+    propagates — no record is produced for an unfinished attack.
 
     The evaluation set (ID test) and the victim's own labels for fidelity are computed directly on
     the models, off-budget; the attack sees only a :class:`~fortress.oracle.LocalOracle`.
@@ -205,7 +210,7 @@ def run_attack(
     victim_acc = float((victim_labels == data.test.targets).float().mean())
     defended_acc, hist_id = defended_accuracy(defense, data.test)
     eval_set = EvalSet(data.test.x, data.test.targets, victim_labels)
-    oracle = LocalOracle(defense, budget=cfg.budget, output_mode=cfg.output_mode)
+    oracle = LocalOracle(defense, budget=cfg.budget if api_budget is None else api_budget, output_mode=cfg.output_mode)
     attack = attack_cls(oracle, budget=cfg.budget, seed=cfg.seed, **cfg.params)
     pool_name = cfg.pool or DEFAULT_POOLS.get(cfg.name)
     pool = None if pool_name is None else load_dataset(pool_name).x

@@ -48,6 +48,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_state(tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
     """Save named tensors to a safetensors file atomically (contiguous CPU copies)."""
     path = Path(path)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ArtifactError(f"refusing to save non-finite tensors {bad[:5]} to {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

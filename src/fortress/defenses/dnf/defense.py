@@ -205,6 +205,8 @@ class DNF(Defense):
         meta = {
             "defense": self.name,
             "params": {**self._init, "thresholds": self.thresholds, "compute": self.compute},
+            "initial_thresholds": self.initial_thresholds,
+            "utility_guard": self.guarded,
             "train": getattr(self, "_train_config", None),
             "ood": self.ood_description,
             "report": None if self.train_report is None else self.train_report.__dict__,
@@ -230,6 +232,8 @@ class DNF(Defense):
         load_trainable_state(dnf.net, load_state(directory / WEIGHTS), directory / WEIGHTS)
         dnf.net.eval()
         dnf.ood_description = meta.get("ood")
+        dnf.initial_thresholds = [float(t) for t in meta.get("initial_thresholds", dnf.thresholds)]
+        dnf.guarded = bool(meta.get("utility_guard", False))
         if meta.get("train") is not None:
             dnf._train_config = meta["train"]
         return dnf
