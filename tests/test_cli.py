@@ -138,12 +138,16 @@ def test_protect_resumes_from_checkpoint(victim_dir: Path, tmp_path: Path) -> No
     out = tmp_path / "dnf"
     args = ["protect", str(victim_dir), "--out", str(out), "--epochs", "2", "--ood", "noise"]
     assert runner.invoke(app, args).exit_code == 0
-    state = json.loads((out / "checkpoints" / "dnf-checkpoint.json").read_text())
-    assert state["report"]["epochs_done"] == 2
-    res = runner.invoke(app, args)  # everything done: resumes at epoch 2 and trains nothing more
+    states = sorted((out / "checkpoints").glob("attempt-*/dnf-checkpoint.json"))
+    assert states  # one checkpoint per training attempt
+    before = {p: json.loads(p.read_text()) for p in states}
+    assert all(st["report"]["epochs_done"] == 2 for st in before.values())
+    res = runner.invoke(app, args)  # everything done: each attempt resumes at epoch 2 and trains nothing more
     assert res.exit_code == 0
-    state2 = json.loads((out / "checkpoints" / "dnf-checkpoint.json").read_text())
-    assert state2["report"]["loss"] == state["report"]["loss"]
+    for p, st in before.items():
+        assert json.loads(p.read_text())["report"]["loss"] == st["report"]["loss"]
+    meta = json.loads((out / "defense.json").read_text())
+    assert 1 <= len(meta["attempts"]) <= 3
 
 
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:

@@ -103,6 +103,10 @@ class ProtectConfig:
         train_final_exit: train a copy of the final classifier too.
         utility_guard: after training, raise thresholds so no head answers a held-out ID
             validation image wrongly that the victim answers rightly (``DNF.guard_utility``).
+        min_ood_exit0: acceptance check on the defender's own data: after training, at least this
+            share of fresh samples from the OOD source must leave at exit 0, else the heads are
+            re-initialised with the next seed and retrained (0 turns the check off).
+        max_attempts: trainings tried before giving up on the acceptance check (the best is kept).
         train: DNF training hyper-parameters.
         ood: OOD data source.
     """
@@ -112,6 +116,8 @@ class ProtectConfig:
     thresholds: tuple[float, ...] | None = None
     train_final_exit: bool = False
     utility_guard: bool = True
+    min_ood_exit0: float = 0.5
+    max_attempts: int = 3
     train: DNFTrainConfig = field(default_factory=DNFTrainConfig)
     ood: OODConfig = field(default_factory=OODConfig)
 

@@ -104,6 +104,7 @@ class EarlyExitNet(nn.Module):
         dataset: data set name used to pick paper default thresholds.
         train_final_exit: give the final exit its own trainable copy of the classifier (default: the
             victim's frozen classifier, as in the paper).
+        seed: seeds the heads' initial weights (``None``: the global torch generator).
 
     Shape:
         ``(B, C, H, W)`` float32 in [0, 1] → logits ``(B, K)`` and exits ``(B,)``.
@@ -129,6 +130,7 @@ class EarlyExitNet(nn.Module):
         thresholds: Sequence[float] | None = None,
         dataset: str | None = None,
         train_final_exit: bool = False,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         stages = list(range(backbone.num_stages)) if exit_after is None else [int(s) for s in exit_after]
@@ -146,10 +148,13 @@ class EarlyExitNet(nn.Module):
             p.requires_grad_(False)
         self.exit_after = stages
         self.head_kind: HeadKind = head_kind
-        self.heads = nn.ModuleList(
-            ExitHead(backbone.stage_shapes[s], backbone.num_classes, kind=head_kind, hidden=h, pool=pool)
-            for s, h in zip(stages, hiddens, strict=True)
-        )
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.heads = nn.ModuleList(
+                ExitHead(backbone.stage_shapes[s], backbone.num_classes, kind=head_kind, hidden=h, pool=pool)
+                for s, h in zip(stages, hiddens, strict=True)
+            )
         self.train_final_exit = train_final_exit
         self.final_head: nn.Module = copy.deepcopy(backbone.classifier) if train_final_exit else backbone.classifier
         if train_final_exit:

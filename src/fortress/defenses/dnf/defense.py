@@ -46,6 +46,7 @@ class DNF(Defense):
         train_final_exit: also train a copy of the final classifier (default: frozen, as in the paper).
         compute: ``"dynamic"`` skips the stages a query no longer needs; ``"full"`` runs every stage for
             every query, so response time does not reveal the exit (same answers).
+        seed: seeds the heads' initial weights.
 
     Example:
         >>> from fortress.models import create_model
@@ -69,6 +70,7 @@ class DNF(Defense):
         dataset: str | None = None,
         train_final_exit: bool = False,
         compute: Compute = "dynamic",
+        seed: int | None = None,
     ) -> None:
         super().__init__(victim)
         if compute not in ("dynamic", "full"):
@@ -82,6 +84,7 @@ class DNF(Defense):
             thresholds=thresholds,
             dataset=dataset,
             train_final_exit=train_final_exit,
+            seed=seed,
         ).eval()
         self.compute: Compute = compute
         self._init = {
@@ -91,9 +94,11 @@ class DNF(Defense):
             "pool": pool,
             "dataset": dataset,
             "train_final_exit": train_final_exit,
+            "seed": seed,
         }
         self.initial_thresholds = self.thresholds
         self.guarded = False
+        self.attempts: list[dict[str, float]] = []
         self.train_report: DNFTrainReport | None = None
         self.ood_description: dict[str, Any] | None = None
 
@@ -144,6 +149,12 @@ class DNF(Defense):
         return report
 
     @torch.no_grad()
+    def exit_share(self, x: Tensor, exit_index: int = 0) -> float:
+        """Fraction of the rows of ``x`` that leave at ``exit_index``."""
+        _, exits = self.net.forward_dynamic(x)
+        return float((exits == exit_index).float().mean())
+
+    @torch.no_grad()
     def guard_utility(self, x_val: Tensor, y_val: Tensor, *, max_harm: int = 0) -> list[float]:
         """Raise thresholds so early exits do not cost utility on held-out ID data.
 
@@ -190,6 +201,7 @@ class DNF(Defense):
             "thresholds": self.thresholds,
             "initial_thresholds": self.initial_thresholds,
             "utility_guard": self.guarded,
+            "attempts": self.attempts,
             "compute": self.compute,
             "train": getattr(self, "_train_config", None),
             "ood": self.ood_description,
@@ -207,6 +219,7 @@ class DNF(Defense):
             "params": {**self._init, "thresholds": self.thresholds, "compute": self.compute},
             "initial_thresholds": self.initial_thresholds,
             "utility_guard": self.guarded,
+            "attempts": self.attempts,
             "train": getattr(self, "_train_config", None),
             "ood": self.ood_description,
             "report": None if self.train_report is None else self.train_report.__dict__,
@@ -234,6 +247,7 @@ class DNF(Defense):
         dnf.ood_description = meta.get("ood")
         dnf.initial_thresholds = [float(t) for t in meta.get("initial_thresholds", dnf.thresholds)]
         dnf.guarded = bool(meta.get("utility_guard", False))
+        dnf.attempts = list(meta.get("attempts", []))
         if meta.get("train") is not None:
             dnf._train_config = meta["train"]
         return dnf
