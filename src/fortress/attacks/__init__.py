@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from fortress.attacks.base import Attack, AttackResult, Checkpoint, EvalSet, ProgressFn
 from fortress.attacks.dfme import DFME
+from fortress.attacks.jbda import JBDA
 from fortress.attacks.knockoff import KnockoffNets
 from fortress.registry import Registry
 
-__all__ = ["ATTACKS", "DFME", "Attack", "AttackResult", "Checkpoint", "EvalSet", "KnockoffNets", "ProgressFn"]
+__all__ = [
+    "ATTACKS",
+    "DFME",
+    "JBDA",
+    "Attack",
+    "AttackResult",
+    "Checkpoint",
+    "EvalSet",
+    "KnockoffNets",
+    "ProgressFn",
+]
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 ATTACKS.add("dfme", DFME)
 ATTACKS.add("knockoff", KnockoffNets)
+ATTACKS.add("jbda", JBDA)

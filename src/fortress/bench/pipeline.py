@@ -56,7 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Attacker pools used when an attack needs one and the config names none.
-DEFAULT_POOLS: dict[str, str] = {"knockoff": "patches"}
+DEFAULT_POOLS: dict[str, str] = {"knockoff": "patches", "jbda": "mnist-attacker"}
 
 #: The defender's proxy crops are drawn with this seed offset, so they are never the very crops an
 #: attacker's ``patches`` pool (seed 0) holds; both come from the same two photographs.

@@ -1,0 +1,295 @@
+"""Jacobian-based dataset augmentation (Papernot et al., AsiaCCS 2017) and PRADA's variants (Juuti et al. 2019).
+
+Start from a small queried seed set, train the clone, then grow the set with points the clone's
+input gradient says lie near its decision boundaries, query them, and repeat until the budget is
+spent. Sign conventions follow the ModelGuard / prediction-poisoning code (see the class docstring).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fortress.attacks.base import Attack, AttackResult, EvalSet, ProgressFn
+from fortress.attacks.common import train_clone
+from fortress.errors import ConfigError
+from fortress.oracle import Oracle, OutputMode
+
+__all__ = ["JBDA", "JBDAVariant"]
+
+log = logging.getLogger(__name__)
+
+#: Augmentation policies: Papernot's step, its mirror image, and PRADA's targeted top-k PGD.
+JBDAVariant = Literal["jbda", "jbself", "jbtop"]
+
+#: Rows per forward/backward pass when computing input gradients (bounds memory, stays batched).
+_GRAD_CHUNK = 1024
+
+
+class JBDA(Attack):
+    """JBDA (Papernot et al., AsiaCCS 2017) with the JB-self and JB-top-k variants of PRADA (Juuti et al. 2019).
+
+    ``seed_size`` random pool images are queried; then every round (1) trains the clone on the whole
+    labelled set ``D`` (soft cross-entropy on the oracle's rows: probabilities, renormalised top-k
+    rows or one-hot rows), from its initial weights when ``retrain_from_scratch``, and (2) augments
+    ``D`` and queries the new points. With ``y`` the oracle's top-1 label of ``x`` and
+    ``δ = λ·sign(∇x CE(clone(x), y))``:
+
+    * ``"jbda"`` queries ``x + δ`` (an untargeted FGSM step, away from ``y``; this is the
+      ModelGuard/PRADA convention, which may differ in sign from Papernot's original);
+    * ``"jbself"`` queries ``x − δ``;
+    * ``"jbtop"`` runs, for each of the clone's ``top_k`` most likely classes other than ``y``, a
+      targeted PGD attack (L∞ radius λ, ``pgd_steps`` steps of ``1.85·λ/pgd_steps``) toward it, so
+      ``top_k`` queries per point.
+
+    Every point is clipped to [0, 1] in pixel space (the reference code clips in normalised space).
+    ``D`` grows by ``(1 + k)``× per round (``k = 1`` except for ``jbtop``); the last round is cut
+    (a seeded random subset of ``D`` is augmented) so the attack spends exactly ``budget`` queries
+    when the rounds allow it. The loop stops when the budget is spent or ``rounds`` augmentation
+    rounds are done, and the clone is trained once more on the final ``D``. Papernot's periodic
+    step sign (τ) and reservoir sampling (κ, σ) are not implemented.
+
+    Args:
+        oracle: soft, hard or top-k oracle.
+        budget: queries to spend (seed set included).
+        seed: seeds the seed-set draw, subset draws, the clone's batch order and torch's RNG.
+        variant: ``"jbda"``, ``"jbself"`` or ``"jbtop"``.
+        seed_size: pool images in the seed set (Papernot: 150 for MNIST).
+        step: λ, the FGSM step and PGD radius in [0, 1] pixel units (paper: 0.1).
+        rounds: augmentation rounds (``None``: until the budget is spent; Papernot: 6).
+        top_k: target classes per point for ``"jbtop"``.
+        pgd_steps: PGD iterations for ``"jbtop"`` (reference: 8).
+        epochs_per_round: clone training epochs per round (Papernot: about 10).
+        lr: Adam learning rate of the clone.
+        batch_size: training mini-batch size.
+        retrain_from_scratch: reset the clone to its initial weights before each round's training
+            (ModelGuard); otherwise fine-tune across rounds.
+
+    Example:
+        >>> from fortress.defenses import Undefended
+        >>> from fortress.models import create_model
+        >>> from fortress.oracle import LocalOracle
+        >>> oracle = LocalOracle(Undefended(create_model("lenet5")), output_mode="hard")
+        >>> attack = JBDA(oracle, budget=40, seed_size=10, epochs_per_round=1)
+        >>> result = attack.run(create_model("lenet5"), torch.rand(20, 1, 28, 28))
+        >>> result.queries_used, result.extras["set_size"], result.extras["rounds"]
+        (40, 40, 2)
+    """
+
+    name = "jbda"
+    output_modes = (OutputMode.SOFT, OutputMode.HARD, OutputMode.TOPK)
+
+    def __init__(
+        self,
+        oracle: Oracle,
+        *,
+        budget: int,
+        seed: int = 0,
+        variant: JBDAVariant = "jbda",
+        seed_size: int = 150,
+        step: float = 0.1,
+        rounds: int | None = None,
+        top_k: int = 1,
+        pgd_steps: int = 8,
+        epochs_per_round: int = 10,
+        lr: float = 1e-3,
+        batch_size: int = 64,
+        retrain_from_scratch: bool = True,
+    ) -> None:
+        super().__init__(oracle, budget=budget, seed=seed)
+        valid = get_args(JBDAVariant)
+        if variant not in valid:
+            raise ConfigError(f"variant must be one of {', '.join(valid)}, got {variant!r}")
+        for label, value in (
+            ("seed_size", seed_size),
+            ("top_k", top_k),
+            ("pgd_steps", pgd_steps),
+            ("epochs_per_round", epochs_per_round),
+            ("batch_size", batch_size),
+        ):
+            if value < 1:
+                raise ConfigError(f"{label} must be >= 1, got {value}")
+        if seed_size > self.budget:
+            raise ConfigError(f"seed_size ({seed_size}) must not exceed the budget ({self.budget})")
+        if not 0 < step <= 1:
+            raise ConfigError(f"step (λ) must be in (0, 1] pixel units, got {step}")
+        if rounds is not None and rounds < 0:
+            raise ConfigError(f"rounds must be >= 0 or None, got {rounds}")
+        if top_k > oracle.num_classes - 1:
+            raise ConfigError(f"top_k must be at most num_classes - 1 = {oracle.num_classes - 1}, got {top_k}")
+        if not lr > 0:
+            raise ConfigError(f"lr must be > 0, got {lr}")
+        self.variant: JBDAVariant = variant
+        self.seed_size = seed_size
+        self.step = float(step)
+        self.rounds = rounds
+        self.top_k = top_k
+        self.pgd_steps = pgd_steps
+        self.epochs_per_round = epochs_per_round
+        self.lr = float(lr)
+        self.batch_size = batch_size
+        self.retrain_from_scratch = bool(retrain_from_scratch)
+
+    @property
+    def _per_point(self) -> int:
+        """New queries per augmented point."""
+        return self.top_k if self.variant == "jbtop" else 1
+
+    def hparams(self) -> dict[str, Any]:
+        return {
+            **super().hparams(),
+            "variant": self.variant,
+            "seed_size": self.seed_size,
+            "step": self.step,
+            "rounds": self.rounds,
+            "top_k": self.top_k,
+            "pgd_steps": self.pgd_steps,
+            "epochs_per_round": self.epochs_per_round,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "retrain_from_scratch": self.retrain_from_scratch,
+        }
+
+    # -- augmentation ---------------------------------------------------------------------------
+    def _input_grad(self, clone: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
+        """``∇x Σ CE(clone(x), labels)`` (per-row input gradients), computed in chunks."""
+        device = next(clone.parameters()).device
+        grads: list[Tensor] = []
+        for i in range(0, x.shape[0], _GRAD_CHUNK):
+            xb = x[i : i + _GRAD_CHUNK].to(device).requires_grad_(True)
+            loss = F.cross_entropy(clone(xb), labels[i : i + _GRAD_CHUNK].to(device), reduction="sum")
+            (g,) = torch.autograd.grad(loss, xb)
+            grads.append(g.to(x.device))
+        return torch.cat(grads)
+
+    def _top_targets(self, clone: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
+        """The clone's ``top_k`` most likely classes other than ``labels``, ``(N, top_k)``."""
+        device = next(clone.parameters()).device
+        out: list[Tensor] = []
+        with torch.no_grad():
+            for i in range(0, x.shape[0], _GRAD_CHUNK):
+                logits = clone(x[i : i + _GRAD_CHUNK].to(device)).float()
+                logits.scatter_(1, labels[i : i + _GRAD_CHUNK].to(device).unsqueeze(1), float("-inf"))
+                out.append(logits.topk(self.top_k, dim=1).indices.to(x.device))
+        return torch.cat(out)
+
+    def augment(self, clone: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
+        """New points from ``x`` with oracle labels ``labels``, per :attr:`variant`, clipped to [0, 1].
+
+        Shape:
+            ``(N, C, H, W)`` and ``(N,)`` → ``(N·k, C, H, W)`` (``k = top_k`` for ``"jbtop"``, else 1;
+            the ``k`` points of one input are adjacent).
+        """
+        clone.eval()
+        if self.variant != "jbtop":
+            delta = self.step * self._input_grad(clone, x, labels).sign()
+            new = x + delta if self.variant == "jbda" else x - delta
+            return new.clamp(0.0, 1.0)
+        targets = self._top_targets(clone, x, labels).reshape(-1)
+        x0 = x.repeat_interleave(self.top_k, dim=0)
+        alpha = 1.85 * self.step / self.pgd_steps
+        adv = x0.clone()
+        for _ in range(self.pgd_steps):
+            g = self._input_grad(clone, adv, targets)
+            adv = adv - alpha * g.sign()  # descend the loss of the target class
+            adv = torch.minimum(torch.maximum(adv, x0 - self.step), x0 + self.step).clamp(0.0, 1.0)
+        return adv
+
+    # -- the attack -----------------------------------------------------------------------------
+    def run(
+        self,
+        clone: nn.Module,
+        pool: Tensor | None = None,
+        *,
+        eval_set: EvalSet | None = None,
+        eval_every: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> AttackResult:
+        """Query a seed set from ``pool``, then alternate clone training and Jacobian augmentation.
+
+        Args:
+            clone: the clone network (trained in place).
+            pool: the attacker's in-distribution images ``(N, C, H, W)`` in [0, 1] (required;
+                ``N >= seed_size``).
+            eval_set: scored after each round's training whenever ``eval_every`` queries have passed
+                since the last checkpoint (never charged to the budget).
+            eval_every: queries between checkpoints (``None``: after every round).
+            progress: called after every oracle call.
+
+        Extras of the result: ``rounds`` (augmentation rounds done), ``set_size`` (final ``|D|``),
+        ``round_sizes`` (``|D|`` at each training), ``label_hist`` (oracle top-1 counts over ``D``)
+        and ``train_loss`` (last epoch's loss of each training).
+
+        Raises:
+            ConfigError: ``pool`` is missing, has the wrong image shape or fewer than ``seed_size``
+                images; ``eval_every < 1``.
+            BudgetExceeded: the oracle's own budget is smaller than this attack's.
+        """
+        if pool is None:
+            raise ConfigError("jbda needs an attacker pool of in-distribution images (pool=None was given)")
+        if pool.dim() != 4 or tuple(pool.shape[1:]) != tuple(self.oracle.input_shape):
+            raise ConfigError(
+                f"pool images have shape {tuple(pool.shape[1:])}, expected the oracle's input shape "
+                f"{tuple(self.oracle.input_shape)} (C, H, W)"
+            )
+        if pool.shape[0] < self.seed_size:
+            raise ConfigError(f"the pool has {pool.shape[0]} images, fewer than seed_size={self.seed_size}")
+        if eval_every is not None and eval_every < 1:
+            raise ConfigError(f"eval_every must be >= 1 query or None, got {eval_every}")
+        self._begin()
+        rng = torch.Generator().manual_seed(self.seed)
+        init_state = {k: v.detach().clone() for k, v in clone.state_dict().items()}
+
+        x = pool[torch.randperm(pool.shape[0], generator=rng)[: self.seed_size]]
+        y = self.oracle.query(x)
+        if progress is not None:
+            progress(self.queries_used, self.budget)
+
+        rounds_done = 0
+        round_sizes: list[int] = []
+        losses: list[float] = []
+        last_cp: int | None = None
+        while True:
+            if self.retrain_from_scratch:
+                clone.load_state_dict(init_state)
+            losses.append(
+                train_clone(
+                    clone, x, y, epochs=self.epochs_per_round, batch_size=self.batch_size, lr=self.lr, generator=rng
+                )[-1]
+            )
+            round_sizes.append(int(x.shape[0]))
+            if eval_every is None or last_cp is None or self.queries_used - last_cp >= eval_every:
+                self._checkpoint(clone, eval_set)
+                last_cp = self.queries_used
+            left = self.queries_left
+            if left <= 0 or (self.rounds is not None and rounds_done >= self.rounds):
+                break
+            k = self._per_point
+            n_points = x.shape[0]
+            if n_points * k > left:  # cut the last round to the budget: a random subset of D
+                idx = torch.randperm(n_points, generator=rng)[: math.ceil(left / k)]
+                src_x, src_y = x[idx], y[idx]
+            else:
+                src_x, src_y = x, y
+            new = self.augment(clone, src_x, src_y.argmax(dim=1))[:left]
+            answers = self.oracle.query(new)
+            if progress is not None:
+                progress(self.queries_used, self.budget)
+            x, y = torch.cat([x, new]), torch.cat([y, answers])
+            rounds_done += 1
+            log.debug("jbda round %d: |D| = %d, %d queries used", rounds_done, x.shape[0], self.queries_used)
+        hist = torch.bincount(y.argmax(dim=1), minlength=y.shape[1])
+        return self._finish(
+            clone,
+            eval_set,
+            rounds=rounds_done,
+            set_size=int(x.shape[0]),
+            round_sizes=round_sizes,
+            label_hist=hist.tolist(),
+            train_loss=losses,
+        )
