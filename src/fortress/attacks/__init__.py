@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fortress.attacks.arch_steal import ArchSteal
 from fortress.attacks.base import Attack, AttackResult, Checkpoint, EvalSet, ProgressFn
 from fortress.attacks.dfme import DFME
 from fortress.attacks.jbda import JBDA
@@ -12,6 +13,7 @@ __all__ = [
     "ATTACKS",
     "DFME",
     "JBDA",
+    "ArchSteal",
     "Attack",
     "AttackResult",
     "Checkpoint",
@@ -24,3 +26,4 @@ ATTACKS: Registry[type[Attack]] = Registry("attack")
 ATTACKS.add("dfme", DFME)
 ATTACKS.add("knockoff", KnockoffNets)
 ATTACKS.add("jbda", JBDA)
+ATTACKS.add("arch-steal", ArchSteal)

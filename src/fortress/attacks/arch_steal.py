@@ -1,0 +1,252 @@
+"""Architecture stealing by SVD of the output matrix (Carlini et al., ICML 2024, Algorithm 1).
+
+The logits of a classifier are ``W·g(x) + b`` with ``W`` of shape ``(C, h)``: every logit vector
+lies in an affine subspace of dimension at most ``h``, the width of the last hidden layer. Stacking
+``n`` answers and reading where the singular values drop reveals ``h`` (the DNF paper, §5.4
+"Defense against Model Architecture Stealing", runs this attack with 300 queries against a
+200-class ViT-L and reports that DNF's exits hide the width).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fortress.attacks.base import Attack, AttackResult, EvalSet, ProgressFn
+from fortress.errors import ConfigError
+from fortress.oracle import Oracle, OutputMode
+
+__all__ = ["ArchSteal", "QuerySource", "estimate_hidden_width"]
+
+log = logging.getLogger(__name__)
+
+#: Where the queried images come from: attacker pool rows, or uniform noise in [0, 1].
+QuerySource = Literal["pool", "noise"]
+
+#: Extra queries on top of ``4 × num_classes`` in the default ``num_queries``.
+_EXTRA_QUERIES = 16
+
+
+def estimate_hidden_width(singular_values: Tensor, max_recoverable: int) -> tuple[int, list[float]]:
+    """The largest multiplicative gap of a spectrum (Carlini et al. 2024, Algorithm 1).
+
+    With singular values ``s_1 ≥ s_2 ≥ …`` (1-indexed) and ``K = max_recoverable`` (the rank ceiling
+    of the centred output matrix), the gaps are ``gap_i = log s_i − log s_{i+1}`` for
+    ``i = 1 … K − 1`` and the estimate is ``argmax_i gap_i`` (the number of singular values before
+    the largest drop). The gap ``s_K → s_{K+1}`` is left out on purpose: ``s_{K+1}`` onwards are zero
+    by construction of the centring (float64 round-off, ~1e-16), while a true low rank only
+    drops to the float32 precision of the oracle's answers (~1e-7), so that structural gap would
+    always win. Zeros are guarded by flooring every value at ``s_1 · 1e-300`` before the log.
+
+    Args:
+        singular_values: descending singular values (any float dtype).
+        max_recoverable: ``K`` above; at least 2.
+
+    Returns:
+        ``(estimate, log_gaps)``: the estimate in ``[1, K − 1]`` and the ``K − 1`` gaps (nats).
+        An all-zero spectrum (constant answers) gives ``(0, [0.0, …])``.
+
+    Example:
+        >>> estimate_hidden_width(torch.tensor([5.0, 4.0, 3.0, 1e-6, 1e-7, 0.0]), 5)[0]
+        3
+    """
+    if max_recoverable < 2:
+        raise ConfigError(f"max_recoverable must be >= 2 to have a gap, got {max_recoverable}")
+    s = singular_values.detach().to(torch.float64)
+    k = min(int(max_recoverable), s.numel())
+    if k < 2:
+        raise ConfigError(f"need at least 2 singular values inside the rank ceiling, got {k}")
+    top = float(s[0]) if s.numel() else 0.0
+    if not top > 0:
+        return 0, [0.0] * (k - 1)
+    logs = torch.log(s[:k].clamp_min(top * 1e-300))
+    gaps = logs[:-1] - logs[1:]
+    return int(gaps.argmax()) + 1, [float(g) for g in gaps]
+
+
+class ArchSteal(Attack):
+    """Hidden-width stealing from soft outputs (Carlini et al., ICML 2024; DNF paper §5.4).
+
+    The attack queries ``num_queries`` images, turns each probability row into log-probabilities
+    (``log(max(p, eps))``, float64), and builds the ``n × C`` matrix ``Q``:
+
+    * **row centring** (``center_rows``) subtracts each row's mean over classes. Log-softmax is the
+      logits minus a per-query constant, which adds the all-ones direction (rank +1); centring
+      removes it exactly. Afterwards every row is orthogonal to the ones vector, so
+      ``rank(Q) ≤ C − 1``.
+    * **column centring** (``center_columns``) subtracts each class's mean over the queries. A
+      classifier bias ``b`` adds the same vector to every row (rank +1: ``h + 1``); centring
+      removes it, so the rank becomes ``h`` again (and ``rank(Q) ≤ n − 1``).
+
+    The singular values (``torch.linalg.svdvals`` in float64) then drop sharply after index ``h``,
+    and :func:`estimate_hidden_width` returns the index of the largest log-gap.
+
+    **What it can reveal.** ``max_recoverable = min(C − center_rows, n − center_columns)`` is the
+    rank ceiling (``C − 1`` with row centring and the default ``n > C``). The estimate lies in
+    ``[1, max_recoverable − 1]``, and it equals the true width only when
+    ``h < max_recoverable`` — i.e. only for a bottleneck narrower than the number of outputs. For
+    the usual vision classifier (``h ≥ C``: ResNet-18 has 512 features for 200 classes) the
+    spectrum is full rank and its largest gap says nothing about ``h``. The answers must also be
+    far from the oracle's probability floor (``tensors.PROB_EPS``), or the clamping breaks the
+    low-rank structure.
+
+    This attack steals architecture, not function: ``clone`` is not trained and is returned
+    unchanged (only set to eval mode by the shared ``_finish``); with an ``eval_set`` its (untrained)
+    accuracy is scored once, for the record.
+
+    Args:
+        oracle: soft-label oracle (log-probabilities are needed; hard and top-k are refused).
+        budget: queries this attack may spend.
+        seed: seeds the noise images or the pool sample.
+        num_queries: queries to spend (``None``: ``min(budget, 4·C + 16)``; comfortably more than
+            the ``C`` rows needed to reach the rank ceiling; the DNF paper uses 300 for ``C = 200``).
+        query_source: ``"noise"`` (uniform images in [0, 1], no data needed) or ``"pool"``
+            (rows of the attacker's pool, sampled without replacement).
+        center_rows: subtract each answer's mean log-probability (removes the softmax constant).
+        center_columns: subtract each class's mean over the queries (removes the classifier bias).
+        eps: floor applied to probabilities before the log.
+        query_batch_size: images per oracle call.
+
+    Example:
+        >>> from fortress.defenses.undefended import Undefended
+        >>> from fortress.models import create_model
+        >>> from fortress.oracle import LocalOracle
+        >>> oracle = LocalOracle(Undefended(create_model("lenet5")))
+        >>> result = ArchSteal(oracle, budget=100).run(create_model("lenet5"))
+        >>> result.queries_used, result.extras["max_recoverable"]
+        (56, 9)
+    """
+
+    name = "arch-steal"
+    output_modes = (OutputMode.SOFT,)
+
+    def __init__(
+        self,
+        oracle: Oracle,
+        *,
+        budget: int,
+        seed: int = 0,
+        num_queries: int | None = None,
+        query_source: QuerySource = "noise",
+        center_rows: bool = True,
+        center_columns: bool = True,
+        eps: float = 1e-8,
+        query_batch_size: int = 256,
+    ) -> None:
+        super().__init__(oracle, budget=budget, seed=seed)
+        num_classes = int(oracle.num_classes)
+        n = min(self.budget, 4 * num_classes + _EXTRA_QUERIES) if num_queries is None else int(num_queries)
+        if n > self.budget:
+            raise ConfigError(f"num_queries={n} exceeds the budget of {self.budget} queries")
+        if query_source not in ("pool", "noise"):
+            raise ConfigError(f"query_source must be 'pool' or 'noise', got {query_source!r}")
+        if not (eps > 0 and math.isfinite(eps)):
+            raise ConfigError(f"eps must be a finite number > 0, got {eps}")
+        if query_batch_size < 1:
+            raise ConfigError(f"query_batch_size must be >= 1, got {query_batch_size}")
+        ceiling = min(num_classes - int(center_rows), n - int(center_columns))
+        if ceiling < 2:
+            raise ConfigError(
+                f"num_queries={n} with {num_classes} classes leaves a rank ceiling of {ceiling}; "
+                "at least 2 is needed to locate a gap (query more, or use an oracle with more classes)"
+            )
+        self.num_queries = n
+        self.query_source: QuerySource = query_source
+        self.center_rows = bool(center_rows)
+        self.center_columns = bool(center_columns)
+        self.eps = float(eps)
+        self.query_batch_size = int(query_batch_size)
+
+    def hparams(self) -> dict[str, Any]:
+        return {
+            **super().hparams(),
+            "num_queries": self.num_queries,
+            "query_source": self.query_source,
+            "center_rows": self.center_rows,
+            "center_columns": self.center_columns,
+            "eps": self.eps,
+            "query_batch_size": self.query_batch_size,
+        }
+
+    def _images(self, pool: Tensor | None, rng: torch.Generator) -> Tensor:
+        shape = tuple(self.oracle.input_shape)
+        if self.query_source == "noise":
+            if pool is not None:
+                log.info("arch-steal queries uniform noise: the given pool is ignored")
+            return torch.rand((self.num_queries, *shape), generator=rng)
+        if pool is None:
+            raise ConfigError("query_source='pool' needs an attacker pool of images (pool=None was given)")
+        if pool.dim() != 4 or tuple(pool.shape[1:]) != shape:
+            raise ConfigError(
+                f"pool images have shape {tuple(pool.shape[1:])}, expected the oracle's input shape {shape} (C, H, W)"
+            )
+        if pool.shape[0] < self.num_queries:
+            raise ConfigError(f"the pool holds {pool.shape[0]} images, fewer than num_queries={self.num_queries}")
+        return pool[torch.randperm(pool.shape[0], generator=rng)[: self.num_queries]]
+
+    def run(
+        self,
+        clone: nn.Module,
+        pool: Tensor | None = None,
+        *,
+        eval_set: EvalSet | None = None,
+        eval_every: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> AttackResult:
+        """Query, centre the log-probabilities, and estimate the hidden width from the spectrum.
+
+        Args:
+            clone: returned unchanged (this attack does not train a clone).
+            pool: attacker images ``(N, C, H, W)`` in [0, 1]; required for ``query_source="pool"``,
+                ignored for ``"noise"``.
+            eval_set: scores the untrained clone once (for the record).
+            eval_every: ignored (nothing is trained).
+            progress: called after every oracle call.
+
+        Extras of the result: ``hidden_width_estimate`` (int), ``singular_values`` (all
+        ``min(n, C)``, descending), ``log_gaps`` (the ``max_recoverable − 1`` candidate gaps, nats),
+        ``num_queries``, ``max_recoverable`` (rank ceiling; the estimate is trustworthy only for a true
+        width below it), ``query_source``, ``center_rows``, ``center_columns``.
+
+        Raises:
+            ConfigError: a pool is needed and missing, of the wrong shape, or too small.
+        """
+        if eval_every is not None:
+            log.info("arch-steal trains nothing: eval_every=%d is ignored", eval_every)
+        self._begin()
+        rng = torch.Generator().manual_seed(self.seed)
+        images = self._images(pool, rng)
+        answers: list[Tensor] = []
+        for i in range(0, self.num_queries, self.query_batch_size):
+            answers.append(self.oracle.query(images[i : i + self.query_batch_size]))
+            if progress is not None:
+                progress(self.queries_used, self.budget)
+        probs = torch.cat(answers).to(torch.float64)
+        q = torch.log(probs.clamp_min(self.eps))
+        if self.center_rows:
+            q = q - q.mean(dim=1, keepdim=True)
+        if self.center_columns:
+            q = q - q.mean(dim=0, keepdim=True)
+        s = torch.linalg.svdvals(q)
+        num_classes = int(probs.shape[1])
+        ceiling = min(num_classes - int(self.center_rows), self.num_queries - int(self.center_columns))
+        estimate, gaps = estimate_hidden_width(s, ceiling)
+        log.info(
+            "arch-steal: %d queries, hidden width estimate %d (rank ceiling %d)", self.num_queries, estimate, ceiling
+        )
+        return self._finish(
+            clone,
+            eval_set,
+            hidden_width_estimate=estimate,
+            singular_values=[float(v) for v in s],
+            log_gaps=gaps,
+            num_queries=self.num_queries,
+            max_recoverable=ceiling,
+            query_source=self.query_source,
+            center_rows=self.center_rows,
+            center_columns=self.center_columns,
+        )
