@@ -178,14 +178,9 @@ class ArchSteal(Attack):
             if pool is not None:
                 log.info("arch-steal queries uniform noise: the given pool is ignored")
             return torch.rand((self.num_queries, *shape), generator=rng)
-        if pool is None:
-            raise ConfigError("query_source='pool' needs an attacker pool of images (pool=None was given)")
-        if pool.dim() != 4 or tuple(pool.shape[1:]) != shape:
-            raise ConfigError(
-                f"pool images have shape {tuple(pool.shape[1:])}, expected the oracle's input shape {shape} (C, H, W)"
-            )
-        if pool.shape[0] < self.num_queries:
-            raise ConfigError(f"the pool holds {pool.shape[0]} images, fewer than num_queries={self.num_queries}")
+        pool = self._require_pool(
+            pool, who="query_source='pool'", min_rows=self.num_queries, what=f"num_queries={self.num_queries}"
+        )
         return pool[torch.randperm(pool.shape[0], generator=rng)[: self.num_queries]]
 
     def run(

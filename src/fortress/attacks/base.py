@@ -163,6 +163,31 @@ class Attack(ABC):
             extras=dict(extras),
         )
 
+    def _require_pool(self, pool: Tensor | None, *, who: str, min_rows: int = 1, what: str = "") -> Tensor:
+        """Check an attacker pool: present, images of the oracle's shape, at least ``min_rows`` of them.
+
+        Args:
+            pool: the pool given to :meth:`run`.
+            who: what needs it, for the message ("knockoff", "jbda", ...).
+            min_rows: fewest images the attack needs.
+            what: the setting behind ``min_rows`` for the message (e.g. ``"seed_size=150"``).
+
+        Raises:
+            ConfigError: naming the missing pool, the bad shape or the shortfall.
+        """
+        if pool is None:
+            raise ConfigError(f"{who} needs an attacker pool of images (pool=None was given)")
+        shape = tuple(self.oracle.input_shape)
+        if pool.dim() != 4 or tuple(pool.shape[1:]) != shape:
+            raise ConfigError(
+                f"pool images have shape {tuple(pool.shape[1:])}, expected the oracle's input shape {shape} (C, H, W)"
+            )
+        if pool.shape[0] < min_rows:
+            if not what:
+                raise ConfigError("the attacker pool is empty")
+            raise ConfigError(f"the pool holds {pool.shape[0]} images, fewer than {what}")
+        return pool
+
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters of this attack (recorded next to results)."""
         return {"budget": self.budget, "seed": self.seed}

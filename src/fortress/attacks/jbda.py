@@ -230,15 +230,9 @@ class JBDA(Attack):
                 images; ``eval_every < 1``.
             BudgetExceeded: the oracle's own budget is smaller than this attack's.
         """
-        if pool is None:
-            raise ConfigError("jbda needs an attacker pool of in-distribution images (pool=None was given)")
-        if pool.dim() != 4 or tuple(pool.shape[1:]) != tuple(self.oracle.input_shape):
-            raise ConfigError(
-                f"pool images have shape {tuple(pool.shape[1:])}, expected the oracle's input shape "
-                f"{tuple(self.oracle.input_shape)} (C, H, W)"
-            )
-        if pool.shape[0] < self.seed_size:
-            raise ConfigError(f"the pool has {pool.shape[0]} images, fewer than seed_size={self.seed_size}")
+        pool = self._require_pool(
+            pool, who="jbda (in-distribution images)", min_rows=self.seed_size, what=f"seed_size={self.seed_size}"
+        )
         if eval_every is not None and eval_every < 1:
             raise ConfigError(f"eval_every must be >= 1 query or None, got {eval_every}")
         self._begin()

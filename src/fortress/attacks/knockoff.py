@@ -170,15 +170,7 @@ class KnockoffNets(Attack):
         Raises:
             ConfigError: ``pool`` is missing or its images do not have the oracle's input shape.
         """
-        if pool is None:
-            raise ConfigError("knockoff needs an attacker pool of images (pool=None was given)")
-        if pool.dim() != 4 or tuple(pool.shape[1:]) != tuple(self.oracle.input_shape):
-            raise ConfigError(
-                f"pool images have shape {tuple(pool.shape[1:])}, expected the oracle's input shape "
-                f"{tuple(self.oracle.input_shape)} (C, H, W)"
-            )
-        if pool.shape[0] == 0:
-            raise ConfigError("the attacker pool is empty")
+        pool = self._require_pool(pool, who="knockoff")
         if eval_every is not None:
             log.info("knockoff queries everything before training: eval_every=%d is ignored", eval_every)
         self._begin()

@@ -29,4 +29,4 @@ def load_defense(directory: Path, **overrides: object) -> Defense:
         return Undefended(load_model(directory))
     meta = read_json(directory / "defense.json")
     cls = DEFENSES.get(str(meta.get("defense")))
-    return cls.load(directory, **overrides)  # type: ignore[attr-defined, no-any-return]
+    return cls.load(directory, **overrides)

@@ -102,3 +102,8 @@ class Defense(ABC):
     def save(self, directory: Path) -> Path:
         """Save the defense (victim included) so :func:`fortress.defenses.load_defense` restores it."""
         raise NotImplementedError(f"defense {self.name!r} cannot be saved")
+
+    @classmethod
+    def load(cls, directory: Path) -> Defense:
+        """Restore a defense written by :meth:`save`."""
+        raise NotImplementedError(f"defense {cls.name!r} cannot be loaded")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fortress.defenses.base import Defense, DefenseOutput
-from fortress.models.io import atomic_write_text, save_model
+from fortress.models.io import atomic_write_text, load_model, save_model
 from fortress.models.staged import StagedBackbone
 
 __all__ = ["Undefended"]
@@ -45,11 +45,7 @@ class Undefended(Defense):
         atomic_write_text(directory / "defense.json", json.dumps({"defense": self.name, "params": {}}, indent=2))
         return directory
 
-
-def _load_undefended(directory: Path) -> Undefended:
-    from fortress.models.io import load_model
-
-    return Undefended(load_model(Path(directory) / "victim"))
-
-
-Undefended.load = staticmethod(_load_undefended)  # type: ignore[attr-defined]
+    @classmethod
+    def load(cls, directory: Path) -> Undefended:
+        """Restore an undefended victim saved by :meth:`save`."""
+        return cls(load_model(Path(directory) / "victim"))
