@@ -110,6 +110,44 @@ def test_jbtop_stays_in_the_ball_and_targets_other_classes(victim: StagedBackbon
     assert not (targets == labels.unsqueeze(1)).any()
 
 
+def test_periodic_step_sign_flips_every_tau_rounds(victim: StagedBackbone, pool: Tensor) -> None:
+    attack = JBDA(make_oracle(victim), budget=100, seed_size=10, tau=2)
+    assert [attack.step_sign(r) for r in range(6)] == [1, 1, -1, -1, 1, 1]
+    assert JBDA(make_oracle(victim), budget=100, seed_size=10).step_sign(5) == 1
+    oracle = make_oracle(victim)
+    clone = fresh_clone().eval()
+    x = pool[:8]
+    labels = oracle.query(x).argmax(1)
+    flipped = JBDA(oracle, budget=100, seed_size=10, variant="jbda").augment(clone, x, labels, sign=-1.0)
+    mirror = JBDA(oracle, budget=100, seed_size=10, variant="jbself").augment(clone, x, labels)
+    assert torch.allclose(flipped, mirror)
+
+
+def test_reservoir_sampling_grows_the_set_by_kappa_after_sigma_rounds(victim: StagedBackbone, pool: Tensor) -> None:
+    result, oracle = run_jbda(victim, pool, budget=1000, seed_size=10, kappa=7, sigma=2, rounds=4)
+    # rounds 0 and 1 double the set (10 → 20 → 40); rounds 2 and 3 add kappa = 7 points each
+    assert result.extras["round_sizes"] == [10, 20, 40, 47, 54]
+    assert result.queries_used == oracle.queries_used == 54
+
+
+def test_jbtr_queries_k_random_targeted_points_per_seed_point(victim: StagedBackbone, pool: Tensor) -> None:
+    result, oracle = run_jbda(victim, pool, budget=10 * 3, seed_size=10, variant="jbtr", top_k=2, pgd_steps=2)
+    assert result.queries_used == oracle.queries_used == 30
+    assert result.extras["round_sizes"] == [10, 30]
+    oracle = make_oracle(victim)
+    clone = fresh_clone().eval()
+    x = pool[:6]
+    labels = oracle.query(x).argmax(1)
+    attack = JBDA(oracle, budget=100, seed_size=10, variant="jbtr", top_k=3, step=0.1, pgd_steps=3)
+    adv = attack.augment(clone, x, labels, generator=torch.Generator().manual_seed(0))
+    again = attack.augment(clone, x, labels, generator=torch.Generator().manual_seed(0))
+    assert adv.shape == (18, *x.shape[1:]) and torch.equal(adv, again)
+    assert float((adv - x.repeat_interleave(3, dim=0)).abs().max()) <= 0.1 + 1e-6
+    targets = attack._random_targets(labels.repeat(50), torch.Generator().manual_seed(1))
+    assert not (targets == labels.repeat(50)).any()
+    assert len(set(targets.tolist())) >= 8  # the random targets cover the classes
+
+
 @pytest.mark.parametrize("mode", ["hard", "topk"])
 def test_jbda_works_with_label_oracles(victim: StagedBackbone, pool: Tensor, mode: str) -> None:
     result, oracle = run_jbda(victim, pool, budget=60, mode=mode, seed_size=15)
@@ -147,7 +185,10 @@ def test_jbda_propagates_the_oracles_budget_refusal(victim: StagedBackbone, pool
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"variant": "jbtr"}, "jbtr"),
+        ({"variant": "jbtx"}, "jbtx"),
+        ({"tau": 0}, "tau"),
+        ({"kappa": 0}, "kappa"),
+        ({"sigma": -1}, "sigma"),
         ({"seed_size": 0}, "seed_size"),
         ({"seed_size": 200}, "200"),
         ({"step": 0.0}, "step"),

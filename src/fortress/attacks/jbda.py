@@ -24,8 +24,9 @@ __all__ = ["JBDA", "JBDAVariant"]
 
 log = logging.getLogger(__name__)
 
-#: Augmentation policies: Papernot's step, its mirror image, and PRADA's targeted top-k PGD.
-JBDAVariant = Literal["jbda", "jbself", "jbtop"]
+#: Augmentation policies: Papernot's step, its mirror image, PRADA's targeted top-k PGD and the
+#: targeted-random PGD (JBDA-TR) of the ModelGuard lineage.
+JBDAVariant = Literal["jbda", "jbself", "jbtop", "jbtr"]
 
 #: Rows per forward/backward pass when computing input gradients (bounds memory, stays batched).
 _GRAD_CHUNK = 1024
@@ -45,14 +46,20 @@ class JBDA(Attack):
     * ``"jbself"`` queries ``x − δ``;
     * ``"jbtop"`` runs, for each of the clone's ``top_k`` most likely classes other than ``y``, a
       targeted PGD attack (L∞ radius λ, ``pgd_steps`` steps of ``1.85·λ/pgd_steps``) toward it, so
-      ``top_k`` queries per point.
+      ``top_k`` queries per point;
+    * ``"jbtr"`` (JBDA-TR) runs ``top_k`` targeted PGD attacks per point toward a random class
+      other than ``y``, re-drawn at every PGD step (seeded).
 
     Every point is clipped to [0, 1] in pixel space (the reference code clips in normalised space).
     ``D`` grows by ``(1 + k)``× per round (``k = 1`` except for ``jbtop``); the last round is cut
     (a seeded random subset of ``D`` is augmented) so the attack spends exactly ``budget`` queries
     when the rounds allow it. The loop stops when the budget is spent or ``rounds`` augmentation
-    rounds are done, and the clone is trained once more on the final ``D``. Papernot's periodic
-    step sign (τ) and reservoir sampling (κ, σ) are not implemented.
+    rounds are done, and the clone is trained once more on the final ``D``.
+
+    Papernot's two query savers are options: the periodic step ``λ_ρ = λ·(−1)^⌊ρ/τ⌋`` (``tau``;
+    round ``ρ`` counts augmentation rounds from 0), and reservoir sampling (``kappa``, ``sigma``):
+    from augmentation round ``sigma`` on, only ``kappa`` points of ``D``, drawn at random, are
+    augmented per round, so ``D`` grows linearly instead of doubling.
 
     Args:
         oracle: soft, hard or top-k oracle.
@@ -62,8 +69,12 @@ class JBDA(Attack):
         seed_size: pool images in the seed set (Papernot: 150 for MNIST).
         step: λ, the FGSM step and PGD radius in [0, 1] pixel units (paper: 0.1).
         rounds: augmentation rounds (``None``: until the budget is spent; Papernot: 6).
-        top_k: target classes per point for ``"jbtop"``.
-        pgd_steps: PGD iterations for ``"jbtop"`` (reference: 8).
+        top_k: target classes per point for ``"jbtop"``, random targets per point for ``"jbtr"``.
+        pgd_steps: PGD iterations for ``"jbtop"`` and ``"jbtr"`` (reference: 8).
+        tau: period τ of the step-sign flip in rounds (``None``: never flip; Papernot: used, the
+            ModelGuard CLI default is 5).
+        kappa: points augmented per round from round ``sigma`` on (``None``: every point; Papernot: 400).
+        sigma: augmentation rounds before reservoir sampling starts (Papernot: 3).
         epochs_per_round: clone training epochs per round (Papernot: about 10).
         lr: Adam learning rate of the clone.
         batch_size: training mini-batch size.
@@ -100,6 +111,9 @@ class JBDA(Attack):
         lr: float = 1e-3,
         batch_size: int = 64,
         retrain_from_scratch: bool = True,
+        tau: int | None = None,
+        kappa: int | None = None,
+        sigma: int = 3,
     ) -> None:
         super().__init__(oracle, budget=budget, seed=seed)
         valid = get_args(JBDAVariant)
@@ -124,6 +138,15 @@ class JBDA(Attack):
             raise ConfigError(f"top_k must be at most num_classes - 1 = {oracle.num_classes - 1}, got {top_k}")
         if not lr > 0:
             raise ConfigError(f"lr must be > 0, got {lr}")
+        if tau is not None and tau < 1:
+            raise ConfigError(f"tau must be >= 1 round or None, got {tau}")
+        if kappa is not None and kappa < 1:
+            raise ConfigError(f"kappa must be >= 1 point or None, got {kappa}")
+        if sigma < 0:
+            raise ConfigError(f"sigma must be >= 0 rounds, got {sigma}")
+        self.tau = tau
+        self.kappa = kappa
+        self.sigma = sigma
         self.variant: JBDAVariant = variant
         self.seed_size = seed_size
         self.step = float(step)
@@ -138,7 +161,7 @@ class JBDA(Attack):
     @property
     def _per_point(self) -> int:
         """New queries per augmented point."""
-        return self.top_k if self.variant == "jbtop" else 1
+        return self.top_k if self.variant in ("jbtop", "jbtr") else 1
 
     def hparams(self) -> dict[str, Any]:
         return {
@@ -153,7 +176,14 @@ class JBDA(Attack):
             "lr": self.lr,
             "batch_size": self.batch_size,
             "retrain_from_scratch": self.retrain_from_scratch,
+            "tau": self.tau,
+            "kappa": self.kappa,
+            "sigma": self.sigma,
         }
+
+    def step_sign(self, round_index: int) -> float:
+        """Papernot's periodic step sign ``(−1)^⌊ρ/τ⌋`` for augmentation round ``ρ`` (``+1`` without τ)."""
+        return 1.0 if self.tau is None else float((-1) ** (round_index // self.tau))
 
     # -- augmentation ---------------------------------------------------------------------------
     def _input_grad(self, clone: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
@@ -178,23 +208,48 @@ class JBDA(Attack):
                 out.append(logits.topk(self.top_k, dim=1).indices.to(x.device))
         return torch.cat(out)
 
-    def augment(self, clone: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
+    def _random_targets(self, labels: Tensor, generator: torch.Generator | None) -> Tensor:
+        """A uniformly random class other than each label, ``(N,)``."""
+        k = self.oracle.num_classes
+        offset = torch.randint(1, k, labels.shape, generator=generator)
+        return (labels + offset) % k
+
+    def augment(
+        self,
+        clone: nn.Module,
+        x: Tensor,
+        labels: Tensor,
+        *,
+        sign: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """New points from ``x`` with oracle labels ``labels``, per :attr:`variant`, clipped to [0, 1].
 
+        Args:
+            clone: the current clone (its input gradients steer the new points).
+            x: points of ``D`` to augment.
+            labels: their oracle top-1 labels.
+            sign: Papernot's periodic step sign (``+1`` or ``−1``) applied to λ.
+            generator: draws the random targets of ``"jbtr"``.
+
         Shape:
-            ``(N, C, H, W)`` and ``(N,)`` → ``(N·k, C, H, W)`` (``k = top_k`` for ``"jbtop"``, else 1;
-            the ``k`` points of one input are adjacent).
+            ``(N, C, H, W)`` and ``(N,)`` → ``(N·k, C, H, W)`` (``k = top_k`` for ``"jbtop"`` and
+            ``"jbtr"``, else 1; the ``k`` points of one input are adjacent).
         """
         clone.eval()
-        if self.variant != "jbtop":
-            delta = self.step * self._input_grad(clone, x, labels).sign()
+        if self.variant in ("jbda", "jbself"):
+            delta = sign * self.step * self._input_grad(clone, x, labels).sign()
             new = x + delta if self.variant == "jbda" else x - delta
             return new.clamp(0.0, 1.0)
-        targets = self._top_targets(clone, x, labels).reshape(-1)
         x0 = x.repeat_interleave(self.top_k, dim=0)
+        y0 = labels.repeat_interleave(self.top_k, dim=0)
+        if self.variant == "jbtop":
+            targets = self._top_targets(clone, x, labels).reshape(-1)
         alpha = 1.85 * self.step / self.pgd_steps
         adv = x0.clone()
         for _ in range(self.pgd_steps):
+            if self.variant == "jbtr":
+                targets = self._random_targets(y0, generator)
             g = self._input_grad(clone, adv, targets)
             adv = adv - alpha * g.sign()  # descend the loss of the target class
             adv = torch.minimum(torch.maximum(adv, x0 - self.step), x0 + self.step).clamp(0.0, 1.0)
@@ -265,12 +320,17 @@ class JBDA(Attack):
                 break
             k = self._per_point
             n_points = x.shape[0]
-            if n_points * k > left:  # cut the last round to the budget: a random subset of D
-                idx = torch.randperm(n_points, generator=rng)[: math.ceil(left / k)]
+            take = n_points
+            if self.kappa is not None and rounds_done >= self.sigma:
+                take = min(take, self.kappa)  # reservoir sampling: κ random points of D
+            take = min(take, math.ceil(left / k))  # cut the last round to the budget
+            if take < n_points:
+                idx = torch.randperm(n_points, generator=rng)[:take]
                 src_x, src_y = x[idx], y[idx]
             else:
                 src_x, src_y = x, y
-            new = self.augment(clone, src_x, src_y.argmax(dim=1))[:left]
+            sign = self.step_sign(rounds_done)
+            new = self.augment(clone, src_x, src_y.argmax(dim=1), sign=sign, generator=rng)[:left]
             answers = self.oracle.query(new)
             if progress is not None:
                 progress(self.queries_used, self.budget)
