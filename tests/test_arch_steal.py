@@ -115,3 +115,50 @@ def test_runs_against_dnf() -> None:
     assert res.queries_used == 56
     assert sum(c > 0 for c in oracle.log.exit_counts) >= 2
     json.dumps(res.extras)
+
+
+def saturating_victim(width: int, scale: float = 40.0) -> StagedBackbone:
+    """A bottleneck victim whose answers are saturated (near one-hot) on bright images.
+
+    The logits are multiplied by ``scale`` when the image's mean pixel exceeds 0.5: such answers hit
+    the probability floor, so their log-probabilities leave the low-rank subspace.
+    """
+    base = bottleneck_victim(width)
+
+    class Saturate(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            gain = 1.0 + (scale - 1.0) * (x.flatten(1).mean(1, keepdim=True) > 0.5).float()
+            return base(x) * gain
+
+    return from_sequential(nn.Sequential(nn.Identity(), Saturate()), (1, 28, 28), NUM_CLASSES).eval()
+
+
+def test_saturated_answers_are_dropped_before_the_svd() -> None:
+    victim = saturating_victim(5)
+    dim, bright = torch.rand(60, 1, 28, 28) * 0.8, 0.6 + 0.4 * torch.rand(60, 1, 28, 28)
+    pool = torch.cat([dim, bright])[torch.randperm(120, generator=torch.Generator().manual_seed(0))]
+    kept = ArchSteal(LocalOracle(Undefended(victim)), budget=120, num_queries=120, query_source="pool").run(
+        nn.Linear(1, 1), pool
+    )
+    assert kept.extras["rows_used"] < 120  # the bright, saturated answers were left out
+    assert kept.extras["hidden_width_estimate"] == 5
+    everything = ArchSteal(
+        LocalOracle(Undefended(victim)), budget=120, num_queries=120, query_source="pool", min_prob=None
+    ).run(nn.Linear(1, 1), pool)
+    assert everything.extras["rows_used"] == 120
+    assert everything.extras["hidden_width_estimate"] != 5  # saturated rows fill the spectrum
+
+
+def test_no_estimate_when_every_answer_is_saturated() -> None:
+    victim = saturating_victim(5, scale=200.0)
+    res = ArchSteal(LocalOracle(Undefended(victim)), budget=40, num_queries=40, query_source="pool").run(
+        nn.Linear(1, 1), 0.9 + 0.1 * torch.rand(40, 1, 28, 28)
+    )
+    assert res.queries_used == 40
+    assert res.extras["hidden_width_estimate"] is None and res.extras["rows_used"] < 3
+
+
+@pytest.mark.parametrize("bad", [-1e-3, 0.05, 1.0])
+def test_min_prob_is_validated(bad: float) -> None:
+    with pytest.raises(ConfigError, match="min_prob"):
+        ArchSteal(soft_oracle(4), budget=100, min_prob=bad)

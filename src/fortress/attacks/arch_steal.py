@@ -90,9 +90,15 @@ class ArchSteal(Attack):
     ``[1, max_recoverable − 1]``, and it equals the true width only when
     ``h < max_recoverable`` — i.e. only for a bottleneck narrower than the number of outputs. For
     the usual vision classifier (``h ≥ C``: ResNet-18 has 512 features for 200 classes) the
-    spectrum is full rank and its largest gap says nothing about ``h``. The answers must also be
-    far from the oracle's probability floor (``tensors.PROB_EPS``), or the clamping breaks the
-    low-rank structure.
+    spectrum is full rank and its largest gap says nothing about ``h``.
+
+    **Saturated answers are dropped.** A confident answer's small probabilities sit at or near the
+    oracle's floor (``tensors.PROB_EPS``) or lose most of their digits to float32 rounding, so their
+    log-probabilities are no longer an affine image of the features and a handful of such rows
+    fills the spectrum. Rows whose smallest probability is below ``min_prob`` are left out of the
+    SVD (they are still charged). Measured on a 6-wide bottleneck LeNet with one dead unit (true
+    rank 5), 200 queries of real digits: with every row the estimate was 7 (wrong); only 26 rows
+    passed ``min_prob=1e-6``. Uniform-noise queries are rarely saturated.
 
     This attack steals architecture, not function: ``clone`` is not trained and is returned
     unchanged (only set to eval mode by the shared ``_finish``); with an ``eval_set`` its (untrained)
@@ -109,6 +115,8 @@ class ArchSteal(Attack):
         center_rows: subtract each answer's mean log-probability (removes the softmax constant).
         center_columns: subtract each class's mean over the queries (removes the classifier bias).
         eps: floor applied to probabilities before the log.
+        min_prob: rows whose smallest probability is below this are dropped before the SVD
+            (``None``: keep every row).
         query_batch_size: images per oracle call.
 
     Example:
@@ -135,6 +143,7 @@ class ArchSteal(Attack):
         center_rows: bool = True,
         center_columns: bool = True,
         eps: float = 1e-8,
+        min_prob: float | None = 1e-6,
         query_batch_size: int = 256,
     ) -> None:
         super().__init__(oracle, budget=budget, seed=seed)
@@ -148,6 +157,10 @@ class ArchSteal(Attack):
             raise ConfigError(f"eps must be a finite number > 0, got {eps}")
         if query_batch_size < 1:
             raise ConfigError(f"query_batch_size must be >= 1, got {query_batch_size}")
+        if min_prob is not None and not 0 <= min_prob < 1 / num_classes:
+            raise ConfigError(
+                f"min_prob must be in [0, 1/num_classes) = [0, {1 / num_classes:.3g}) or None, got {min_prob}"
+            )
         ceiling = min(num_classes - int(center_rows), n - int(center_columns))
         if ceiling < 2:
             raise ConfigError(
@@ -159,6 +172,7 @@ class ArchSteal(Attack):
         self.center_rows = bool(center_rows)
         self.center_columns = bool(center_columns)
         self.eps = float(eps)
+        self.min_prob = None if min_prob is None else float(min_prob)
         self.query_batch_size = int(query_batch_size)
 
     def hparams(self) -> dict[str, Any]:
@@ -169,6 +183,7 @@ class ArchSteal(Attack):
             "center_rows": self.center_rows,
             "center_columns": self.center_columns,
             "eps": self.eps,
+            "min_prob": self.min_prob,
             "query_batch_size": self.query_batch_size,
         }
 
@@ -202,8 +217,9 @@ class ArchSteal(Attack):
             eval_every: ignored (nothing is trained).
             progress: called after every oracle call.
 
-        Extras of the result: ``hidden_width_estimate`` (int), ``singular_values`` (all
-        ``min(n, C)``, descending), ``log_gaps`` (the ``max_recoverable − 1`` candidate gaps, nats),
+        Extras of the result: ``hidden_width_estimate`` (int; ``None`` when fewer than 3 answers are
+        unsaturated), ``rows_used`` (answers kept after the ``min_prob`` filter), ``singular_values``
+        (all ``min(rows_used, C)``, descending), ``log_gaps`` (the ``max_recoverable − 1`` candidate gaps, nats),
         ``num_queries``, ``max_recoverable`` (rank ceiling; the estimate is trustworthy only for a true
         width below it), ``query_source``, ``center_rows``, ``center_columns``.
 
@@ -221,14 +237,37 @@ class ArchSteal(Attack):
             if progress is not None:
                 progress(self.queries_used, self.budget)
         probs = torch.cat(answers).to(torch.float64)
+        if self.min_prob is not None:
+            probs = probs[probs.amin(dim=1) >= self.min_prob]
+        rows_used = int(probs.shape[0])
+        num_classes = int(self.oracle.num_classes)
+        ceiling = min(num_classes - int(self.center_rows), rows_used - int(self.center_columns))
+        if ceiling < 2:
+            log.warning(
+                "arch-steal: only %d of %d answers are unsaturated (min_prob=%s); no width can be estimated",
+                rows_used,
+                self.num_queries,
+                self.min_prob,
+            )
+            return self._finish(
+                clone,
+                eval_set,
+                hidden_width_estimate=None,
+                singular_values=[],
+                log_gaps=[],
+                num_queries=self.num_queries,
+                rows_used=rows_used,
+                max_recoverable=max(ceiling, 0),
+                query_source=self.query_source,
+                center_rows=self.center_rows,
+                center_columns=self.center_columns,
+            )
         q = torch.log(probs.clamp_min(self.eps))
         if self.center_rows:
             q = q - q.mean(dim=1, keepdim=True)
         if self.center_columns:
             q = q - q.mean(dim=0, keepdim=True)
         s = torch.linalg.svdvals(q)
-        num_classes = int(probs.shape[1])
-        ceiling = min(num_classes - int(self.center_rows), self.num_queries - int(self.center_columns))
         estimate, gaps = estimate_hidden_width(s, ceiling)
         log.info(
             "arch-steal: %d queries, hidden width estimate %d (rank ceiling %d)", self.num_queries, estimate, ceiling
@@ -240,6 +279,7 @@ class ArchSteal(Attack):
             singular_values=[float(v) for v in s],
             log_gaps=gaps,
             num_queries=self.num_queries,
+            rows_used=rows_used,
             max_recoverable=ceiling,
             query_source=self.query_source,
             center_rows=self.center_rows,
