@@ -29,6 +29,7 @@ TINY: dict[str, tuple[dict[str, Any], str]] = {
     "knockoff": ({"epochs": 1, "batch_size": 32, "query_batch_size": 50}, "soft"),
     "jbda": ({"seed_size": 30, "epochs_per_round": 1}, "hard"),
     "arch-steal": ({"num_queries": 60}, "soft"),
+    "activethief": ({"strategy": "k-center", "rounds": 2, "epochs": 1, "batch_size": 32}, "soft"),
 }
 
 #: Attacks that do not train a clone.
@@ -43,7 +44,8 @@ def victim() -> StagedBackbone:
 
 @pytest.fixture(scope="module")
 def pool() -> Tensor:
-    return mnist_splits().attacker.x  # 200 digits
+    splits = mnist_splits()
+    return torch.cat([splits.attacker.x, splits.val.x])  # 500 digits
 
 
 @pytest.fixture(scope="module")

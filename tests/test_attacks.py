@@ -385,7 +385,7 @@ def test_knockoff_needs_a_matching_pool(victim: StagedBackbone) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"strategy": "adaptive"}, "'adaptive' is not implemented"),
+        ({"strategy": "bandit"}, "'bandit'"),
         ({"query_batch_size": 0}, "query_batch_size"),
         ({"epochs": 0}, "epochs"),
         ({"batch_size": 0}, "batch_size"),

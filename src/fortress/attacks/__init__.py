@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fortress.attacks.activethief import ActiveThief
 from fortress.attacks.arch_steal import ArchSteal
 from fortress.attacks.base import Attack, AttackResult, Checkpoint, EvalSet, ProgressFn
 from fortress.attacks.dfme import DFME
@@ -13,6 +14,7 @@ __all__ = [
     "ATTACKS",
     "DFME",
     "JBDA",
+    "ActiveThief",
     "ArchSteal",
     "Attack",
     "AttackResult",
@@ -27,3 +29,4 @@ ATTACKS.add("dfme", DFME)
 ATTACKS.add("knockoff", KnockoffNets)
 ATTACKS.add("jbda", JBDA)
 ATTACKS.add("arch-steal", ArchSteal)
+ATTACKS.add("activethief", ActiveThief)
