@@ -26,7 +26,15 @@ from fortress.errors import ArtifactError, ConfigError, TrainingDiverged
 from fortress.exits.network import EarlyExitNet
 from fortress.models.io import atomic_write_text, copy_state_checked, load_state, read_json, save_state
 
-__all__ = ["DNFTrainConfig", "DNFTrainReport", "StepInfo", "TrainingDiverged", "train_dnf"]
+__all__ = [
+    "DNFTrainConfig",
+    "DNFTrainReport",
+    "StepInfo",
+    "TrainingDiverged",
+    "optimizer_state_tensors",
+    "restore_optimizer_state",
+    "train_dnf",
+]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +141,7 @@ def _make_optimizer(params: list[torch.nn.Parameter], cfg: DNFTrainConfig) -> to
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _opt_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def optimizer_state_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     sd = opt.state_dict()
     tensors: dict[str, Tensor] = {}
     scalars: dict[str, Any] = {}
@@ -146,7 +154,7 @@ def _opt_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[st
     return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
 
 
-def _restore_opt(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+def restore_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         if key.startswith("opt/"):
@@ -240,7 +248,7 @@ def train_dnf(
             {k[len("labeler.") :]: v for k, v in tensors.items() if k.startswith("labeler.")},
             ckpt_dir,
         )
-        _restore_opt(opt, tensors, meta["optimizer"])
+        restore_optimizer_state(opt, tensors, meta["optimizer"])
         report = DNFTrainReport(**meta["report"])
         start_epoch = report.epochs_done
         report.resumed_from = start_epoch
@@ -343,7 +351,7 @@ def _save_checkpoint(
 ) -> None:
     # weights go to an epoch-numbered file first; the JSON that names it is replaced atomically
     # afterwards, so a crash at any point leaves a consistent (weights, state) pair on disk.
-    tensors, opt_meta = _opt_tensors(opt)
+    tensors, opt_meta = optimizer_state_tensors(opt)
     tensors.update(_trainable_state(net))
     tensors.update({f"labeler.{k}": v for k, v in labeler.state_dict().items()})
     name = f"{CKPT_PREFIX}{report.epochs_done:04d}.safetensors"
