@@ -30,6 +30,14 @@ TINY: dict[str, tuple[dict[str, Any], str]] = {
     "jbda": ({"seed_size": 30, "epochs_per_round": 1}, "hard"),
     "arch-steal": ({"num_queries": 60}, "soft"),
     "activethief": ({"strategy": "k-center", "rounds": 2, "epochs": 1, "batch_size": 32}, "soft"),
+    "dfms-hl": (
+        {"batch_size": 16, "nz": 8, "dcgan_ngf": 4, "dcgan_epochs": 1, "dcgan_images": 64, "warmup_epochs": 1},
+        "hard",
+    ),
+    "adaptive-entropy": (
+        {"variant": "ee-entropy", "batch_size": 16, "grad_m": 1, "d_iter": 2, "nz": 16, "ngf": 4},
+        "soft",
+    ),
 }
 
 #: Attacks that do not train a clone.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from fortress.attacks.activethief import ActiveThief
+from fortress.attacks.adaptive import AdaptiveEntropy
 from fortress.attacks.arch_steal import ArchSteal
 from fortress.attacks.base import Attack, AttackResult, Checkpoint, EvalSet, ProgressFn
 from fortress.attacks.dfme import DFME
+from fortress.attacks.dfms_hl import DFMSHL
 from fortress.attacks.jbda import JBDA
 from fortress.attacks.knockoff import KnockoffNets
 from fortress.registry import Registry
@@ -13,8 +15,10 @@ from fortress.registry import Registry
 __all__ = [
     "ATTACKS",
     "DFME",
+    "DFMSHL",
     "JBDA",
     "ActiveThief",
+    "AdaptiveEntropy",
     "ArchSteal",
     "Attack",
     "AttackResult",
@@ -30,3 +34,5 @@ ATTACKS.add("knockoff", KnockoffNets)
 ATTACKS.add("jbda", JBDA)
 ATTACKS.add("arch-steal", ArchSteal)
 ATTACKS.add("activethief", ActiveThief)
+ATTACKS.add("dfms-hl", DFMSHL)
+ATTACKS.add("adaptive-entropy", AdaptiveEntropy)

@@ -310,7 +310,7 @@ class DFME(Attack):
             images = to_unit(torch.tanh(points))
             probs = self.oracle.query(images).to(images.device)
             base_probs.append(probs.view(self.batch_size, self.grad_m + 1, -1)[:, 0])
-            return -_disagreement(clone(images), probs, self.loss)
+            return self._point_objective(self._clone_logits(clone, images), probs)
 
         grad, _ = zo_gradient(x_pre, objective, m=self.grad_m, epsilon=self.grad_epsilon, generator=rng)
         surrogate = (x_pre * grad).sum()  # d surrogate / d x_pre = grad, i.e. fake.backward(grad)
@@ -318,7 +318,7 @@ class DFME(Attack):
             flags = [p.requires_grad for p in clone.parameters()]
             clone.requires_grad_(False)  # white-box through the clone, but only G learns here
             try:
-                div = class_diversity_loss(clone(to_unit(torch.tanh(x_pre))))
+                div = class_diversity_loss(self._clone_logits(clone, to_unit(torch.tanh(x_pre))))
             finally:
                 for p, flag in zip(clone.parameters(), flags, strict=True):
                     p.requires_grad_(flag)
@@ -326,6 +326,15 @@ class DFME(Attack):
         torch.autograd.backward(surrogate)
         opt_g.step()
         return to_unit(torch.tanh(x_pre.detach())), base_probs[0]
+
+    def _clone_logits(self, clone: nn.Module, images: Tensor) -> Tensor:
+        """The clone's answer the generator step compares with the victim's (a hook for subclasses)."""
+        out: Tensor = clone(images)
+        return out
+
+    def _point_objective(self, clone_logits: Tensor, probs: Tensor) -> Tensor:
+        """Per-point value the generator step descends: the negative disagreement (a hook for subclasses)."""
+        return -_disagreement(clone_logits, probs, self.loss)
 
     def _student_step(
         self, clone: nn.Module, opt_s: torch.optim.Optimizer, images: Tensor, probs: Tensor, hist: Tensor
