@@ -74,7 +74,7 @@ def test_victim_is_left_untouched(name: str, queries: Tensor) -> None:
 @pytest.mark.parametrize("name", DEFENSES.names())
 def test_bad_input_is_refused_by_name(name: str) -> None:
     defense = build(name)
-    with pytest.raises(InvalidInput, match="NaN|finite"):
+    with pytest.raises(InvalidInput, match=r"NaN|finite"):
         defense(torch.full((2, 1, 28, 28), float("nan")))
     with pytest.raises(InvalidInput, match=r"\(1, 28, 28\)"):
         defense(torch.rand(2, 3, 32, 32))

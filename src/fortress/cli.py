@@ -209,6 +209,10 @@ def protect_cmd(
     thresholds: Annotated[str | None, typer.Option(help="Comma-separated per-head thresholds.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of DNF training.")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from checkpoints in OUT/checkpoints.")] = True,
+    search_thresholds: Annotated[
+        bool, typer.Option(help="Search exit thresholds with SMAC3 after training (paper App. H).")
+    ] = False,
+    search_trials: Annotated[int | None, typer.Option(help="Threshold-search trials (default 50).")] = None,
 ) -> None:
     """Protect a saved victim with DNF: train exit heads on ID + OOD data, then save."""
     from dataclasses import replace
@@ -229,6 +233,11 @@ def protect_cmd(
     thr = _floats(thresholds, "--thresholds")
     if thr is not None:
         cfg = replace(cfg, thresholds=thr)
+    if search_thresholds or search_trials is not None:
+        from fortress.defenses.dnf.threshold_search import ThresholdSearchConfig
+
+        base = cfg.search or ThresholdSearchConfig()
+        cfg = replace(cfg, search=base if search_trials is None else replace(base, n_trials=search_trials))
     model = load_model(victim)
     total = cfg.train.epochs
     with _progress() as update:
@@ -253,7 +262,7 @@ def protect_cmd(
 @_friendly
 def attack_cmd(
     name: Annotated[str, typer.Argument(help="Attack registry name (see `fortress list attacks`).")],
-    target: Annotated[Path, typer.Option(help="Directory of a saved defense or victim.")],
+    target: Annotated[str, typer.Option(help="Directory of a saved defense or victim, or a server URL.")],
     budget: Annotated[int, typer.Option(help="Query budget.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for results.jsonl and the clone.")],
     clone: Annotated[str, typer.Option(help="Clone architecture (model registry name).")] = "lenet5",
@@ -264,17 +273,22 @@ def attack_cmd(
     api_budget: Annotated[
         int | None, typer.Option(help="The target API's own query quota (default: the attack budget).")
     ] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="FORTRESS_API_KEY", help="API key of a server target.")] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="Server targets: a local copy of the served model, for off-budget evaluation."),
+    ] = None,
 ) -> None:
-    """Run an extraction attack against a saved defense and append its result record."""
+    """Run an extraction attack against a saved defense or a `fortress serve` URL; append its result record."""
     from fortress.bench.pipeline import run_attack
     from fortress.bench.records import append_record
     from fortress.config import AttackConfig
     from fortress.defenses import load_defense
 
-    if not str(target).startswith(("http://", "https://")):
-        defense = load_defense(target)
-    else:
-        raise ConfigError(f"HTTP targets need the server extra (not available here): {target}")
+    remote = target.startswith(("http://", "https://"))
+    ref = None if reference is None else load_defense(reference)
+    defense = target if remote else load_defense(Path(target))
+    label = target if remote else getattr(defense, "name", target)
     cfg = AttackConfig(
         name=name,
         budget=budget,
@@ -288,13 +302,347 @@ def attack_cmd(
         rec = run_attack(
             defense,
             cfg,
-            progress=lambda used, b: update(f"{name} vs {defense.name}", used, b),
+            reference=ref,
+            api_key=api_key,
+            progress=lambda used, b: update(f"{name} vs {label}", used, b),
             extra_config={"target": str(target)},
             api_budget=api_budget,
         )
     append_record(out / "results.jsonl", rec)
     console.print(_records_table([rec], f"{name} against {target}"))
     console.print(f"record appended to {out / 'results.jsonl'}", highlight=False)
+
+
+KeysFile = Annotated[
+    Path, typer.Option("--keys", envvar="FORTRESS_KEYS", help="The SQLite key ledger (created if missing).")
+]
+DEFAULT_KEYS = Path("fortress-keys.db")
+
+
+class ComputeMode(str, Enum):
+    """DNF compute modes of ``fortress serve``."""
+
+    dynamic = "dynamic"
+    full = "full"
+
+
+@app.command("serve")
+@_friendly
+def serve_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Directory of a saved defense or victim.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    keys: KeysFile = DEFAULT_KEYS,
+    compute: Annotated[
+        ComputeMode, typer.Option(help="DNF: dynamic skips work (faster; timing reveals the exit); full does not.")
+    ] = ComputeMode.dynamic,
+    max_batch: Annotated[int, typer.Option(help="Images per request at most.")] = 1024,
+    max_body_mb: Annotated[float, typer.Option(help="Request body size limit (MiB).")] = 32.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to answer a batch (queueing included).")] = 30.0,
+    workers: Annotated[int, typer.Option(help="Batches answered at once (threads).")] = 2,
+    threads: Annotated[int, typer.Option(help="Torch intra-op threads per batch.")] = 1,
+    monitor: Annotated[str | None, typer.Option(help="Extraction monitor: exit-sprt or prada.")] = None,
+    monitor_calibration: Annotated[
+        Path | None, typer.Option(help="exit-sprt calibration (fortress monitor calibrate).")
+    ] = None,
+    monitor_response: Annotated[
+        str, typer.Option(help="For flagged keys: log, alert, throttle, degrade-label, degrade-exit0.")
+    ] = "log",
+    monitor_webhook: Annotated[str | None, typer.Option(help="URL the alert response POSTs to.")] = None,
+    profiles: Annotated[bool, typer.Option(help="Keep per-key query profiles in the key ledger.")] = True,
+) -> None:
+    """Serve predictions over HTTP behind API keys and per-key query budgets (needs the serve extra)."""
+    try:
+        import uvicorn
+
+        from fortress.serve.app import create_app
+    except ImportError as exc:
+        raise ConfigError(f'fortress serve needs the serve extra: pip install "fortress[serve]" ({exc})') from None
+    from fortress.serve.edge import ACCESS_LOGGER
+    from fortress.serve.settings import ServeSettings
+
+    settings = ServeSettings(
+        model_dir=model_dir,
+        keys_path=keys,
+        compute=compute.value,
+        max_batch=max_batch,
+        max_body_bytes=int(max_body_mb * 2**20),
+        request_timeout_s=timeout,
+        inference_workers=workers,
+        torch_threads=threads,
+        profiles=profiles,
+        monitor=monitor,
+        monitor_calibration=monitor_calibration,
+        monitor_response=monitor_response,
+        monitor_webhook=monitor_webhook,
+    )
+    application = create_app(settings)
+    access = logging.getLogger(ACCESS_LOGGER)
+    if not access.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    logging.getLogger("fortress.serve").setLevel(logging.INFO)
+    err_console.print(f"serving {model_dir} on http://{host}:{port} (compute={compute.value}, keys {keys})")
+    uvicorn.run(application, host=host, port=port, access_log=False, log_level="info", timeout_graceful_shutdown=10)
+
+
+keys_app = typer.Typer(help="Manage the API keys of `fortress serve` (budgets, output modes, revocation).")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("add")
+@_friendly
+def keys_add_cmd(
+    name: Annotated[str, typer.Argument(help="Who the key is for.")],
+    keys: KeysFile = DEFAULT_KEYS,
+    budget: Annotated[int | None, typer.Option(help="Query budget (default: unlimited).")] = None,
+    output_mode: Annotated[str, typer.Option(help="What answers reveal: soft, hard or topk.")] = "soft",
+    top_k: Annotated[int, typer.Option(help="k of the topk output mode.")] = 1,
+    admin: Annotated[bool, typer.Option("--admin", help="May read /metrics.")] = False,
+) -> None:
+    """Create an API key; its secret is printed once and only its hash is stored."""
+    from fortress.serve.keys import KeyStore
+
+    store = KeyStore(keys)
+    try:
+        key, secret = store.add(name, budget=budget, output_mode=output_mode, top_k=top_k, admin=admin)
+    finally:
+        store.close()
+    err_console.print(
+        f"key {key.key_id} for {key.name!r}: budget {'unlimited' if key.budget is None else f'{key.budget:,}'}, "
+        f"output {key.output_mode.value}{' (admin)' if key.admin else ''}. The secret below is shown only once:",
+        highlight=False,
+    )
+    console.print(secret, highlight=False, soft_wrap=True)
+
+
+@keys_app.command("list")
+@_friendly
+def keys_list_cmd(keys: KeysFile = DEFAULT_KEYS) -> None:
+    """List keys with their budgets and usage (never the secrets)."""
+    from fortress.serve.keys import KeyStore
+
+    store = KeyStore(keys)
+    try:
+        rows = store.list_keys()
+    finally:
+        store.close()
+    table = Table(title=f"API keys in {keys}")
+    for col in ("id", "name", "budget", "used", "left", "output", "admin", "created", "revoked"):
+        table.add_column(col, justify="right" if col in ("budget", "used", "left") else "left")
+    for k in rows:
+        table.add_row(
+            k.key_id,
+            k.name,
+            "∞" if k.budget is None else f"{k.budget:,}",
+            f"{k.used:,}",
+            "∞" if k.budget_left is None else f"{k.budget_left:,}",
+            k.output_mode.value if k.output_mode.value != "topk" else f"top{k.top_k}",
+            "yes" if k.admin else "",
+            k.created_at,
+            k.revoked_at or "",
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+@_friendly
+def keys_revoke_cmd(
+    key: Annotated[str, typer.Argument(help="Key id (or the name of exactly one active key).")],
+    keys: KeysFile = DEFAULT_KEYS,
+) -> None:
+    """Revoke a key: the server answers it 403 from the next request on."""
+    from fortress.serve.keys import KeyStore
+
+    store = KeyStore(keys)
+    try:
+        rec = store.revoke(key)
+    finally:
+        store.close()
+    console.print(f"revoked key {rec.key_id} ({rec.name!r}) at {rec.revoked_at}", highlight=False)
+
+
+@keys_app.command("show")
+@_friendly
+def keys_show_cmd(
+    key: Annotated[str, typer.Argument(help="Key id.")],
+    keys: KeysFile = DEFAULT_KEYS,
+) -> None:
+    """Show a key's record and query profile (exits, entropy, confidence, monitor flag)."""
+    from fortress.monitor import ProfileStore
+    from fortress.serve.keys import KeyStore
+
+    store, profiles = KeyStore(keys), ProfileStore(keys)
+    try:
+        rec, prof = store.get(key), profiles.load(key)
+    finally:
+        store.close()
+        profiles.close()
+    left = "∞" if rec.budget_left is None else f"{rec.budget_left:,}"
+    console.print(f"key {rec.key_id} ({rec.name!r}): used {rec.used:,}, left {left}", highlight=False)
+    if prof is None:
+        console.print("no query profile yet", highlight=False)
+        return
+    p = prof["profile"]
+    hist = "/".join(f"{100 * h:.1f}" for h in p["exit_hist"]) or "-"
+    console.print(
+        f"profile: {p['queries']:,} queries; exits (%) {hist}; entropy {p['entropy']['mean']:.3f} "
+        f"± {p['entropy']['std']:.3f}; confidence {p['confidence']['mean']:.3f} ± {p['confidence']['std']:.3f}",
+        highlight=False,
+    )
+    if prof["monitor"] is not None:
+        flag = f"flagged at query {prof['flagged_at']:,}" if prof["flagged_at"] is not None else "not flagged"
+        console.print(f"monitor {prof['monitor']}: {flag} (updated {prof['updated_at']})", highlight=False)
+
+
+monitor_app = typer.Typer(help="Extraction monitoring of `fortress serve` (see docs/monitoring.md).")
+app.add_typer(monitor_app, name="monitor")
+
+
+@monitor_app.command("calibrate")
+@_friendly
+def monitor_calibrate_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Directory of a saved DNF.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Calibration JSON to write.")],
+    alpha: Annotated[float, typer.Option(help="Share of ID keys flagged within --horizon queries.")] = 0.01,
+    horizon: Annotated[int, typer.Option(help="Queries per ID key the rate refers to.")] = 10_000,
+    views: Annotated[int, typer.Option(help="Shifted+noisy copies of each held-out image added.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the augmentation and the simulation.")] = 0,
+) -> None:
+    """Calibrate the exit-sprt monitor on held-out ID data (the embedded MNIST validation split)."""
+    from fortress.bench.pipeline import id_data
+    from fortress.defenses import load_defense
+    from fortress.monitor import calibrate_from_defense
+    from fortress.monitor.exit_sprt import light_views
+
+    defense = load_defense(model_dir)
+    x = light_views(id_data("mnist").val.x, views, seed=seed)
+    cal = calibrate_from_defense(defense, x, alpha=alpha, horizon=horizon, seed=seed)
+    cal.save(out)
+    console.print(
+        f"exit-sprt calibration: ID exits {list(cal.id_counts)} over {len(x):,} held-out queries, "
+        f"threshold {cal.threshold:.3f} for alpha {alpha:g} within {horizon:,} queries -> {out}",
+        highlight=False,
+    )
+
+
+class BenchExecutor(str, Enum):
+    """Where ``fortress bench`` runs its cells."""
+
+    local = "local"
+    ray = "ray"
+
+
+@app.command("bench")
+@_friendly
+def bench_cmd(
+    config: Annotated[Path, typer.Argument(help="Grid TOML (see benchmarks/README.md).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: results.jsonl, artifacts/, grid.toml.")],
+    executor: Annotated[BenchExecutor, typer.Option(help="local (this process) or ray (a Ray cluster).")] = (
+        BenchExecutor.local
+    ),
+    resume: Annotated[bool, typer.Option("--resume", help="Skip cells already in OUT/results.jsonl.")] = False,
+    threads: Annotated[int, typer.Option(help="Torch threads per local task (Ray tasks use 1).")] = 1,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray instance (default: all).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Address of a running Ray cluster.")] = None,
+) -> None:
+    """Run a benchmark grid (defense × attack × budget × seed); one result record per cell."""
+    from fortress.bench.grid import load_grid
+    from fortress.bench.runner import run_grid
+
+    grid = load_grid(config)
+    with Progress(
+        TextColumn("cells"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("running {task.fields[running]} · left {task.fields[left]} · failed {task.fields[failed]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not err_console.is_terminal,
+    ) as bar:
+        task = bar.add_task("cells", total=grid.num_cells, running=0, left=grid.num_cells, failed=0)
+        run = run_grid(
+            grid,
+            out,
+            executor="ray" if executor is BenchExecutor.ray else "local",
+            resume=resume,
+            threads=threads,
+            num_cpus=num_cpus,
+            ray_address=ray_address,
+            on_progress=lambda p: bar.update(task, completed=p.done, running=p.running, left=p.left, failed=p.failed),
+        )
+    console.print(
+        f"grid {grid.name!r}: {len(run.records)} cells run, {run.skipped} already done, {len(run.failed)} failed "
+        f"of {run.total} · {run.wall_s / 60:.1f} min · records in {out / 'results.jsonl'}",
+        highlight=False,
+    )
+    for cell, error in run.failed:
+        err_console.print(f"[bold red]failed:[/] {cell}: {error}", highlight=False)
+    if run.failed:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+@_friendly
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (or its results.jsonl).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Report directory (default RUN_DIR/report).")] = None,
+) -> None:
+    """Tables (Markdown + CSV) and plots from a run's result records alone."""
+    from fortress.bench.report import make_report
+
+    rep = make_report(run_dir, out)
+    console.print(rep.tables["clone_accuracy"][0].read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(
+        f"{rep.records} records → {rep.markdown} · tables: {', '.join(rep.tables)} (.md, .csv) · "
+        f"plots: {', '.join(p.name for p in rep.plots)}",
+        highlight=False,
+    )
+
+
+@app.command("bench-speed")
+@_friendly
+def bench_speed_cmd(
+    target: Annotated[Path, typer.Argument(help="A saved DNF (or a saved victim: then dnf is skipped).")],
+    defense: Annotated[list[str] | None, typer.Option(help="Defense to time (repeatable; default: all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per timed call.")] = 256,
+    repeats: Annotated[int, typer.Option(help="Timed calls per defense and traffic.")] = 20,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the measurements as JSON.")] = None,
+) -> None:
+    """Per-query cost of every defense vs undefended, and forward_dynamic vs forward_all, in one run."""
+    from fortress.bench.speed import bench_speed
+
+    suite = bench_speed(target, defenses=defense, batch_size=batch_size, repeats=repeats)
+    traffic = list(dict.fromkeys(c.traffic for c in suite.costs))
+    table = Table(title=f"defense cost, ms per 1,000 queries (× undefended) · batch {batch_size}, {suite.threads} thr.")
+    for col in ("defense", *traffic):
+        table.add_column(col, justify="left" if col == "defense" else "right")
+    for name in dict.fromkeys(c.defense for c in suite.costs):
+        cells = {c.traffic: c for c in suite.costs if c.defense == name}
+        ratio = {t: "" if cells[t].ratio is None else f" (×{cells[t].ratio:.2f})" for t in traffic}
+        table.add_row(name, *(f"{cells[t].ms_per_1k:.1f}{ratio[t]}" for t in traffic))
+    console.print(table)
+    if suite.forward:
+        fwd = Table(title="forward_all vs forward_dynamic (median ms per batch; speed-up > 1: dynamic is faster)")
+        for col in ("defense", "traffic", "all ms", "dynamic ms", "speed-up", "exits %"):
+            fwd.add_column(col, justify="left" if col in ("defense", "traffic") else "right")
+        for f in suite.forward:
+            fwd.add_row(
+                f["defense"],
+                f["traffic"],
+                f"{f['all_ms']:.2f}",
+                f"{f['dynamic_ms']:.2f}",
+                f"{f['speedup']:.2f}",
+                _hist(f["exit_hist"]),
+            )
+        console.print(fwd)
+    for name, why in suite.skipped.items():
+        console.print(f"skipped {name}: {why}", highlight=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps(suite.as_dict(), indent=2), encoding="utf-8")
 
 
 @app.command("demo")

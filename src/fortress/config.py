@@ -16,6 +16,7 @@ import tomli_w
 import tomllib
 
 from fortress.defenses.dnf.losses import DNFLossWeights
+from fortress.defenses.dnf.threshold_search import ThresholdSearchConfig
 from fortress.defenses.dnf.training import DNFTrainConfig
 from fortress.errors import ArtifactError, ConfigError
 
@@ -109,6 +110,7 @@ class ProtectConfig:
         max_attempts: trainings tried before giving up on the acceptance check (the best is kept).
         train: DNF training hyper-parameters.
         ood: OOD data source.
+        search: SMAC3 threshold search after training (paper App. H; ``None``: keep the thresholds).
     """
 
     head_kind: Literal["vib", "plain"] = "vib"
@@ -120,6 +122,7 @@ class ProtectConfig:
     max_attempts: int = 3
     train: DNFTrainConfig = field(default_factory=DNFTrainConfig)
     ood: OODConfig = field(default_factory=OODConfig)
+    search: ThresholdSearchConfig | None = None
 
 
 @dataclass(frozen=True)

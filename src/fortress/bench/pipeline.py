@@ -32,6 +32,7 @@ from fortress.defenses.dnf import (
     StepInfo,
     train_dcgan,
 )
+from fortress.defenses.dnf.threshold_search import ThresholdSearchConfig, ThresholdSearchResult
 from fortress.errors import ConfigError
 from fortress.models import (
     StagedBackbone,
@@ -41,7 +42,7 @@ from fortress.models import (
     save_model,
     train_classifier,
 )
-from fortress.oracle import LocalOracle
+from fortress.oracle import HttpOracle, LocalOracle, Oracle
 
 __all__ = [
     "DEFAULT_POOLS",
@@ -49,14 +50,21 @@ __all__ = [
     "defended_accuracy",
     "id_data",
     "protect",
+    "resolve_target",
     "run_attack",
+    "search_dnf_thresholds",
     "train_victim",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Attacker pools used when an attack needs one and the config names none.
-DEFAULT_POOLS: dict[str, str] = {"knockoff": "patches", "jbda": "mnist-attacker"}
+DEFAULT_POOLS: dict[str, str] = {
+    "knockoff": "patches",
+    "jbda": "mnist-attacker",
+    "activethief": "patches",
+    "dfms-hl": "patches",
+}
 
 #: The defender's proxy crops are drawn with this seed offset, so they are never the very crops an
 #: attacker's ``patches`` pool (seed 0) holds; both come from the same two photographs.
@@ -184,9 +192,39 @@ def protect(
     dnf.attempts = attempts
     if cfg.utility_guard:
         dnf.guard_utility(data.val.x, data.val.targets)
+    if cfg.search is not None:
+        search_dnf_thresholds(dnf, cfg.search, dataset=dataset, out=out)
     if out is not None:
         dnf.save(out)
     return dnf
+
+
+def search_dnf_thresholds(
+    dnf: DNF, cfg: ThresholdSearchConfig, *, dataset: str = "mnist", out: Path | None = None
+) -> ThresholdSearchResult:
+    """Search ``dnf``'s thresholds with SMAC3 (paper App. H) on ID validation data and apply the best.
+
+    With ``out``, the trials go to ``out/threshold_trials.jsonl`` and their plot to
+    ``out/threshold_search.png``.
+    """
+    from fortress.bench.threshold_plot import plot_threshold_search
+    from fortress.defenses.dnf.threshold_search import search_thresholds
+
+    val = id_data(dataset).val
+    result = search_thresholds(dnf.net, (val.x, val.targets), config=cfg, dataset=dataset, out_dir=out)
+    dnf.set_thresholds(result.best.thresholds)
+    log.info(
+        "threshold search: %s (surrogate %.4f, val acc %.4f) vs paper defaults %s (surrogate %.4f, val acc %.4f)",
+        result.best.thresholds,
+        result.best.surrogate,
+        result.best.val_acc,
+        result.baseline.thresholds,
+        result.baseline.surrogate,
+        result.baseline.val_acc,
+    )
+    if result.trials_path is not None:
+        plot_threshold_search(result.trials_path)
+    return result
 
 
 @torch.no_grad()
@@ -204,25 +242,77 @@ def defended_accuracy(defense: Defense, data: ImageSet) -> tuple[float, list[flo
     return acc, hist
 
 
-def run_attack(
-    defense: Defense,
+def resolve_target(
+    target: Defense | Oracle | str,
     cfg: AttackConfig,
     *,
+    reference: Defense | None = None,
+    api_key: str | None = None,
+    api_budget: int | None = None,
+) -> tuple[Oracle, Defense]:
+    """The oracle an attack queries and the defense its result is evaluated against (off-budget).
+
+    Args:
+        target: a defense (wrapped in a :class:`~fortress.oracle.LocalOracle`), a ready oracle, or
+            the URL of a ``fortress serve`` server (an :class:`~fortress.oracle.HttpOracle`).
+        cfg: the attack's config (its budget and output mode).
+        reference: the defense the evaluation runs on; needed for an HTTP target (a local copy of
+            what the server serves), defaults to the defense of a defense or local-oracle target.
+        api_key: the server key (URL targets only).
+        api_budget: the oracle's own quota when this function builds it (default: ``cfg.budget``).
+
+    Raises:
+        ConfigError: a URL without key or reference, or an ``api_budget`` for a ready oracle.
+    """
+    quota = cfg.budget if api_budget is None else api_budget
+    if isinstance(target, Defense):
+        return LocalOracle(target, budget=quota, output_mode=cfg.output_mode), reference or target
+    if isinstance(target, Oracle):
+        if api_budget is not None:
+            raise ConfigError("api_budget applies only to an oracle run_attack builds; set the budget on your oracle")
+        ref = reference if reference is not None else getattr(target, "defense", None)
+        if not isinstance(ref, Defense):
+            raise ConfigError("a remote oracle needs reference= the served defense, for off-budget evaluation")
+        return target, ref
+    if not str(target).startswith(("http://", "https://")):
+        raise ConfigError(f"target must be a Defense, an Oracle or an http(s):// URL, got {target!r}")
+    if not api_key:
+        raise ConfigError(f"attacking {target} needs an API key (the server's `fortress keys add` prints one)")
+    if reference is None:
+        raise ConfigError(
+            f"attacking {target} needs a reference copy of the served defense (a local directory) to evaluate "
+            "the clone and the victim off-budget"
+        )
+    oracle = HttpOracle(str(target), api_key, budget=quota)
+    if oracle.output_mode.value != cfg.output_mode:
+        log.warning("the server answers this key in %r mode, not %r", oracle.output_mode.value, cfg.output_mode)
+    return oracle, reference
+
+
+def run_attack(
+    target: Defense | Oracle | str,
+    cfg: AttackConfig,
+    *,
+    reference: Defense | None = None,
+    api_key: str | None = None,
     dataset: str = "mnist",
     eval_every: int | None = None,
     progress: ProgressFn | None = None,
     extra_config: dict[str, Any] | None = None,
     api_budget: int | None = None,
 ) -> ResultRecord:
-    """Run one attack against ``defense`` at ``cfg.budget`` and return its result record.
+    """Run one attack against ``target`` at ``cfg.budget`` and return its result record.
 
-    ``api_budget`` is the oracle's own quota (default: the attack budget); when it is smaller, the
-    oracle refuses the batch that would pass it and :class:`~fortress.errors.BudgetExceeded`
-    propagates — no record is produced for an unfinished attack.
+    ``target`` is a defense, a ready oracle or a server URL (see :func:`resolve_target`; a server
+    needs ``api_key`` and ``reference``). ``api_budget`` is the oracle's own quota (default: the
+    attack budget); when it is smaller, the oracle refuses the batch that would pass it and
+    :class:`~fortress.errors.BudgetExceeded` propagates — no record is produced for an unfinished
+    attack.
 
     The evaluation set (ID test) and the victim's own labels for fidelity are computed directly on
-    the models, off-budget; the attack sees only a :class:`~fortress.oracle.LocalOracle`.
+    the reference models, off-budget; the attack sees only the oracle.
     """
+    oracle, defense = resolve_target(target, cfg, reference=reference, api_key=api_key, api_budget=api_budget)
     data = id_data(dataset)
     attack_cls = ATTACKS.get(cfg.name)
     victim = defense.victim
@@ -230,7 +320,6 @@ def run_attack(
     victim_acc = float((victim_labels == data.test.targets).float().mean())
     defended_acc, hist_id = defended_accuracy(defense, data.test)
     eval_set = EvalSet(data.test.x, data.test.targets, victim_labels)
-    oracle = LocalOracle(defense, budget=cfg.budget if api_budget is None else api_budget, output_mode=cfg.output_mode)
     attack = attack_cls(oracle, budget=cfg.budget, seed=cfg.seed, **cfg.params)
     pool_name = cfg.pool or DEFAULT_POOLS.get(cfg.name)
     pool = None if pool_name is None else load_dataset(pool_name).x

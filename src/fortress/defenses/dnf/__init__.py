@@ -6,6 +6,7 @@ from fortress.defenses.dnf.defense import DNF
 from fortress.defenses.dnf.generator import DCGANGenerator, train_dcgan
 from fortress.defenses.dnf.losses import DNFLossWeights, entropy, id_loss, ood_loss
 from fortress.defenses.dnf.ood import GeneratorOOD, MixtureOOD, NoiseOOD, OODSource, PoolOOD
+from fortress.defenses.dnf.threshold_search import ThresholdSearchConfig, ThresholdSearchResult, search_thresholds
 from fortress.defenses.dnf.training import DNFTrainConfig, DNFTrainReport, StepInfo, train_dnf
 
 __all__ = [
@@ -20,9 +21,12 @@ __all__ = [
     "OODSource",
     "PoolOOD",
     "StepInfo",
+    "ThresholdSearchConfig",
+    "ThresholdSearchResult",
     "entropy",
     "id_loss",
     "ood_loss",
+    "search_thresholds",
     "train_dcgan",
     "train_dnf",
 ]

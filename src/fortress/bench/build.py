@@ -1,0 +1,194 @@
+"""The build step of a grid: victim + defense name + TOML parameters → a ready :class:`Defense`.
+
+Most defenses are built by their constructor, ``DEFENSES.get(name)(victim, **params)``. A ``fit``
+table in ``params`` also trains the defense: ``defense.fit(<ID data>, **fit)``, where the ID data are
+bound by the parameter names of ``fit`` (``x``/``x_id``: training images, ``y``/``y_id``: their
+labels, ``x_val``: validation images, ``val``: validation images and labels) and a ``fit`` option typed
+as a config dataclass is read from its TOML table. For example, MeCo's generator, the misinformation
+network of adaptive misinformation and GRAD²'s distilled surrogate::
+
+    [[defenses]]
+    name = "adaptive-misinformation"
+    params = { tau = 0.5, fit = { epochs = 5 } }
+
+A defense whose build needs more registers a :class:`DefenseBuilder` in :data:`BUILDERS` under its
+registry name. DNF's builder runs :func:`fortress.bench.pipeline.protect` with ``params`` read as a
+:class:`~fortress.config.ProtectConfig`.
+
+Builds are seeded, so a built defense that is saved and loaded again equals a fresh build; the grid
+runner caches each one under ``DIR/artifacts/<key>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from fortress.config import ProtectConfig, from_dict
+from fortress.defenses import DEFENSES, Defense, Undefended
+from fortress.errors import ConfigError
+from fortress.models.staged import StagedBackbone
+from fortress.registry import Registry
+
+__all__ = ["BUILDERS", "BuildContext", "DefenseBuilder", "build_defense", "check_defense_params"]
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a builder may use besides the victim.
+
+    Attributes:
+        dataset: the victim's data set name (the defender's own training data).
+        out: directory to save into and to keep checkpoints in (``None``: nothing is written).
+    """
+
+    dataset: str = "mnist"
+    out: Path | None = None
+
+
+@dataclass(frozen=True)
+class DefenseBuilder:
+    """How the grid builds one defense.
+
+    Attributes:
+        build: ``build(victim, params, ctx) -> Defense``; trains what needs training, seeded.
+        check: ``check(params)`` raises :class:`~fortress.errors.ConfigError` on bad parameters
+            (called when a grid is loaded, before anything runs).
+    """
+
+    build: Callable[[StagedBackbone, dict[str, Any], BuildContext], Defense]
+    check: Callable[[dict[str, Any]], None]
+
+
+#: Builders for defenses that need more than their constructor (looked up by registry name).
+BUILDERS: Registry[DefenseBuilder] = Registry("defense builder")
+
+
+def _protect_config(params: dict[str, Any]) -> ProtectConfig:
+    return from_dict(ProtectConfig, params, where="defense 'dnf' params")
+
+
+def _build_dnf(victim: StagedBackbone, params: dict[str, Any], ctx: BuildContext) -> Defense:
+    from fortress.bench.pipeline import protect
+
+    return protect(victim, _protect_config(params), dataset=ctx.dataset, out=ctx.out, resume=True)
+
+
+def _check_dnf(params: dict[str, Any]) -> None:
+    _protect_config(params)
+
+
+def _check_none(params: dict[str, Any]) -> None:
+    if params:
+        raise ConfigError(f"defense 'undefended' takes no params, got {sorted(params)}")
+
+
+BUILDERS.add("dnf", DefenseBuilder(_build_dnf, _check_dnf))
+BUILDERS.add("undefended", DefenseBuilder(lambda victim, _p, _c: Undefended(victim), _check_none))
+
+
+#: ``fit`` parameter names the build step fills with the defender's data.
+_DATA_ARGS = {"x", "x_id", "y", "y_id", "x_val", "val"}
+
+
+def _split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    ctor = {k: v for k, v in params.items() if k != "fit"}
+    fit = params.get("fit")
+    if fit is not None and not isinstance(fit, dict):
+        raise ConfigError(f"defense 'fit' params must be a table, got {fit!r}")
+    return ctor, fit
+
+
+def _fit_kwargs(cls: type, fit: dict[str, Any], name: str) -> dict[str, Any]:
+    """``fit`` options with config-dataclass tables converted; unknown or data-bound names are errors."""
+    method = getattr(cls, "fit", None)
+    if method is None:
+        raise ConfigError(f"defense {name!r} has no fit step, but its params hold a 'fit' table")
+    sig = inspect.signature(method)
+    options = [p for p in sig.parameters if p not in _DATA_ARGS and p != "self"]
+    bad = sorted(set(fit) - set(options))
+    if bad:
+        raise ConfigError(f"defense {name!r} fit options {bad} are unknown; valid: {options}")
+    hints = get_type_hints(method)
+    out: dict[str, Any] = {}
+    for key, value in fit.items():
+        tp = hints.get(key)
+        dc = next(
+            (a for a in getattr(tp, "__args__", (tp,)) if isinstance(a, type) and dataclasses.is_dataclass(a)), None
+        )
+        out[key] = (
+            from_dict(dc, value, where=f"defense {name!r} fit.{key}") if dc and isinstance(value, dict) else value
+        )
+    return out
+
+
+def _constructor_check(name: str, params: dict[str, Any]) -> None:
+    cls = DEFENSES.get(name)
+    ctor, fit = _split(params)
+    try:
+        inspect.signature(cls).bind(None, **ctor)
+    except TypeError as exc:
+        raise ConfigError(
+            f"defense {name!r} params {sorted(ctor)} do not fit its constructor "
+            f"{cls.__name__}{inspect.signature(cls)}: {exc}"
+        ) from None
+    if fit is not None:
+        _fit_kwargs(cls, fit, name)
+
+
+def _fit(defense: Defense, fit: dict[str, Any], dataset: str, out: Path | None) -> None:
+    from fortress.bench.pipeline import id_data
+
+    data = id_data(dataset)
+    sources: dict[str, Any] = {
+        "x": data.train.x,
+        "x_id": data.train.x,
+        "y": data.train.targets,
+        "y_id": data.train.targets,
+        "x_val": data.val.x,
+        "val": (data.val.x, data.val.targets),
+    }
+    params = inspect.signature(defense.fit).parameters  # type: ignore[attr-defined]
+    given = {k: v for k, v in sources.items() if k in params}
+    if out is not None and "checkpoint_dir" in params and "checkpoint_dir" not in fit:
+        given["checkpoint_dir"] = Path(out) / "checkpoints"  # an interrupted build resumes
+    defense.fit(**given, **_fit_kwargs(type(defense), fit, defense.name))  # type: ignore[attr-defined]
+
+
+def check_defense_params(name: str, params: dict[str, Any]) -> None:
+    """Check that ``name`` is a registered defense and ``params`` fit its build step.
+
+    Raises:
+        UnknownComponent: ``name`` is not a registered defense.
+        ConfigError: the parameters are invalid.
+    """
+    DEFENSES.get(name)
+    if name in BUILDERS:
+        BUILDERS.get(name).check(params)
+    else:
+        _constructor_check(name, params)
+
+
+def build_defense(name: str, victim: StagedBackbone, params: dict[str, Any], ctx: BuildContext) -> Defense:
+    """Build defense ``name`` on ``victim`` with ``params`` (training it where it trains).
+
+    Example:
+        >>> from fortress.models import create_model
+        >>> build_defense("undefended", create_model("lenet5"), {}, BuildContext()).name
+        'undefended'
+    """
+    check_defense_params(name, params)
+    if name in BUILDERS:
+        return BUILDERS.get(name).build(victim, params, ctx)
+    ctor, fit = _split(params)
+    try:
+        defense = DEFENSES.get(name)(victim, **ctor)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot build defense {name!r} with params {ctor}: {exc}") from exc
+    if fit is not None:
+        _fit(defense, fit, ctx.dataset, ctx.out)
+    return defense

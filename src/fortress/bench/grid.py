@@ -1,0 +1,319 @@
+"""Benchmark grids: a TOML file of victims × defenses × attacks × budgets × seeds, expanded into cells.
+
+A grid answers the user's question "what does this defense cost me and what does it buy me, against
+which attack, at which budget?" (paper Tables 1, 2, 4, 11, 12 in miniature). Each :class:`Cell` is one
+attack run against one defense; its :attr:`Cell.key` is a stable hash of its canonical config, written
+into its result record, so a re-run with ``resume`` skips exactly the cells already finished.
+
+Example grid (``benchmarks/mnist-quick.toml`` is a complete one)::
+
+    name = "example"
+    seeds = [0, 1]
+    output_modes = ["soft"]
+
+    [[victims]]
+    arch = "lenet5"
+    epochs = 10
+
+    [[defenses]]
+    name = "undefended"
+
+    [[defenses]]
+    name = "dnf"
+    params = { train = { epochs = 4 } }
+
+    [[attacks]]
+    name = "dfme"
+    budgets = [100000, 200000]
+    params = { batch_size = 256 }
+
+Victims and defenses are built once per (victim, defense, params) and cached; ``seeds`` seed the
+attacks (the defended model is the same across seeds, as in the paper's mean ± std over attack runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fortress.config import AttackConfig, VictimConfig, from_dict, load_toml, to_dict
+from fortress.errors import ConfigError
+
+__all__ = [
+    "AttackSpec",
+    "Cell",
+    "DefenseSpec",
+    "GridConfig",
+    "config_hash",
+    "defense_artifact_key",
+    "expand_grid",
+    "load_grid",
+    "victim_artifact_key",
+]
+
+OutputMode = Literal["soft", "hard", "topk"]
+
+#: Bump when the meaning of a cell's fields changes, so old records are not mistaken for new cells.
+CELL_FORMAT = 1
+
+
+def config_hash(data: Any, *, length: int = 16) -> str:
+    """A stable hex digest of plain data (canonical JSON: sorted keys, no whitespace)."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """One defense of a grid: a registry name plus the parameters of its build step.
+
+    Attributes:
+        name: defense registry name (``fortress list defenses``).
+        label: name shown in tables and records (default: ``name``); two variants of one defense
+            (say DNF with VIB and with plain heads) need distinct labels.
+        params: build parameters; for ``dnf`` a :class:`~fortress.config.ProtectConfig` table, for
+            other defenses the constructor's keyword arguments (see :mod:`fortress.bench.build`).
+    """
+
+    name: str
+    label: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def display(self) -> str:
+        """The label used in records, tables and plots."""
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack of a grid, run at every budget in ``budgets``.
+
+    Attributes:
+        name: attack registry name (``fortress list attacks``).
+        budgets: query budgets (each one is a separate cell).
+        clone: clone architecture (``None``: the victim's own architecture).
+        pool: attacker pool data set for attacks that need one (``None``: the attack's default).
+        output_modes: oracle output modes for this attack (``None``: the grid's ``output_modes``).
+        defenses: labels of the defenses this attack runs against (``None``: all of the grid's).
+        params: extra attack hyper-parameters (constructor keyword arguments).
+    """
+
+    name: str
+    budgets: tuple[int, ...] = (10_000,)
+    clone: str | None = None
+    pool: str | None = None
+    output_modes: tuple[OutputMode, ...] | None = None
+    defenses: tuple[str, ...] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def runs_against(self, defense: DefenseSpec) -> bool:
+        """Whether this attack runs against ``defense``."""
+        return self.defenses is None or defense.display in self.defenses
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """A benchmark grid (DESIGN §6): every victim × defense × attack × budget × output mode × seed.
+
+    Attributes:
+        name: grid name (recorded with every result).
+        victims: victims to train (each carries its data set and architecture).
+        defenses: defenses built on every victim.
+        attacks: attacks run against every defense.
+        seeds: attack seeds; tables report mean ± std over them.
+        output_modes: oracle output modes (``soft``: probabilities, ``hard``: labels).
+        eval_every: also evaluate the clone every this many queries (clone accuracy curves); ``None``: at the end only.
+    """
+
+    name: str = "grid"
+    victims: tuple[VictimConfig, ...] = (VictimConfig(),)
+    defenses: tuple[DefenseSpec, ...] = ()
+    attacks: tuple[AttackSpec, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    output_modes: tuple[OutputMode, ...] = ("soft",)
+    eval_every: int | None = None
+
+    def __post_init__(self) -> None:
+        for what, items in (
+            ("victims", self.victims),
+            ("defenses", self.defenses),
+            ("attacks", self.attacks),
+            ("seeds", self.seeds),
+            ("output_modes", self.output_modes),
+        ):
+            if not items:
+                raise ConfigError(f"grid {self.name!r}: {what} must list at least one entry")
+        labels = [d.display for d in self.defenses]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ConfigError(f"grid {self.name!r}: defense labels {dup} repeat; give each variant its own 'label'")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"grid {self.name!r}: seeds {list(self.seeds)} repeat")
+        for a in self.attacks:
+            if not a.budgets or any(b < 1 for b in a.budgets):
+                raise ConfigError(f"attack {a.name!r}: budgets must be positive integers, got {list(a.budgets)}")
+            unknown = sorted(set(a.defenses or ()) - set(labels))
+            if unknown or a.defenses == ():
+                raise ConfigError(f"attack {a.name!r}: defenses {unknown or []} are not in the grid; valid: {labels}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError(f"eval_every must be >= 1 or absent, got {self.eval_every}")
+
+    def validate(self) -> None:
+        """Check every registry name and build parameter now, before hours of running.
+
+        Raises:
+            UnknownComponent: a defense, attack, model or pool name is not registered.
+            ConfigError: a defense's build parameters are invalid.
+        """
+        from fortress.attacks import ATTACKS
+        from fortress.bench.build import check_defense_params
+        from fortress.data.registry import DATASETS
+        from fortress.models import MODELS
+
+        for v in self.victims:
+            MODELS.get(v.arch)
+        for d in self.defenses:
+            check_defense_params(d.name, d.params)
+        for a in self.attacks:
+            ATTACKS.get(a.name)
+            if a.clone is not None:
+                MODELS.get(a.clone)
+            if a.pool is not None:
+                DATASETS.get(a.pool)
+
+    @property
+    def num_cells(self) -> int:
+        """Number of cells the grid expands to."""
+        per_victim = sum(
+            len(a.budgets)
+            * len(a.output_modes or self.output_modes)
+            * len(self.seeds)
+            * sum(map(a.runs_against, self.defenses))
+            for a in self.attacks
+        )
+        return len(self.victims) * per_victim
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One task of a grid: one attack (with its seed, budget, output mode) against one built defense.
+
+    Attributes:
+        grid: name of the grid the cell came from (not part of the key: grids may share cells).
+        victim: how the victim is trained.
+        defense: which defense is built on it, and how.
+        attack: the attack run (budget, seed, output mode, clone, pool, parameters).
+        eval_every: clone evaluation interval (``None``: at the end only).
+    """
+
+    grid: str
+    victim: VictimConfig
+    defense: DefenseSpec
+    attack: AttackConfig
+    eval_every: int | None = None
+
+    def canonical(self) -> dict[str, Any]:
+        """The fields that define the cell's result (everything but the grid name)."""
+        return {
+            "format": CELL_FORMAT,
+            "victim": to_dict(self.victim),
+            "defense": to_dict(self.defense),
+            "attack": to_dict(self.attack),
+            "eval_every": self.eval_every,
+        }
+
+    @property
+    def key(self) -> str:
+        """Stable hash of :meth:`canonical`: what ``resume`` matches finished records on."""
+        return config_hash(self.canonical())
+
+    @property
+    def victim_key(self) -> str:
+        """Cache key of the cell's victim artifact."""
+        return victim_artifact_key(self.victim)
+
+    @property
+    def defense_key(self) -> str:
+        """Cache key of the cell's defense artifact."""
+        return defense_artifact_key(self.victim, self.defense)
+
+    def describe(self) -> str:
+        """A short human-readable name for logs and progress displays."""
+        a = self.attack
+        return (
+            f"{a.name}/{a.output_mode}@{a.budget:,} vs {self.defense.display} "
+            f"({self.victim.arch}, {self.victim.dataset}, seed {a.seed})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for task arguments and records); inverse of :meth:`from_dict`."""
+        return {"grid": self.grid, **self.canonical()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Cell:
+        """Rebuild a cell from :meth:`to_dict`."""
+        if data.get("format") != CELL_FORMAT:
+            raise ConfigError(f"cell format {data.get('format')!r} is not {CELL_FORMAT}")
+        return cls(
+            grid=str(data["grid"]),
+            victim=from_dict(VictimConfig, data["victim"], where="cell.victim"),
+            defense=from_dict(DefenseSpec, data["defense"], where="cell.defense"),
+            attack=from_dict(AttackConfig, data["attack"], where="cell.attack"),
+            eval_every=data.get("eval_every"),
+        )
+
+
+def victim_artifact_key(victim: VictimConfig) -> str:
+    """Cache directory name of a victim: ``victim-<arch>-<hash>``."""
+    return f"victim-{victim.arch}-{config_hash(to_dict(victim), length=12)}"
+
+
+def defense_artifact_key(victim: VictimConfig, defense: DefenseSpec) -> str:
+    """Cache directory name of a defense built on a victim (the label does not matter): ``<name>-<hash>``."""
+    data = {"victim": to_dict(victim), "name": defense.name, "params": to_dict(defense.params)}
+    return f"{defense.name}-{config_hash(data, length=12)}"
+
+
+def expand_grid(grid: GridConfig) -> list[Cell]:
+    """Every cell of ``grid`` in a fixed order: victim, seed, attack, budget, output mode, defense.
+
+    Seeds vary slowly, so an interrupted grid already holds whole tables for its first seeds.
+    """
+    cells: list[Cell] = []
+    for victim in grid.victims:
+        for seed in grid.seeds:
+            for spec in grid.attacks:
+                for budget in spec.budgets:
+                    for mode in spec.output_modes or grid.output_modes:
+                        attack = AttackConfig(
+                            name=spec.name,
+                            budget=budget,
+                            seed=seed,
+                            clone=spec.clone or victim.arch,
+                            output_mode=mode,
+                            pool=spec.pool,
+                            params=dict(spec.params),
+                        )
+                        for defense in filter(spec.runs_against, grid.defenses):
+                            cells.append(Cell(grid.name, victim, defense, attack, grid.eval_every))
+    keys = [c.key for c in cells]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"grid {grid.name!r} lists the same cell twice (repeated budgets or output modes?)")
+    return cells
+
+
+def load_grid(path: Path) -> GridConfig:
+    """Read and validate a grid TOML file (see the module docstring for the format).
+
+    Raises:
+        ArtifactError: the file does not exist.
+        ConfigError: invalid TOML, unknown keys or bad values (the message names them).
+        UnknownComponent: a registry name in the grid does not exist.
+    """
+    grid = load_toml(GridConfig, path)
+    grid.validate()
+    return grid

@@ -1,0 +1,389 @@
+"""``fortress report DIR``: the paper's tables and plots, made from the result records alone.
+
+Tables (each as Markdown and CSV, one section per data set × victim architecture):
+
+* ``clone_accuracy`` — clone accuracy (%) per defense × attack (output mode, budget), mean ± std over
+  seeds (paper Tables 1, 2, 17);
+* ``utility`` — defended ID accuracy (%) and its change against the victim (paper Table 4);
+* ``timing`` — the defense's seconds per 1,000 queries on ID test and attack traffic, and the ratio to
+  ``undefended`` (paper Table 11);
+* ``exits`` — the exit distribution (%) of ID test queries and of each attack's queries (paper Table 12).
+
+Plots: ``clone_vs_budget.png`` (clone accuracy against query budget per defense), ``tradeoff.png``
+(defended utility vs clone accuracy) and ``exits-<...>.png`` (exit histograms, ID vs attack).
+
+The std is the sample standard deviation over seeds (0 with one seed).
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fortress.bench.plots import Series, plot_clone_vs_budget, plot_exit_distribution, plot_tradeoff
+from fortress.bench.records import ResultRecord, read_records
+from fortress.errors import ArtifactError
+
+__all__ = ["Report", "Stat", "make_report", "mean_std", "write_report"]
+
+Section = tuple[str, str]  # (dataset, victim_arch)
+Column = tuple[str, str, int]  # (attack, output mode, budget)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample std and count of a list of values."""
+
+    mean: float
+    std: float
+    n: int
+
+    def pct(self, *, show_n: bool = False) -> str:
+        """``"12.34 ± 0.56"`` in percent (values are fractions)."""
+        text = f"{100 * self.mean:.2f} ± {100 * self.std:.2f}"
+        return f"{text} (n={self.n})" if show_n else text
+
+
+def mean_std(values: Iterable[float]) -> Stat:
+    """Mean and sample standard deviation (0 for a single value).
+
+    Example:
+        >>> mean_std([0.1, 0.3]).pct()
+        '20.00 ± 14.14'
+    """
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("mean_std needs at least one value")
+    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+
+
+@dataclass
+class Report:
+    """The files :func:`make_report` wrote.
+
+    Attributes:
+        out: the report directory.
+        markdown: ``report.md`` (every table).
+        tables: table name → ``(markdown path, csv path)``.
+        plots: every PNG written.
+        records: number of records read.
+    """
+
+    out: Path
+    markdown: Path
+    tables: dict[str, tuple[Path, Path]] = field(default_factory=dict)
+    plots: list[Path] = field(default_factory=list)
+    records: int = 0
+
+
+# -- record fields --------------------------------------------------------------------------------
+
+
+def _mode(r: ResultRecord) -> str:
+    attack = r.config.get("attack")
+    return str(attack.get("output_mode", "soft")) if isinstance(attack, dict) else "soft"
+
+
+def _section(r: ResultRecord) -> Section:
+    return (r.dataset, r.victim_arch)
+
+
+def _column(r: ResultRecord) -> Column:
+    return (r.attack, _mode(r), r.budget)
+
+
+def _budget(b: int) -> str:
+    for unit, div in (("M", 1_000_000), ("k", 1_000)):
+        if b >= div and b % (div // 10) == 0:
+            v = b / div
+            return f"{v:g}{unit}"
+    return str(b)
+
+
+def _col_name(c: Column) -> str:
+    return f"{c[0]} {c[1]} @{_budget(c[2])}"
+
+
+def _ordered(values: Iterable[str], first: str = "undefended") -> list[str]:
+    seen = list(dict.fromkeys(values))
+    return sorted(seen, key=lambda v: (v != first, seen.index(v)))
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Table:
+    name: str
+    title: str
+    md: list[str] = field(default_factory=list)
+    csv_header: list[str] = field(default_factory=list)
+    csv_rows: list[list[Any]] = field(default_factory=list)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return out
+
+
+def _by_section(records: Sequence[ResultRecord]) -> dict[Section, list[ResultRecord]]:
+    groups: dict[Section, list[ResultRecord]] = defaultdict(list)
+    for r in records:
+        groups[_section(r)].append(r)
+    return dict(sorted(groups.items()))
+
+
+def _pivot(
+    records: Sequence[ResultRecord], col: Callable[[ResultRecord], Any], value: Callable[[ResultRecord], float | None]
+) -> dict[tuple[str, Any], Stat]:
+    acc: dict[tuple[str, Any], list[float]] = defaultdict(list)
+    for r in records:
+        v = value(r)
+        if v is not None:
+            acc[(r.defense, col(r))].append(v)
+    return {k: mean_std(v) for k, v in acc.items()}
+
+
+def _clone_table(records: Sequence[ResultRecord]) -> _Table:
+    t = _Table("clone_accuracy", "Clone accuracy (%), mean ± std over seeds")
+    all_cols: list[Column] = sorted({_column(r) for r in records})
+    t.csv_header = ["dataset", "victim_arch", "defense"]
+    for c in all_cols:
+        t.csv_header += [f"{_col_name(c)} mean", f"{_col_name(c)} std", f"{_col_name(c)} n"]
+    for (dataset, arch), recs in _by_section(records).items():
+        cols = sorted({_column(r) for r in recs})
+        stats = _pivot(recs, _column, lambda r: r.clone_acc)
+        n_max = max((s.n for s in stats.values()), default=0)
+        rows: list[list[str]] = []
+        for d in _ordered(r.defense for r in recs):
+            row = [d]
+            csv_row: list[Any] = [dataset, arch, d]
+            for c in all_cols:
+                s = stats.get((d, c))
+                if c in cols:
+                    row.append("—" if s is None else s.pct(show_n=s.n != n_max))
+                csv_row += ["", "", ""] if s is None else [round(100 * s.mean, 4), round(100 * s.std, 4), s.n]
+            rows.append(row)
+            t.csv_rows.append(csv_row)
+        t.md += [f"### {dataset}, victim {arch} ({n_max} seeds)", ""]
+        t.md += [*_md_table(["defense", *(_col_name(c) for c in cols)], rows), ""]
+    return t
+
+
+def _utility_table(records: Sequence[ResultRecord]) -> _Table:
+    t = _Table("utility", "Defended utility: ID test accuracy (%) of the defense's answers (paper Table 4)")
+    t.csv_header = ["dataset", "victim_arch", "defense", "defended_acc mean", "defended_acc std", "victim_acc", "delta"]
+    for (dataset, arch), recs in _by_section(records).items():
+        rows: list[list[str]] = []
+        for d in _ordered(r.defense for r in recs):
+            mine = [r for r in recs if r.defense == d]
+            acc = mean_std(r.defended_acc for r in mine)
+            victim = statistics.fmean(r.victim_acc for r in mine)
+            delta = acc.mean - victim
+            rows.append([d, acc.pct(), f"{100 * victim:.2f}", f"{100 * delta:+.2f}"])
+            t.csv_rows.append([dataset, arch, d, 100 * acc.mean, 100 * acc.std, 100 * victim, 100 * delta])
+        t.md += [f"### {dataset}, victim {arch}", ""]
+        t.md += [*_md_table(["defense", "defended acc %", "victim acc %", "Δ pp"], rows), ""]
+    return t
+
+
+def _id_time(r: ResultRecord) -> float | None:
+    v = r.extra.get("id_s_per_1k_queries")
+    return float(v) if isinstance(v, int | float) else None
+
+
+def _timing_table(records: Sequence[ResultRecord]) -> _Table:
+    t = _Table(
+        "timing",
+        "Defense time per 1,000 queries (ms), ID test traffic and each attack's traffic (paper Table 11); "
+        "× = ratio to undefended",
+    )
+    t.csv_header = ["dataset", "victim_arch", "defense", "traffic", "ms_per_1k mean", "ms_per_1k std", "x_undefended"]
+    for (dataset, arch), recs in _by_section(records).items():
+        traffic = ["ID test", *dict.fromkeys(f"{r.attack} {_mode(r)}" for r in recs)]
+
+        def traffic_of(r: ResultRecord, which: str) -> float | None:
+            if which == "ID test":
+                return _id_time(r)
+            return r.defense_s_per_1k_queries if f"{r.attack} {_mode(r)}" == which else None
+
+        stats = {w: _pivot(recs, lambda _r: 0, lambda r, w=w: traffic_of(r, w)) for w in traffic}  # type: ignore[misc]
+        rows: list[list[str]] = []
+        for d in _ordered(r.defense for r in recs):
+            row = [d]
+            for w in traffic:
+                s = stats[w].get((d, 0))
+                base = stats[w].get(("undefended", 0))
+                ratio = None if s is None or base is None or base.mean <= 0 else s.mean / base.mean
+                row.append(
+                    "—"
+                    if s is None
+                    else f"{1e3 * s.mean:.1f} ± {1e3 * s.std:.1f}" + (f" (×{ratio:.2f})" if ratio else "")
+                )
+                if s is not None:
+                    t.csv_rows.append([dataset, arch, d, w, 1e3 * s.mean, 1e3 * s.std, ratio])
+            rows.append(row)
+        t.md += [f"### {dataset}, victim {arch}", ""]
+        t.md += [*_md_table(["defense", *traffic], rows), ""]
+    return t
+
+
+def _mean_hist(hists: Sequence[Sequence[float]]) -> list[float]:
+    n = max(len(h) for h in hists)
+    return [statistics.fmean(h[i] for h in hists if len(h) == n) for i in range(n)]
+
+
+def _exit_series(recs: Sequence[ResultRecord]) -> list[tuple[str, list[float]]]:
+    """ID histogram and one per attack (output mode, budget), averaged over seeds."""
+    series = [("ID test", _mean_hist([r.exit_hist_id for r in recs if r.exit_hist_id]))]
+    by_col: dict[Column, list[list[float]]] = defaultdict(list)
+    for r in recs:
+        if r.exit_hist_attack:
+            by_col[_column(r)].append(r.exit_hist_attack)
+    series += [(_col_name(c), _mean_hist(h)) for c, h in sorted(by_col.items())]
+    return series
+
+
+def _exit_groups(records: Sequence[ResultRecord]) -> dict[tuple[str, str, str], list[ResultRecord]]:
+    groups: dict[tuple[str, str, str], list[ResultRecord]] = defaultdict(list)
+    for r in records:
+        if r.exit_hist_attack and r.exit_hist_id:
+            groups[(r.dataset, r.victim_arch, r.defense)].append(r)
+    return dict(sorted(groups.items()))
+
+
+def _exit_table(records: Sequence[ResultRecord]) -> _Table:
+    t = _Table("exits", "Exit distribution (%) of ID test queries and attack queries (paper Table 12)")
+    groups = _exit_groups(records)
+    n_max = max((len(r.exit_hist_id) for g in groups.values() for r in g), default=0)
+    t.csv_header = ["dataset", "victim_arch", "defense", "traffic", *(f"exit{i}" for i in range(n_max))]
+    for (dataset, arch, defense), recs in groups.items():
+        series = _exit_series(recs)
+        n = max(len(h) for _, h in series)
+        rows = [[label, *(f"{100 * v:.2f}" for v in hist)] for label, hist in series]
+        t.csv_rows += [[dataset, arch, defense, label, *(100 * v for v in hist)] for label, hist in series]
+        t.md += [f"### {defense} on {dataset}, victim {arch}", ""]
+        t.md += [*_md_table(["traffic", *(f"exit {i}" for i in range(n))], rows), ""]
+    if not groups:
+        t.md += ["No defense in these records routes queries through exits.", ""]
+    return t
+
+
+# -- plots ----------------------------------------------------------------------------------------
+
+
+def _checkpoint_series(recs: Sequence[ResultRecord]) -> tuple[list[float], list[float], list[float]] | None:
+    """Clone accuracy at the query counts every seed evaluated (``eval_every``), mean and std over seeds."""
+    curves = [{c["queries"]: c["clone_acc"] for c in r.checkpoints if c.get("clone_acc") is not None} for r in recs]
+    common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    if len(common) < 2:
+        return None
+    stats = [mean_std(c[q] for c in curves) for q in common]
+    return [float(q) for q in common], [s.mean for s in stats], [s.std for s in stats]
+
+
+def _budget_panels(records: Sequence[ResultRecord]) -> dict[str, list[Series]]:
+    panels: dict[str, list[Series]] = {}
+    keys = sorted({(r.dataset, r.victim_arch, r.attack, _mode(r)) for r in records})
+    for dataset, arch, attack, mode in keys:
+        recs = [r for r in records if (r.dataset, r.victim_arch, r.attack, _mode(r)) == (dataset, arch, attack, mode)]
+        series: list[Series] = []
+        for d in _ordered(r.defense for r in recs):
+            mine = [r for r in recs if r.defense == d and r.clone_acc is not None]
+            budgets = sorted({r.budget for r in mine})
+            curve = _checkpoint_series(mine) if len(budgets) == 1 else None
+            if curve is not None:
+                series.append((d, *curve))
+                continue
+            stats = [mean_std(r.clone_acc for r in mine if r.budget == b and r.clone_acc is not None) for b in budgets]
+            series.append((d, [float(b) for b in budgets], [s.mean for s in stats], [s.std for s in stats]))
+        panels[f"{attack} ({mode}) — {dataset}, {arch}"] = series
+    return panels
+
+
+def _tradeoff_points(records: Sequence[ResultRecord]) -> list[tuple[str, str, float, float, float]]:
+    """One point per defense × attack (output mode) at that attack's largest budget."""
+    points: list[tuple[str, str, float, float, float]] = []
+    for dataset, arch, attack, mode in sorted({(r.dataset, r.victim_arch, r.attack, _mode(r)) for r in records}):
+        recs = [r for r in records if (r.dataset, r.victim_arch, r.attack, _mode(r)) == (dataset, arch, attack, mode)]
+        top = max(r.budget for r in recs)
+        for d in _ordered(r.defense for r in recs):
+            mine = [r for r in recs if r.defense == d and r.budget == top and r.clone_acc is not None]
+            if mine:
+                clone = mean_std(r.clone_acc for r in mine if r.clone_acc is not None)
+                util = statistics.fmean(r.defended_acc for r in mine)
+                label = f"{attack} {mode} @{_budget(top)}"
+                if len({_section(r) for r in records}) > 1:
+                    label += f" ({dataset}, {arch})"
+                points.append((d, label, util, clone.mean, clone.std))
+    return points
+
+
+def _slug(*parts: str) -> str:
+    return "-".join("".join(ch if ch.isalnum() else "_" for ch in p) for p in parts)
+
+
+# -- entry points ---------------------------------------------------------------------------------
+
+
+def write_report(records: Sequence[ResultRecord], out: Path, *, title: str = "fortress benchmark") -> Report:
+    """Write every table (Markdown + CSV) and plot made from ``records`` into ``out``.
+
+    Raises:
+        ArtifactError: ``records`` is empty.
+    """
+    if not records:
+        raise ArtifactError("no result records to report on")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = [_clone_table(records), _utility_table(records), _timing_table(records), _exit_table(records)]
+    report = Report(out=out, markdown=out / "report.md", records=len(records))
+    doc = [f"# {title}", "", f"{len(records)} result records.", ""]
+    for t in tables:
+        md_path, csv_path = out / f"{t.name}.md", out / f"{t.name}.csv"
+        body = [f"## {t.title}", "", *t.md]
+        md_path.write_text("\n".join(body) + "\n", encoding="utf-8")
+        with csv_path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(t.csv_header)
+            writer.writerows(t.csv_rows)
+        report.tables[t.name] = (md_path, csv_path)
+        doc += body
+    plots = [
+        plot_clone_vs_budget(_budget_panels(records), out / "clone_vs_budget.png"),
+        plot_tradeoff(_tradeoff_points(records), out / "tradeoff.png"),
+    ]
+    for (dataset, arch, defense), recs in _exit_groups(records).items():
+        plots.append(
+            plot_exit_distribution(
+                _exit_series(recs),
+                out / f"exits-{_slug(defense, dataset, arch)}.png",
+                title=f"{defense}: where queries exit ({dataset}, {arch})",
+            )
+        )
+    report.plots = [p for p in plots if p is not None]
+    doc += ["## Plots", "", *(f"![{p.stem}]({p.name})" for p in report.plots), ""]
+    report.markdown.write_text("\n".join(doc), encoding="utf-8")
+    return report
+
+
+def make_report(run_dir: Path, out: Path | None = None) -> Report:
+    """Read ``run_dir/results.jsonl`` and write the report into ``out`` (default ``run_dir/report``).
+
+    Example:
+        >>> make_report(Path("/tmp/bench-quick")).markdown  # doctest: +SKIP
+        PosixPath('/tmp/bench-quick/report/report.md')
+    """
+    run_dir = Path(run_dir)
+    results = run_dir / "results.jsonl" if run_dir.is_dir() else run_dir
+    records = read_records(results)
+    name = run_dir.name if run_dir.is_dir() else run_dir.parent.name
+    return write_report(
+        records, out if out is not None else results.parent / "report", title=f"fortress benchmark: {name}"
+    )

@@ -1,0 +1,139 @@
+"""Turn request bodies (JSON arrays, base64 ``.npy``, PNG uploads) into checked image batches.
+
+Every failure is an :class:`~fortress.errors.InvalidInput` (HTTP 422) or a :class:`TooLarge`
+(HTTP 413) whose message says what was wrong and what was expected; nothing here trusts a size the
+client declares before checking it against the limits (an ``.npy`` header is read and checked
+before its data; a PNG's size before its pixels are decoded).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from torch import Tensor
+
+from fortress.errors import InvalidInput
+from fortress.serve.schemas import PredictRequest
+from fortress.tensors import check_images
+
+__all__ = ["TooLarge", "decode_json_body", "decode_npy", "decode_pngs", "validation_message"]
+
+
+class TooLarge(InvalidInput):
+    """The batch or body passes the server's limits (HTTP 413)."""
+
+
+def validation_message(exc: ValidationError, limit: int = 3) -> str:
+    """One line naming the first few fields pydantic rejected."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    more = len(exc.errors()) - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _check_batch(n: int, max_batch: int) -> None:
+    if n > max_batch:
+        raise TooLarge(f"batch of {n} images is over the server's max batch of {max_batch}; split it")
+
+
+def decode_json_body(body: bytes, shape: Sequence[int], max_batch: int) -> Tensor:
+    """Decode an ``application/json`` predict body (see :class:`~fortress.serve.schemas.PredictRequest`).
+
+    Shape:
+        body → ``(N, C, H, W)`` float32, checked against ``shape`` = ``(C, H, W)`` and [0, 1].
+    """
+    try:
+        req = PredictRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidInput(f"invalid JSON body: {validation_message(exc)}") from None
+    if (req.images is None) == (req.npy is None):
+        raise InvalidInput('send exactly one of "images" (nested arrays) or "npy" (base64 .npy)')
+    if req.npy is not None:
+        return decode_npy(req.npy, shape, max_batch)
+    assert req.images is not None
+    if not req.images:
+        raise InvalidInput(f"images is an empty batch; send at least one (C, H, W) = {tuple(shape)} image")
+    _check_batch(len(req.images), max_batch)
+    try:
+        arr = np.asarray(req.images, dtype=np.float32)
+    except ValueError:
+        raise InvalidInput(f"images is ragged: every image must be a full (C, H, W) = {tuple(shape)} array") from None
+    return check_images(torch.from_numpy(arr), shape, name="images")
+
+
+def decode_npy(data: str, shape: Sequence[int], max_batch: int) -> Tensor:
+    """Decode base64 of a ``.npy`` file into a checked batch (header checked before the data is read)."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("npy is not valid base64") from None
+    buf = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version == (1, 0):
+            dshape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+        elif version == (2, 0):
+            dshape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, OSError, SyntaxError, TypeError) as exc:
+        raise InvalidInput(f"npy is not a readable .npy file: {exc}") from None
+    if dtype.hasobject or dtype.kind != "f":
+        hint = " (scale integer images by 1/255 and send float32)" if dtype.kind in "iu" else ""
+        raise InvalidInput(f"npy has dtype {dtype}, expected a float array (float32){hint}")
+    if len(dshape) != 4:
+        raise InvalidInput(f"npy has shape {tuple(dshape)}, expected 4-d (N, C, H, W) with (C, H, W) = {tuple(shape)}")
+    _check_batch(int(dshape[0]), max_batch)
+    if tuple(dshape[1:]) != tuple(shape):
+        raise InvalidInput(f"npy images have shape {tuple(dshape[1:])}, expected (C, H, W) = {tuple(shape)}")
+    count = int(np.prod(dshape))
+    payload = buf.read()
+    if len(payload) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"npy data holds {len(payload)} bytes, its header declares {count * dtype.itemsize} (truncated file?)"
+        )
+    arr = np.frombuffer(payload, dtype=dtype, count=count)
+    arr = arr.reshape(dshape, order="F" if fortran else "C")
+    x = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # a writable copy
+    return check_images(x, shape, name="npy images")
+
+
+def decode_pngs(files: Sequence[tuple[str, bytes]], shape: Sequence[int], max_batch: int) -> Tensor:
+    """Decode PNG uploads ``(filename, bytes)`` into a checked batch (8-bit pixels scaled by 1/255).
+
+    Images are converted to the model's channel count (``L`` for 1 channel, ``RGB`` for 3) and must
+    already have its height and width: nothing is resized behind the client's back.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not files:
+        raise InvalidInput('no images: upload one or more PNG files in the "files" field')
+    _check_batch(len(files), max_batch)
+    c, h, w = (int(v) for v in shape)
+    if c not in (1, 3):
+        raise InvalidInput(f"PNG uploads serve 1- or 3-channel models; this one takes {c} channels (send npy)")
+    mode = "L" if c == 1 else "RGB"
+    out = np.empty((len(files), c, h, w), dtype=np.uint8)  # NCHW with standard strides, like every other path
+    for i, (fname, data) in enumerate(files):
+        try:
+            img = Image.open(io.BytesIO(data), formats=["PNG"])
+            if img.size != (w, h):  # read from the header, before any pixel is decoded
+                raise InvalidInput(f"file {i} ({fname!r}) is {img.size[0]}x{img.size[1]}, expected {w}x{h} (WxH)")
+            pix = np.asarray(img.convert(mode), dtype=np.uint8)
+        except InvalidInput:
+            raise
+        except UnidentifiedImageError:
+            raise InvalidInput(f"file {i} ({fname!r}) is not a PNG image") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise InvalidInput(f"file {i} ({fname!r}) is not a readable PNG: {exc}") from None
+        out[i] = pix.reshape(h, w, c).transpose(2, 0, 1)
+    x = torch.from_numpy(out).float().div_(255.0)
+    return check_images(x, shape, name="PNG images")

@@ -1,0 +1,88 @@
+"""Settings of the prediction server (one frozen dataclass, validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fortress.errors import ConfigError
+from fortress.monitor.base import Response
+
+__all__ = ["Compute", "ServeSettings"]
+
+Compute = Literal["dynamic", "full"]
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything :func:`fortress.serve.create_app` needs.
+
+    Args:
+        model_dir: a saved defense or victim (``fortress protect`` / ``fortress train-victim``);
+            only safetensors weights and JSON configs are read from it.
+        keys_path: the SQLite key ledger (created if missing).
+        compute: DNF compute mode. ``"dynamic"`` skips the stages a query no longer needs (fastest;
+            response time reveals how deep a query went); ``"full"`` runs every stage for every query
+            (constant work per query, so timing does not reveal the exit taken; paper §4.2). Ignored
+            by defenses without exits.
+        model_name: the name ``/v1/info`` shows (default: the directory's name). Never the
+            architecture or the defense: those are not the client's business.
+        max_batch: images per request at most (413 above).
+        max_body_bytes: request body size at most (413 above).
+        request_timeout_s: longest wait for a batch's answer (queueing included; 503 after it, and
+            nothing charged); reading a slow request body is capped by the same time (408).
+        inference_workers: batches answered at once (each on its own thread).
+        torch_threads: intra-op threads of each batch.
+        profiles: keep per-key query profiles (exits, entropy, confidence) in the key ledger.
+        monitor: extraction monitor (``fortress.monitor.MONITORS``: ``exit-sprt``, ``prada``) or ``None``.
+        monitor_calibration: ``exit-sprt``'s calibration file (``fortress monitor calibrate``).
+        monitor_response: what a flagged key gets: ``log``, ``alert``, ``throttle``, ``degrade-label``
+            or ``degrade-exit0`` (see :class:`fortress.monitor.Response`).
+        monitor_webhook: URL the ``alert`` response POSTs to.
+        throttle_s_per_query: the ``throttle`` response's delay per image.
+
+    Example:
+        >>> ServeSettings(Path("dnf"), Path("keys.db"), compute="full").max_batch
+        1024
+    """
+
+    model_dir: Path
+    keys_path: Path
+    compute: Compute = "dynamic"
+    model_name: str | None = None
+    max_batch: int = 1024
+    max_body_bytes: int = 32 * 2**20
+    request_timeout_s: float = 30.0
+    inference_workers: int = 2
+    torch_threads: int = 1
+    profiles: bool = True
+    monitor: str | None = None
+    monitor_calibration: Path | None = None
+    monitor_response: str = "log"
+    monitor_webhook: str | None = None
+    throttle_s_per_query: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.compute not in ("dynamic", "full"):
+            raise ConfigError(f"compute must be 'dynamic' or 'full', got {self.compute!r}")
+        for label, value in (
+            ("max_batch", self.max_batch),
+            ("max_body_bytes", self.max_body_bytes),
+            ("inference_workers", self.inference_workers),
+            ("torch_threads", self.torch_threads),
+        ):
+            if value < 1:
+                raise ConfigError(f"{label} must be >= 1, got {value}")
+        if self.monitor_response not in {r.value for r in Response}:
+            valid = ", ".join(r.value for r in Response)
+            raise ConfigError(f"unknown monitor response {self.monitor_response!r}; valid: {valid}")
+        if self.monitor is not None and not self.profiles:
+            raise ConfigError("a monitor needs profiles=True (it keeps its state beside the key profiles)")
+        if not self.request_timeout_s > 0:
+            raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+
+    @property
+    def display_name(self) -> str:
+        """The model name clients see."""
+        return self.model_name or Path(self.model_dir).resolve().name

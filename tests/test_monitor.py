@@ -1,0 +1,219 @@
+"""Extraction monitors: CUSUM math against a naive loop, calibrated false-positive rate on ID-like
+exit streams, fast flags on shifted streams, PRADA on normal vs. crafted query streams, profile
+moments equal to torch's over the whole stream, persistence and the server-side responses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fortress.errors import ArtifactError, ConfigError, InvalidInput, UnknownComponent
+from fortress.monitor import (
+    MONITORS,
+    ExitCalibration,
+    ExitSPRT,
+    KeyProfile,
+    Prada,
+    ProfileStore,
+    Response,
+    calibrate_exit_sprt,
+    create_monitor,
+)
+from fortress.monitor.exit_sprt import conservative_exit_probs, cusum, exit_llr
+from fortress.monitor.service import Watch
+
+ID_P = torch.tensor([0.002, 0.003, 0.005, 0.99])  # an ID exit profile: almost everything at the last exit
+
+
+def _stream(p: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    return torch.multinomial(p, n, replacement=True, generator=torch.Generator().manual_seed(seed))
+
+
+def _probs(n: int, k: int = 10) -> torch.Tensor:
+    return torch.softmax(torch.randn(n, k, generator=torch.Generator().manual_seed(n)), dim=1)
+
+
+@pytest.fixture(scope="module")
+def calibration() -> ExitCalibration:
+    return calibrate_exit_sprt(_stream(ID_P, 5000, 0), 4, alpha=0.05, horizon=1000, simulations=400, seed=0)
+
+
+def test_cusum_equals_naive_recursion() -> None:
+    x = torch.randn(3, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    start = torch.tensor([0.0, 2.5, 7.0], dtype=torch.float64)
+    fast = cusum(x, start)
+    for r in range(3):
+        s = float(start[r])
+        for t in range(200):
+            s = max(0.0, s + float(x[r, t]))
+            assert fast[r, t].item() == pytest.approx(s, abs=1e-9)
+
+
+def test_llr_signs_and_conservative_probs() -> None:
+    counts = torch.tensor([0, 1, 5, 994])
+    llr = exit_llr(counts, 0.1)
+    assert (llr[:3] > 0).all() and llr[3] < 0  # early exits are evidence of an attack
+    p = conservative_exit_probs(counts, llr, 0.95)
+    assert float(p.sum()) == pytest.approx(1.0)
+    smoothed = (counts + 0.5) / (counts.sum() + 2.0)
+    assert (p[:3] > smoothed[:3]).all()  # rarer-than-measured is not assumed
+
+
+def test_calibrated_false_positive_rate_on_id_streams(calibration: ExitCalibration) -> None:
+    flagged = 0
+    for seed in range(200):
+        mon = ExitSPRT(calibration)
+        ex = _stream(ID_P, 1000, 100 + seed)
+        flagged += mon.observe("k", torch.zeros(1000, 1, 1, 1), _probs(1000), ex).flagged
+    assert flagged / 200 <= calibration.alpha + 0.03  # alpha = 5 %, binomial slack for 200 keys
+
+
+def test_shifted_stream_flagged_quickly(calibration: ExitCalibration) -> None:
+    mon = ExitSPRT(calibration)
+    attack_p = torch.tensor([0.6, 0.1, 0.1, 0.2])
+    v = mon.observe("a", torch.zeros(500, 1, 1, 1), _probs(500), _stream(attack_p, 500, 7))
+    assert v.flagged and v.flagged_at is not None and v.flagged_at <= 50
+
+
+def test_flag_position_independent_of_batching(calibration: ExitCalibration) -> None:
+    ex = torch.cat([_stream(ID_P, 300, 3), _stream(torch.tensor([0.5, 0.2, 0.1, 0.2]), 300, 4)])
+    whole = ExitSPRT(calibration).observe("k", torch.zeros(600, 1, 1, 1), _probs(600), ex)
+    parts = ExitSPRT(calibration)
+    for i in range(0, 600, 37):
+        v = parts.observe("k", torch.zeros(len(ex[i : i + 37]), 1, 1, 1), _probs(len(ex[i : i + 37])), ex[i : i + 37])
+    assert whole.flagged_at == v.flagged_at and whole.score == pytest.approx(v.score)
+    assert whole.flagged_at is not None and whole.flagged_at > 300  # not before the shift
+
+
+def test_exit_sprt_state_roundtrip_and_errors(calibration: ExitCalibration, tmp_path: Path) -> None:
+    path = calibration.save(tmp_path / "cal.json")
+    mon = create_monitor("exit-sprt", calibration=path)
+    assert isinstance(mon, ExitSPRT) and mon.threshold == calibration.threshold
+    mon.observe("k", torch.zeros(10, 1, 1, 1), _probs(10), torch.zeros(10, dtype=torch.long))
+    other = ExitSPRT(ExitCalibration.load(path))
+    state = mon.state("k")
+    assert state is not None
+    other.restore("k", state)
+    assert other.verdict("k") == mon.verdict("k")
+    with pytest.raises(InvalidInput, match="exits"):
+        mon.observe("k", torch.zeros(2, 1, 1, 1), _probs(2), None)
+    with pytest.raises(InvalidInput, match=r"\[0, 4\)"):
+        mon.observe("k", torch.zeros(1, 1, 1, 1), _probs(1), torch.tensor([4]))
+    with pytest.raises(ConfigError, match="calibration file"):
+        create_monitor("exit-sprt")
+    with pytest.raises(UnknownComponent, match="exit-sprt, prada"):
+        create_monitor("nope")
+    with pytest.raises(ConfigError, match="alpha"):
+        calibrate_exit_sprt(torch.zeros(10, dtype=torch.long), 4, alpha=1.5)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="calibrate"):
+        ExitCalibration.load(tmp_path / "bad.json")
+    assert MONITORS.names() == ["exit-sprt", "prada"]
+
+
+def test_calibration_is_seeded() -> None:
+    ex = _stream(ID_P, 2000, 0)
+    a = calibrate_exit_sprt(ex, 4, horizon=500, simulations=100, seed=3)
+    b = calibrate_exit_sprt(ex, 4, horizon=500, simulations=100, seed=3)
+    assert a.threshold == b.threshold
+
+
+def test_prada_natural_vs_crafted_streams() -> None:
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.rand(10, 1, 8, 8, generator=gen)
+    labels = torch.randint(0, 10, (600,), generator=gen)
+    natural = (centers[labels] + 0.15 * torch.randn(600, 1, 8, 8, generator=gen)).clamp(0, 1)
+    probs = torch.nn.functional.one_hot(labels, 10).float() * 0.9 + 0.01
+    nat = Prada().observe("n", natural, probs, None)
+    assert nat.queries == 600 and not nat.flagged and nat.score >= 0.9
+    # crafted: small steps from a few seeds (JBDA-like), so most distances are tiny and a few huge
+    seeds = torch.rand(5, 1, 8, 8, generator=gen)
+    steps = seeds[torch.arange(600) % 5] + 0.002 * torch.randn(600, 1, 8, 8, generator=gen).cumsum(0)
+    crafted = steps.clamp(0, 1)
+    adv = Prada().observe("a", crafted, probs, None)
+    assert adv.flagged and adv.flagged_at is not None and adv.flagged_at % 10 == 0 and adv.score < 0.9
+
+
+def test_prada_batch_split_invariance_and_errors() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(250, 1, 6, 6, generator=gen)
+    p = _probs(250, 4)
+    whole = Prada().observe("k", x, p, None)
+    parts = Prada()
+    for i in range(0, 250, 33):
+        v = parts.observe("k", x[i : i + 33], p[i : i + 33], None)
+    assert v.score == pytest.approx(whole.score) and v.flagged_at == whole.flagged_at
+    with pytest.raises(InvalidInput, match="must agree"):
+        Prada().observe("k", x[:3], p[:2], None)
+    with pytest.raises(ConfigError, match="delta"):
+        Prada(delta=1.5)
+
+
+def test_profile_welford_equals_torch_over_stream() -> None:
+    prof = KeyProfile(num_exits=3)
+    allp, alle = [], []
+    for i, b in enumerate((1, 7, 64, 3, 200)):
+        p = torch.softmax(torch.randn(b, 5, generator=torch.Generator().manual_seed(i)) * 3, dim=1)
+        e = torch.randint(0, 3, (b,), generator=torch.Generator().manual_seed(50 + i))
+        prof.update(p, e)
+        allp.append(p)
+        alle.append(e)
+    p, e = torch.cat(allp).double(), torch.cat(alle)
+    ent = -(p * p.log()).sum(1)
+    conf = p.amax(1)
+    assert prof.queries == 275 and prof.exit_counts == torch.bincount(e, minlength=3).tolist()
+    assert prof.entropy.mean == pytest.approx(float(ent.mean()), abs=1e-12)
+    assert prof.entropy.var == pytest.approx(float(ent.var(correction=0)), abs=1e-12)
+    assert prof.confidence.mean == pytest.approx(float(conf.mean()), abs=1e-12)
+    assert prof.confidence.var == pytest.approx(float(conf.var(correction=0)), abs=1e-12)
+    again = KeyProfile.from_dict(prof.as_dict())
+    assert again.as_dict() == prof.as_dict()
+    with pytest.raises(InvalidInput, match=r"\[0, 3\)"):
+        prof.update(_probs(2, 5), torch.tensor([0, 3]))
+
+
+def test_profile_store_roundtrip(tmp_path: Path) -> None:
+    store = ProfileStore(tmp_path / "keys.db")
+    store.save("k", {"queries": 3}, monitor="exit-sprt", state={"s": 1.5}, flagged_at=None)
+    store.save("k", {"queries": 5}, monitor="exit-sprt", state={"s": 2.5}, flagged_at=4)
+    store.close()
+    rec = ProfileStore(tmp_path / "keys.db").load("k")
+    assert (
+        rec is not None and rec["profile"] == {"queries": 5} and rec["state"] == {"s": 2.5} and rec["flagged_at"] == 4
+    )
+
+
+@pytest.mark.parametrize("response", list(Response))
+def test_watch_responses(calibration: ExitCalibration, tmp_path: Path, response: Response) -> None:
+    exit0 = (lambda x: torch.full((x.shape[0], 10), 0.1)) if response is Response.DEGRADE_EXIT0 else None
+    watch = Watch(
+        tmp_path / "keys.db",
+        num_exits=4,
+        monitor=ExitSPRT(calibration),
+        response=response,
+        exit0=exit0,
+        throttle_s_per_query=0.5,
+    )
+    x, p = torch.zeros(4, 1, 1, 1), _probs(4)
+    calm = watch.observe("k", x, p, torch.full((4,), 3))
+    assert calm.probs is p and not calm.labels_only and calm.delay_s == 0.0
+    attack = torch.zeros(40, dtype=torch.long)
+    ans = watch.observe("k", torch.zeros(40, 1, 1, 1), _probs(40), attack)
+    assert ans.verdict is not None and ans.verdict.flagged
+    assert ans.labels_only == (response is Response.DEGRADE_LABEL)
+    assert ans.delay_s == (20.0 if response is Response.THROTTLE else 0.0)
+    assert torch.equal(ans.probs, torch.full((40, 10), 0.1)) == (response is Response.DEGRADE_EXIT0)
+    watch.close()
+    # a fresh Watch over the same file continues the profile and the flag
+    again = Watch(tmp_path / "keys.db", num_exits=4, monitor=ExitSPRT(calibration))
+    shown = again.profile("k")
+    assert shown["profile"]["queries"] == 44 and shown["verdict"]["flagged"]
+    assert shown["verdict"]["flagged_at"] == ans.verdict.flagged_at
+    again.close()
+
+
+def test_watch_needs_exit0_for_degrade_exit0(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="degrade-exit0"):
+        Watch(tmp_path / "k.db", num_exits=4, response=Response.DEGRADE_EXIT0)

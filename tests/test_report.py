@@ -1,0 +1,139 @@
+"""`fortress report`: tables and plots made from hand-written records, checked against values computed here."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fortress.bench.records import ResultRecord, append_record
+from fortress.bench.report import make_report, mean_std
+from fortress.cli import app
+from fortress.errors import ArtifactError
+
+# clone accuracy per (defense, attack, budget) over seeds 0, 1, 2
+CLONE = {
+    ("undefended", "dfme", 1000): [0.80, 0.84, 0.86],
+    ("undefended", "dfme", 4000): [0.90, 0.92, 0.91],
+    ("dnf", "dfme", 1000): [0.20, 0.25, 0.18],
+    ("dnf", "dfme", 4000): [0.30, 0.22, 0.26],
+    ("undefended", "knockoff", 500): [0.70, 0.72, 0.74],
+    ("dnf", "knockoff", 500): [0.40, 0.50, 0.45],
+}
+DEFENDED = {"undefended": 0.97, "dnf": 0.955}
+ID_TIME = {"undefended": 0.10, "dnf": 0.05}  # seconds per 1,000 ID queries
+ATTACK_TIME = {"undefended": 0.12, "dnf": 0.03}
+HIST_ID = [0.1, 0.1, 0.2, 0.6]
+
+
+def _hist_attack(seed: int) -> list[float]:
+    return [0.5 + 0.1 * seed, 0.1, 0.1, 0.3 - 0.1 * seed]
+
+
+def _records() -> list[ResultRecord]:
+    out = []
+    for (defense, attack, budget), accs in CLONE.items():
+        for seed, acc in enumerate(accs):
+            out.append(
+                ResultRecord(
+                    defense=defense,
+                    attack=attack,
+                    dataset="mnist",
+                    victim_arch="lenet5",
+                    clone_arch="lenet5",
+                    budget=budget,
+                    queries_used=budget,
+                    seed=seed,
+                    victim_acc=0.97,
+                    defended_acc=DEFENDED[defense],
+                    clone_acc=acc,
+                    clone_fidelity=acc,
+                    exit_hist_id=HIST_ID if defense == "dnf" else [],
+                    exit_hist_attack=_hist_attack(seed) if defense == "dnf" else [],
+                    defense_s_per_1k_queries=ATTACK_TIME[defense],
+                    config={"attack": {"name": attack, "output_mode": "soft", "budget": budget}},
+                    extra={"id_s_per_1k_queries": ID_TIME[defense]},
+                )
+            )
+    return out
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    for rec in _records():
+        append_record(tmp_path / "results.jsonl", rec)
+    return tmp_path
+
+
+def _pm(values: list[float]) -> str:
+    return f"{100 * statistics.fmean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def test_clone_table_holds_mean_and_std_over_seeds(run_dir: Path) -> None:
+    rep = make_report(run_dir)
+    md = rep.tables["clone_accuracy"][0].read_text()
+    assert "| defense | dfme soft @1k | dfme soft @4k | knockoff soft @500 |" in md
+    for defense in ("undefended", "dnf"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {defense} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert cells == [
+            _pm(CLONE[(defense, "dfme", 1000)]),
+            _pm(CLONE[(defense, "dfme", 4000)]),
+            _pm(CLONE[(defense, "knockoff", 500)]),
+        ]
+    assert md.index("| undefended |") < md.index("| dnf |")  # the reference row first
+    with rep.tables["clone_accuracy"][1].open() as fh:
+        rows = list(csv.DictReader(fh))
+    dnf = next(r for r in rows if r["defense"] == "dnf")
+    assert float(dnf["dfme soft @4k mean"]) == pytest.approx(100 * statistics.fmean(CLONE[("dnf", "dfme", 4000)]))
+    assert float(dnf["dfme soft @4k std"]) == pytest.approx(
+        100 * statistics.stdev(CLONE[("dnf", "dfme", 4000)]), abs=1e-3
+    )
+    assert dnf["dfme soft @4k n"] == "3"
+
+
+def test_utility_timing_and_exit_tables(run_dir: Path) -> None:
+    rep = make_report(run_dir)
+    util = rep.tables["utility"][0].read_text()
+    assert "| dnf | 95.50 ± 0.00 | 97.00 | -1.50 |" in util
+    timing = rep.tables["timing"][0].read_text()
+    # ms per 1k and the ratio to undefended on the same traffic (ID: 50/100; dfme: 30/120)
+    assert "| dnf | 50.0 ± 0.0 (×0.50) | 30.0 ± 0.0 (×0.25) | 30.0 ± 0.0 (×0.25) |" in timing
+    exits = rep.tables["exits"][0].read_text()
+    assert "| ID test | 10.00 | 10.00 | 20.00 | 60.00 |" in exits
+    # attack histograms averaged over seeds 0..2: exit 0 = 0.5, 0.6, 0.7 → 60 %, last = 0.3, 0.2, 0.1 → 20 %
+    assert "| dfme soft @4k | 60.00 | 10.00 | 10.00 | 20.00 |" in exits
+    assert "undefended" not in exits  # no exits, no row
+
+
+def test_plots_and_combined_markdown(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    out = tmp_path_factory.mktemp("rep")
+    rep = make_report(run_dir / "results.jsonl", out)
+    names = {p.name for p in rep.plots}
+    assert names == {"clone_vs_budget.png", "tradeoff.png", "exits-dnf-mnist-lenet5.png"}
+    for p in rep.plots:
+        assert p.parent == out and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    doc = rep.markdown.read_text()
+    for title in ("Clone accuracy", "Defended utility", "per 1,000 queries", "Exit distribution", "![tradeoff]"):
+        assert title in doc
+    assert rep.records == sum(len(v) for v in CLONE.values())
+
+
+def test_report_cli_prints_the_clone_table(run_dir: Path) -> None:
+    res = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert _pm(CLONE[("dnf", "knockoff", 500)]) in res.output and "clone_vs_budget.png" in res.output
+    res = CliRunner().invoke(app, ["report", str(run_dir / "missing")])
+    assert res.exit_code == 1 and "not found" in res.output
+
+
+def test_mean_std_and_empty_input(tmp_path: Path) -> None:
+    s = mean_std([0.5])
+    assert (s.mean, s.std, s.n) == (0.5, 0.0, 1)
+    assert mean_std([0.1, 0.3]).pct() == "20.00 ± 14.14"
+    (tmp_path / "results.jsonl").write_text("")
+    with pytest.raises(ArtifactError, match="no result records"):
+        make_report(tmp_path)

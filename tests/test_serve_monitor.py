@@ -1,0 +1,112 @@
+"""Monitoring in the served API: the admin profile route, its guard, persistence across app
+re-creation, and a degrade response that really changes a flagged key's answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from fortress.cli import app as cli_app
+from fortress.defenses import DNF
+from fortress.errors import ConfigError
+from fortress.exits.heads import ExitHead
+from fortress.models import create_model
+from fortress.monitor import calibrate_exit_sprt
+from fortress.serve import KeyStore, ServeSettings, create_app
+from fortress.tensors import to_positive_probs
+
+
+@pytest.fixture(scope="module")
+def dnf() -> DNF:
+    torch.manual_seed(0)
+    d = DNF(create_model("lenet5").eval(), thresholds=[0.5, 0.7, 0.9], seed=0)
+    with torch.no_grad():
+        for h in d.net.heads:
+            assert isinstance(h, ExitHead)
+            h.encoder.weight.mul_(20.0)  # random heads made confident: queries leave at every exit
+    return d
+
+
+def _npy_body(x: torch.Tensor) -> dict[str, str]:
+    import base64
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, x.numpy().astype(np.float32))
+    return {"npy": base64.b64encode(buf.getvalue()).decode()}
+
+
+def _settings(tmp: Path, **kw: object) -> ServeSettings:
+    # an ID profile that never leaves early: this random DNF's traffic departs from it at once
+    cal = calibrate_exit_sprt(torch.full((2000,), 3), 4, horizon=1000, simulations=100, seed=0)
+    path = cal.save(tmp / "cal.json")
+    return ServeSettings(tmp / "dnf", tmp / "keys.db", monitor="exit-sprt", monitor_calibration=path, **kw)  # type: ignore[arg-type]
+
+
+def test_profile_route_guard_and_persistence(dnf: DNF, tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    store = KeyStore(settings.keys_path)
+    user, user_secret = store.add("user")
+    _, admin_secret = store.add("ops", admin=True)
+    x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with TestClient(create_app(settings, defense=dnf)) as client:
+        r = client.post("/v1/predict", json=_npy_body(x), headers={"X-API-Key": user_secret})
+        assert r.status_code == 200
+        route = f"/v1/admin/keys/{user.key_id}/profile"
+        assert client.get(route, headers={"X-API-Key": user_secret}).status_code == 403
+        assert client.get(route).status_code == 401
+        assert client.get("/v1/admin/keys/nope/profile", headers={"X-API-Key": admin_secret}).status_code == 422
+        body = client.get(route, headers={"X-API-Key": admin_secret}).json()
+    with torch.inference_mode():
+        exits = dnf.respond(x).exits
+    assert exits is not None
+    assert body["profile"]["queries"] == 32
+    assert body["profile"]["exit_counts"] == torch.bincount(exits, minlength=4).tolist()
+    assert body["monitor"] == "exit-sprt" and body["verdict"]["flagged"]
+    # a new app over the same ledger continues the profile
+    with TestClient(create_app(settings, defense=dnf)) as client:
+        client.post("/v1/predict", json=_npy_body(x[:8]), headers={"X-API-Key": user_secret})
+        again = client.get(route, headers={"X-API-Key": admin_secret}).json()
+    assert again["profile"]["queries"] == 40 and again["verdict"]["flagged_at"] == body["verdict"]["flagged_at"]
+    res = CliRunner().invoke(cli_app, ["keys", "show", user.key_id, "--keys", str(settings.keys_path)])
+    assert res.exit_code == 0, res.output
+    assert "40" in res.output and "flagged" in res.output
+    store.close()
+
+
+def test_degrade_label_changes_answers(dnf: DNF, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, monitor_response="degrade-label")
+    store = KeyStore(settings.keys_path)
+    _, secret = store.add("user")
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with TestClient(create_app(settings, defense=dnf)) as client:
+        r = client.post("/v1/predict", json=_npy_body(x), headers={"X-API-Key": secret}).json()
+    assert r["output_mode"] == "hard" and r["probabilities"] is None
+    store.close()
+
+
+def test_degrade_exit0_answers_from_first_exit(dnf: DNF, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, monitor_response="degrade-exit0")
+    store = KeyStore(settings.keys_path)
+    _, secret = store.add("user")
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with TestClient(create_app(settings, defense=dnf)) as client:
+        r = client.post("/v1/predict", json=_npy_body(x), headers={"X-API-Key": secret}).json()
+    with torch.inference_mode():
+        first = torch.softmax(dnf.net.forward_all(x).mean_logits[0], dim=1)
+    assert r["labels"] == first.argmax(1).tolist()
+    assert torch.allclose(torch.tensor(r["probabilities"]), to_positive_probs(first), atol=1e-6)
+    store.close()
+
+
+def test_monitor_settings_validation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="monitor response"):
+        ServeSettings(tmp_path, tmp_path / "k.db", monitor_response="shout")
+    with pytest.raises(ConfigError, match="profiles"):
+        ServeSettings(tmp_path, tmp_path / "k.db", monitor="prada", profiles=False)
