@@ -215,3 +215,56 @@ def test_api_quota_exhausted_mid_attack_is_one_line_and_keeps_results(victim_dir
     assert "query budget exhausted" in res.output
     assert "nothing was charged" in res.output
     assert results.read_text() == before
+
+
+def test_defend_builds_saves_and_the_attack_verb_loads_it(victim_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "am"
+    res = runner.invoke(
+        app, ["defend", "adaptive-misinformation", str(victim_dir), "--out", str(out), "--fit-param", "epochs=1"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "defended ID test accuracy" in res.output
+    meta = json.loads((out / "defense.json").read_text())
+    assert meta["defense"] == "adaptive-misinformation"
+    res = runner.invoke(
+        app,
+        [
+            "attack",
+            "knockoff",
+            "--target",
+            str(out),
+            "--budget",
+            "60",
+            "--pool",
+            "mnist-attacker",
+            "--out",
+            str(tmp_path),
+            "--param",
+            "epochs=1",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    [rec] = read_records(tmp_path / "results.jsonl")
+    assert rec.defense == "adaptive-misinformation" and rec.queries_used == 60
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["defend", "nope"], "unknown defense 'nope'"),
+        (["defend", "dnf"], "fortress protect"),
+        (["defend", "mad", "--param", "epsilon=-1"], "epsilon"),
+    ],
+)
+def test_defend_refuses_bad_requests_in_one_line(
+    victim_dir: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    res = runner.invoke(app, [*args[:2], str(victim_dir), "--out", str(tmp_path / "d"), *args[2:]])
+    assert res.exit_code == 1
+    assert message in res.output and res.output.count("\n") == 1
+    assert not (tmp_path / "d" / "defense.json").exists()
+
+
+def test_list_shows_the_monitors() -> None:
+    res = runner.invoke(app, ["list", "monitors"])
+    assert res.exit_code == 0 and "exit-sprt" in res.output and "prada" in res.output

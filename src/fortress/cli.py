@@ -154,6 +154,7 @@ class ListWhat(str, Enum):
     defenses = "defenses"
     models = "models"
     datasets = "datasets"
+    monitors = "monitors"
 
 
 @app.command("list")
@@ -161,17 +162,19 @@ class ListWhat(str, Enum):
 def list_components(
     what: Annotated[ListWhat | None, typer.Argument(help="Which registry to list (default: all).")] = None,
 ) -> None:
-    """List registered attacks, defenses, models and data sets."""
+    """List registered attacks, defenses, models, data sets and extraction monitors."""
     from fortress.attacks import ATTACKS
     from fortress.data.registry import DATASETS
     from fortress.defenses import DEFENSES
     from fortress.models import MODELS
+    from fortress.monitor import MONITORS
 
     regs: dict[str, list[str]] = {
         "attacks": ATTACKS.names(),
         "defenses": DEFENSES.names(),
         "models": MODELS.names(),
         "datasets": DATASETS.names(),
+        "monitors": MONITORS.names(),
     }
     for name, items in regs.items():
         if what is None or what.value == name:
@@ -195,6 +198,42 @@ def train_victim_cmd(
     with _progress() as update:
         _, acc = train_victim(cfg, out, on_epoch=lambda e, _l, _a: update("train victim", e + 1, epochs))
     console.print(f"victim {arch}: ID test accuracy {100 * acc:.2f}% — saved to {out}", highlight=False)
+
+
+@app.command("defend")
+@_friendly
+def defend_cmd(
+    name: Annotated[str, typer.Argument(help="Defense registry name (see `fortress list defenses`).")],
+    victim: Annotated[Path, typer.Argument(help="Directory of a saved victim.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the saved defense.")],
+    param: Annotated[list[str] | None, typer.Option(help="Defense hyper-parameter KEY=VALUE.")] = None,
+    fit: Annotated[
+        bool, typer.Option(help="Train the defense's own parts on the ID data (MeCo, adaptive misinformation, ...).")
+    ] = False,
+    fit_param: Annotated[list[str] | None, typer.Option(help="Training option KEY=VALUE (implies --fit).")] = None,
+) -> None:
+    """Wrap a saved victim in a baseline defense (trained where it trains), save it and report its utility.
+
+    DNF has its own verb, `fortress protect`.
+    """
+    from fortress.bench.build import BuildContext, build_defense
+    from fortress.bench.pipeline import defended_accuracy, id_data
+    from fortress.models import load_model
+
+    if name == "dnf":
+        raise ConfigError("DNF is built by `fortress protect VICTIM --out DIR` (exit heads, OOD generator)")
+    params = _params(param or [])
+    if fit or fit_param:
+        params["fit"] = _params(fit_param or [])
+    model = load_model(victim)
+    out.mkdir(parents=True, exist_ok=True)
+    with _progress() as update:
+        update(f"build {name}", 0, 1)
+        defense = build_defense(name, model, params, BuildContext(out=out))
+        update(f"build {name}", 1, 1)
+    defense.save(out)
+    acc, _ = defended_accuracy(defense, id_data("mnist").test)
+    console.print(f"{name} saved to {out}: defended ID test accuracy {100 * acc:.2f}%", highlight=False)
 
 
 @app.command("protect")
