@@ -9,10 +9,18 @@ from __future__ import annotations
 from fortress.attacks import ATTACKS, DFME, Attack, AttackResult, EvalSet, KnockoffNets
 from fortress.data import ImageSet, mnist_splits
 from fortress.defenses import DEFENSES, DNF, Defense, DefenseOutput, Undefended, load_defense
-from fortress.errors import ArtifactError, BudgetExceeded, ConfigError, FortressError, InvalidInput, UnknownComponent
+from fortress.errors import (
+    ArtifactError,
+    BudgetExceeded,
+    ConfigError,
+    FortressError,
+    InvalidInput,
+    OracleUnavailable,
+    UnknownComponent,
+)
 from fortress.exits import EarlyExitNet, ExitHead
 from fortress.models import MODELS, StagedBackbone, create_model, from_sequential, from_stages, load_model, save_model
-from fortress.oracle import LocalOracle, Oracle, OutputMode
+from fortress.oracle import HttpOracle, LocalOracle, Oracle, OutputMode
 
 __version__ = "0.1.0"
 
@@ -33,11 +41,13 @@ __all__ = [
     "EvalSet",
     "ExitHead",
     "FortressError",
+    "HttpOracle",
     "ImageSet",
     "InvalidInput",
     "KnockoffNets",
     "LocalOracle",
     "Oracle",
+    "OracleUnavailable",
     "OutputMode",
     "StagedBackbone",
     "Undefended",

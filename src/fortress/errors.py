@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "FortressError",
     "InvalidInput",
+    "OracleUnavailable",
     "TrainingDiverged",
     "UnknownComponent",
 ]
@@ -62,3 +63,7 @@ class ArtifactError(FortressError):
 
 class TrainingDiverged(FortressError):
     """Training produced non-finite weights; nothing non-finite is saved."""
+
+
+class OracleUnavailable(FortressError):
+    """A remote oracle could not answer (connection failure, timeout, server fault); nothing was charged."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fortress.defenses.base import Defense, DefenseOutput
-from fortress.errors import BudgetExceeded, ConfigError, FortressError, InvalidInput
+from fortress.errors import BudgetExceeded, ConfigError, InvalidInput, OracleUnavailable
 from fortress.tensors import check_images, to_positive_probs
 
 __all__ = ["HttpOracle", "LocalOracle", "Oracle", "OracleUnavailable", "OutputMode", "QueryLog", "apply_output_mode"]
@@ -236,10 +236,6 @@ class LocalOracle(Oracle):
         if outs[0].top1_changed is not None:
             self.log.top1_changed += int(sum(int(o.top1_changed.sum()) for o in outs if o.top1_changed is not None))
         return apply_output_mode(probs, self.output_mode, self.top_k)
-
-
-class OracleUnavailable(FortressError):
-    """A remote oracle could not answer (connection failure, timeout, server fault); nothing was charged."""
 
 
 class HttpOracle(Oracle):
