@@ -363,6 +363,7 @@ class ComputeMode(str, Enum):
 
     dynamic = "dynamic"
     full = "full"
+    padded = "padded"
 
 
 @app.command("serve")
@@ -373,7 +374,7 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     keys: KeysFile = DEFAULT_KEYS,
     compute: Annotated[
-        ComputeMode, typer.Option(help="DNF: dynamic skips work (faster; timing reveals the exit); full does not.")
+        ComputeMode, typer.Option(help="DNF: dynamic (fast; timing reveals the exit), full, or padded (see docs).")
     ] = ComputeMode.dynamic,
     max_batch: Annotated[int, typer.Option(help="Images per request at most.")] = 1024,
     max_body_mb: Annotated[float, typer.Option(help="Request body size limit (MiB).")] = 32.0,
@@ -682,6 +683,56 @@ def bench_speed_cmd(
         console.print(f"skipped {name}: {why}", highlight=False)
     if json_out is not None:
         json_out.write_text(json.dumps(suite.as_dict(), indent=2), encoding="utf-8")
+
+
+@app.command("bench-timing")
+@_friendly
+def bench_timing_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="A saved DNF (fortress protect).")],
+    queries: Annotated[int, typer.Option(help="Single-image queries timed per mode (half ID, half noise).")] = 600,
+    modes: Annotated[str, typer.Option(help="Comma-separated compute modes to serve.")] = "dynamic,full,padded",
+    requests: Annotated[int, typer.Option(help="Batches in each throughput run.")] = 100,
+    batch: Annotated[int, typer.Option(help="Images per batch in the throughput run.")] = 64,
+    concurrency: Annotated[int, typer.Option(help="Client threads in the throughput run.")] = 4,
+    threads: Annotated[int, typer.Option(help="The server's torch threads.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seeds the queries and the train/test split.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON.")] = None,
+) -> None:
+    """Play the attacker on the exit-timing channel: infer DNF's exit from response time, per compute mode."""
+    from fortress.bench.timing import bench_timing
+
+    rep = bench_timing(
+        model_dir,
+        modes=[m.strip() for m in modes.split(",") if m.strip()],
+        queries=queries,
+        batch=batch,
+        requests=requests,
+        concurrency=concurrency,
+        threads=threads,
+        seed=seed,
+    )
+    exits = sorted({e for m in rep.modes for e in m.latency_by_exit})
+    table = Table(title=f"exit inference from latency · {rep.queries} queries, exits {rep.exit_hist}")
+    cols = ["mode", "exit 0? acc", "chance", "exit acc", "chance"]
+    cols += [f"exit {e} p50 ms" for e in exits] + ["img/s", "CPU ms/1k img"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for m in rep.modes:
+        cpu = "—" if m.server_cpu_ms_per_1k is None else f"{m.server_cpu_ms_per_1k:.0f}"
+        table.add_row(
+            m.mode,
+            f"{m.early.accuracy:.1%}",
+            f"{m.early.chance:.1%}",
+            f"{m.exit_index.accuracy:.1%}",
+            f"{m.exit_index.chance:.1%}",
+            *(f"{m.latency_by_exit[e]['p50_ms']:.2f}" if e in m.latency_by_exit else "—" for e in exits),
+            f"{m.images_per_s:,.0f}",
+            cpu,
+        )
+    console.print(table)
+    console.print(f"throughput: batch {rep.batch}, {rep.concurrency} clients, {rep.threads} server thread(s)")
+    if json_out is not None:
+        json_out.write_text(json.dumps(rep.as_dict(), indent=2), encoding="utf-8")
 
 
 @app.command("demo")

@@ -46,6 +46,7 @@ from fortress.serve.schemas import (
     multipart_schema,
 )
 from fortress.serve.settings import ServeSettings
+from fortress.serve.timing import PaddedCompute
 
 __all__ = ["Unavailable", "create_app"]
 
@@ -87,6 +88,7 @@ class _Service:
         self.metrics = Metrics()
         self.slots = threading.BoundedSemaphore(settings.inference_workers)
         self.watch = _watch(settings, defense) if settings.profiles else None
+        self.padded = PaddedCompute(defense) if settings.compute == "padded" and defense.num_exits else None
 
     def respond(self, x: Tensor, deadline: float) -> tuple[DefenseOutput, float]:
         """Answer ``x`` on a worker thread, unless no slot frees up before ``deadline``."""
@@ -97,7 +99,7 @@ class _Service:
                 raise Unavailable("request timed out while queued; nothing was charged")
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = self.defense.respond(x)
+                out = self.defense.respond(x) if self.padded is None else self.padded.respond(x)
             return out, time.perf_counter() - t0
         finally:
             self.slots.release()
@@ -142,7 +144,7 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
     if defense is None:
         defense = load_defense(settings.model_dir)
     if isinstance(defense, DNF):
-        defense.compute = settings.compute
+        defense.compute = "dynamic" if settings.compute == "padded" else settings.compute
     svc = _Service(settings, defense)
     shape = defense.input_shape
 
@@ -235,6 +237,8 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
                     f"the batch was not answered within {settings.request_timeout_s:g} s; nothing was charged"
                 ) from None
             raise
+        if svc.padded is not None:  # hold the answer until the full path's time (the slot is free meanwhile)
+            await anyio.to_thread.run_sync(svc.padded.pad, n, seconds)
         exits = None
         if out.exits is not None and defense.num_exits:
             exits = torch.bincount(out.exits, minlength=defense.num_exits).tolist()

@@ -11,7 +11,7 @@ from fortress.monitor.base import Response
 
 __all__ = ["Compute", "ServeSettings"]
 
-Compute = Literal["dynamic", "full"]
+Compute = Literal["dynamic", "full", "padded"]
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,9 @@ class ServeSettings:
         keys_path: the SQLite key ledger (created if missing).
         compute: DNF compute mode. ``"dynamic"`` skips the stages a query no longer needs (fastest;
             response time reveals how deep a query went); ``"full"`` runs every stage for every query
-            (constant work per query, so timing does not reveal the exit taken; paper §4.2). Ignored
-            by defenses without exits.
+            (constant work per query, so timing does not reveal the exit taken; paper §4.2);
+            ``"padded"`` skips work like ``dynamic`` but holds each answer until the full path's time
+            for its batch size (:mod:`fortress.serve.timing`). Ignored by defenses without exits.
         model_name: the name ``/v1/info`` shows (default: the directory's name). Never the
             architecture or the defense: those are not the client's business.
         max_batch: images per request at most (413 above).
@@ -64,8 +65,8 @@ class ServeSettings:
     throttle_s_per_query: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.compute not in ("dynamic", "full"):
-            raise ConfigError(f"compute must be 'dynamic' or 'full', got {self.compute!r}")
+        if self.compute not in ("dynamic", "full", "padded"):
+            raise ConfigError(f"compute must be 'dynamic', 'full' or 'padded', got {self.compute!r}")
         for label, value in (
             ("max_batch", self.max_batch),
             ("max_body_bytes", self.max_body_bytes),
