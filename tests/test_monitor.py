@@ -217,3 +217,33 @@ def test_watch_responses(calibration: ExitCalibration, tmp_path: Path, response:
 def test_watch_needs_exit0_for_degrade_exit0(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="degrade-exit0"):
         Watch(tmp_path / "k.db", num_exits=4, response=Response.DEGRADE_EXIT0)
+
+
+def test_union_flags_at_the_earliest_member_and_round_trips(calibration: ExitCalibration, tmp_path: Path) -> None:
+    path = calibration.save(tmp_path / "cal.json")
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (400,), generator=gen)
+    probs = torch.nn.functional.one_hot(labels, 10).float() * 0.9 + 0.01
+    seeds = torch.rand(5, 1, 8, 8, generator=gen)
+    crafted = (seeds[torch.arange(400) % 5] + 0.002 * torch.randn(400, 1, 8, 8, generator=gen).cumsum(0)).clamp(0, 1)
+    id_exits = torch.full((400,), 3, dtype=torch.long)  # JBDA-like: ID exits, crafted inputs
+    union = create_monitor("exit-sprt+prada", calibration=path)
+    alone = Prada().observe("k", crafted, probs, id_exits)
+    v = union.observe("k", crafted, probs, id_exits)
+    assert alone.flagged and v.flagged and v.flagged_at == alone.flagged_at
+    assert not ExitSPRT(calibration).observe("k", crafted, probs, id_exits).flagged
+    # early exits: exit-sprt flags first, and the union reports its position
+    early = torch.zeros(400, dtype=torch.long)
+    first = ExitSPRT(calibration).observe("e", crafted, probs, early)
+    assert union.observe("e", crafted, probs, early).flagged_at == first.flagged_at
+    state = union.state("e")
+    assert state is not None
+    other = create_monitor("exit-sprt+prada", calibration=path)
+    other.restore("e", state)
+    assert other.verdict("e").flagged_at == first.flagged_at
+    union.reset("e")
+    assert not union.verdict("e").flagged
+    with pytest.raises(ConfigError, match="no parameters"):
+        create_monitor("exit-sprt+prada", calibration=path, delta=0.5)
+    with pytest.raises(UnknownComponent):
+        create_monitor("prada+nope")

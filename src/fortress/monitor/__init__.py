@@ -17,10 +17,12 @@ from fortress.monitor.exit_sprt import ExitCalibration, ExitSPRT, calibrate_exit
 from fortress.monitor.prada import Prada
 from fortress.monitor.profile import KeyProfile, RunningMoments
 from fortress.monitor.store import ProfileStore
+from fortress.monitor.union import AnyOf
 from fortress.registry import Registry
 
 __all__ = [
     "MONITORS",
+    "AnyOf",
     "ExitCalibration",
     "ExitSPRT",
     "KeyProfile",
@@ -43,11 +45,18 @@ MONITORS.add("prada", Prada)
 def create_monitor(name: str, *, calibration: Path | None = None, **params: Any) -> Monitor:
     """Build the monitor registered as ``name``; ``exit-sprt`` reads its ``calibration`` file.
 
+    ``"a+b"`` builds :class:`AnyOf` the named monitors (``exit-sprt+prada``: flag a key as soon as
+    either detector does); ``params`` then go to no member.
+
     Raises:
         UnknownComponent: no such monitor.
         ConfigError: ``exit-sprt`` without a calibration file.
         ArtifactError: the calibration file is unreadable.
     """
+    if "+" in name:
+        if params:
+            raise ConfigError(f"a union of monitors ({name!r}) takes no parameters, got {sorted(params)}")
+        return AnyOf([create_monitor(part.strip(), calibration=calibration) for part in name.split("+")])
     cls = MONITORS.get(name)
     if cls is ExitSPRT:
         if calibration is None:
