@@ -381,7 +381,9 @@ def serve_cmd(
     timeout: Annotated[float, typer.Option(help="Seconds to answer a batch (queueing included).")] = 30.0,
     workers: Annotated[int, typer.Option(help="Batches answered at once (threads).")] = 2,
     threads: Annotated[int, typer.Option(help="Torch intra-op threads per batch.")] = 1,
-    monitor: Annotated[str | None, typer.Option(help="Extraction monitor: exit-sprt, prada, or both (exit-sprt+prada).")] = None,
+    monitor: Annotated[
+        str | None, typer.Option(help="Extraction monitor: exit-sprt, prada, or both (exit-sprt+prada).")
+    ] = None,
     monitor_calibration: Annotated[
         Path | None, typer.Option(help="exit-sprt calibration (fortress monitor calibrate).")
     ] = None,
