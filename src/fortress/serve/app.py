@@ -30,7 +30,7 @@ from torch import Tensor
 from fortress.defenses import DNF, Defense, DefenseOutput, load_defense
 from fortress.errors import BudgetExceeded, ConfigError, FortressError, InvalidInput
 from fortress.monitor import Response, create_monitor
-from fortress.monitor.service import Watch, first_exit_probs
+from fortress.monitor.service import Answer, Watch, first_exit_probs
 from fortress.oracle import OutputMode, apply_output_mode
 from fortress.serve.decode import TooLarge, decode_json_body, decode_pngs
 from fortress.serve.edge import EdgeMiddleware
@@ -90,8 +90,14 @@ class _Service:
         self.watch = _watch(settings, defense) if settings.profiles else None
         self.padded = PaddedCompute(defense) if settings.compute == "padded" and defense.num_exits else None
 
-    def respond(self, x: Tensor, deadline: float) -> tuple[DefenseOutput, float]:
-        """Answer ``x`` on a worker thread, unless no slot frees up before ``deadline``."""
+    def respond(
+        self, x: Tensor, deadline: float, key_id: str | None = None
+    ) -> tuple[DefenseOutput, float, Answer | None]:
+        """Answer ``x`` on a worker thread, unless no slot frees up before ``deadline``.
+
+        With profiles on, the key's monitoring step runs on the same thread right after the answer
+        (outside the inference slot), so monitoring costs no extra thread hop per request.
+        """
         if not self.slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise Unavailable("server busy: no inference slot freed up in time; nothing was charged")
         try:
@@ -100,9 +106,13 @@ class _Service:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = self.defense.respond(x) if self.padded is None else self.padded.respond(x)
-            return out, time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
         finally:
             self.slots.release()
+        watched = None
+        if self.watch is not None and key_id is not None:
+            watched = self.watch.observe(key_id, x, out.probs, out.exits)
+        return out, seconds, watched
 
 
 _header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The key `fortress keys add` printed.")
@@ -228,7 +238,9 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
         deadline = time.monotonic() + settings.request_timeout_s
         try:
             with anyio.fail_after(settings.request_timeout_s):
-                out, seconds = await anyio.to_thread.run_sync(svc.respond, x, deadline, abandon_on_cancel=True)
+                out, seconds, ans = await anyio.to_thread.run_sync(
+                    svc.respond, x, deadline, key.key_id, abandon_on_cancel=True
+                )
         except BaseException as exc:
             await anyio.to_thread.run_sync(svc.store.refund, key.key_id, n)
             svc.metrics.observe_refusal(key.key_id, "timeout" if isinstance(exc, TimeoutError) else "error")
@@ -244,8 +256,7 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
             exits = torch.bincount(out.exits, minlength=defense.num_exits).tolist()
         svc.metrics.observe_queries(key.key_id, n, exits, seconds)
         probs, mode = out.probs, key.output_mode
-        if svc.watch is not None:
-            ans = await anyio.to_thread.run_sync(svc.watch.observe, key.key_id, x, out.probs, out.exits)
+        if ans is not None:
             probs, mode = ans.probs, OutputMode.HARD if ans.labels_only else mode
             if ans.delay_s:
                 await anyio.sleep(ans.delay_s)
