@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortress.data.transforms import random_shift
-from fortress.defenses.base import Defense, DefenseOutput
-from fortress.errors import ArtifactError, ConfigError, UnknownComponent
-from fortress.models.io import atomic_write_text, load_model, read_json, save_model
+from fortress.defenses.base import Defense, DefenseOutput, read_defense_meta
+from fortress.errors import ConfigError, UnknownComponent
+from fortress.models.io import atomic_write_text, load_model, save_model
 from fortress.models.staged import StagedBackbone
 from fortress.tensors import PROB_EPS
 
@@ -163,12 +163,7 @@ def save_parts(defense: Defense, directory: Path, params: dict[str, Any], surrog
 def load_parts(directory: Path, name: str) -> tuple[StagedBackbone, dict[str, Any], StagedBackbone | None]:
     """Read what :func:`save_parts` wrote: the victim, the saved parameters and the surrogate (if any)."""
     directory = Path(directory)
-    meta = read_json(directory / "defense.json")
-    if meta.get("defense") != name:
-        raise ArtifactError(f"{directory / 'defense.json'} holds defense {meta.get('defense')!r}, not {name!r}")
-    params = meta.get("params", {})
-    if not isinstance(params, dict):
-        raise ArtifactError(f"{directory / 'defense.json'}: 'params' must be an object, got {type(params).__name__}")
+    _, params = read_defense_meta(directory, name)
     victim = load_model(directory / "victim")
     sdir = directory / SURROGATE_DIR
     surrogate = load_model(sdir) if sdir.is_dir() else None

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from fortress.data.transforms import random_shift
-from fortress.defenses.base import Defense, DefenseOutput
+from fortress.defenses.base import Defense, DefenseOutput, read_defense_meta
 from fortress.errors import ArtifactError, ConfigError, UnknownComponent
-from fortress.models.io import atomic_write_text, load_model, read_json, save_model
+from fortress.models.io import atomic_write_text, load_model, save_model
 from fortress.models.staged import StagedBackbone
 
 __all__ = ["AdaptiveMisinformation", "build_adaptive_misinformation", "misinformation_loss"]
@@ -231,12 +231,7 @@ class AdaptiveMisinformation(Defense):
     def load(cls, directory: Path) -> AdaptiveMisinformation:
         """Restore a defense saved by :meth:`save`."""
         directory = Path(directory)
-        meta = read_json(directory / "defense.json")
-        if meta.get("defense") != cls.name:
-            raise ArtifactError(f"{directory / 'defense.json'} holds defense {meta.get('defense')!r}, not {cls.name!r}")
-        params = meta.get("params", {})
-        if not isinstance(params, dict):
-            raise ArtifactError(f"{directory / 'defense.json'}: 'params' must be an object")
+        meta, params = read_defense_meta(directory, cls.name)
         victim = load_model(directory / "victim")
         misinfo = load_model(directory / MISINFO_DIR)
         try:

@@ -15,10 +15,12 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from fortress.errors import ArtifactError
+from fortress.models.io import read_json
 from fortress.models.staged import StagedBackbone
 from fortress.tensors import check_images
 
-__all__ = ["Defense", "DefenseOutput"]
+__all__ = ["Defense", "DefenseOutput", "read_defense_meta"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +109,20 @@ class Defense(ABC):
     def load(cls, directory: Path) -> Defense:
         """Restore a defense written by :meth:`save`."""
         raise NotImplementedError(f"defense {cls.name!r} cannot be loaded")
+
+
+def read_defense_meta(directory: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read ``directory/defense.json`` written by defense ``name``: the whole record and its ``params``.
+
+    Raises:
+        ArtifactError: the file is missing or unreadable, belongs to another defense, or its
+            ``params`` is not an object.
+    """
+    path = Path(directory) / "defense.json"
+    meta = read_json(path)
+    if meta.get("defense") != name:
+        raise ArtifactError(f"{path} holds defense {meta.get('defense')!r}, not {name!r}")
+    params = meta.get("params", {})
+    if not isinstance(params, dict):
+        raise ArtifactError(f"{path}: 'params' must be an object, got {type(params).__name__}")
+    return meta, dict(params)

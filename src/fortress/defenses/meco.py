@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortress.data.transforms import random_shift
-from fortress.defenses.base import Defense, DefenseOutput
+from fortress.defenses.base import Defense, DefenseOutput, read_defense_meta
 from fortress.defenses.dnf.ood import NoiseOOD, OODSource
 from fortress.defenses.dnf.training import optimizer_state_tensors, restore_optimizer_state
 from fortress.errors import ArtifactError, ConfigError, TrainingDiverged
@@ -477,12 +477,7 @@ class MeCo(Defense):
     def load(cls, directory: Path) -> MeCo:
         """Restore a MeCo saved by :meth:`save` (the noise stream restarts from ``seed``)."""
         directory = Path(directory)
-        meta = read_json(directory / "defense.json")
-        if meta.get("defense") != cls.name:
-            raise ArtifactError(f"{directory / 'defense.json'} holds defense {meta.get('defense')!r}, not {cls.name!r}")
-        params = meta.get("params", {})
-        if not isinstance(params, dict):
-            raise ArtifactError(f"{directory / 'defense.json'}: 'params' must be an object")
+        meta, params = read_defense_meta(directory, cls.name)
         try:
             meco = cls(load_model(directory / "victim"), **params)
         except TypeError as exc:
