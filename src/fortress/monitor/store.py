@@ -9,13 +9,12 @@ unlike budget charges, which keep ``FULL``), so writing one row per batch stays 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fortress.errors import ConfigError
+from fortress.ledger import open_sqlite
 
 __all__ = ["ProfileStore"]
 
@@ -46,14 +45,7 @@ class ProfileStore:
 
     def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise ConfigError(f"cannot open key ledger {self.path}: {exc} (expected an SQLite file)") from exc
+        self._db = open_sqlite(self.path, _SCHEMA, synchronous="NORMAL", busy_timeout_s=busy_timeout_s)
         self._lock = threading.Lock()
 
     def close(self) -> None:

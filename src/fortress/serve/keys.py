@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import sqlite3
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from fortress.errors import BudgetExceeded, ConfigError, FortressError
+from fortress.ledger import open_sqlite
 from fortress.oracle import OutputMode
 
 __all__ = ["ApiKey", "KeyRejected", "KeyStore", "hash_key"]
@@ -129,17 +129,10 @@ class KeyStore:
 
     def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # autocommit: every statement below is its own transaction (the charge is a single UPDATE)
-            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a charge is on disk before its answer leaves, so usage survives even a power cut
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            raise ConfigError(f"cannot open key ledger {self.path}: {exc} (expected an SQLite file)") from exc
+        # autocommit: every statement below is its own transaction (the charge is a single UPDATE);
+        # FULL: a charge is on disk before its answer leaves, so usage survives even a power cut
+        self._db = open_sqlite(self.path, _SCHEMA, synchronous="FULL", busy_timeout_s=busy_timeout_s)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._lock = threading.Lock()
 
     def close(self) -> None:
