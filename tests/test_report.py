@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import statistics
 from pathlib import Path
 
@@ -137,3 +138,24 @@ def test_mean_std_and_empty_input(tmp_path: Path) -> None:
     (tmp_path / "results.jsonl").write_text("")
     with pytest.raises(ArtifactError, match="no result records"):
         make_report(tmp_path)
+
+
+def test_clone_architectures_are_separate_columns(run_dir: Path) -> None:
+    """Paper Table 7 shape: the same attack against two clone architectures is two columns, not
+    one column with both architectures' runs counted as seeds."""
+    half = {"undefended": [0.60, 0.64, 0.62], "dnf": [0.10, 0.12, 0.14]}
+    for defense, accs in half.items():
+        for seed, acc in enumerate(accs):
+            twin = next(
+                r for r in _records() if (r.defense, r.attack, r.budget, r.seed) == (defense, "dfme", 1000, seed)
+            )
+            append_record(run_dir / "results.jsonl", dataclasses.replace(twin, clone_arch="lenet5-half", clone_acc=acc))
+    md = make_report(run_dir).tables["clone_accuracy"][0].read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| defense |"))
+    assert "dfme soft @1k |" in header and "dfme soft @1k → lenet5-half |" in header
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    for defense in ("undefended", "dnf"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {defense} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[cols.index("dfme soft @1k")] == _pm(CLONE[(defense, "dfme", 1000)])
+        assert cells[cols.index("dfme soft @1k → lenet5-half")] == _pm(half[defense])

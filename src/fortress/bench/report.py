@@ -2,8 +2,8 @@
 
 Tables (each as Markdown and CSV, one section per data set × victim architecture):
 
-* ``clone_accuracy`` — clone accuracy (%) per defense × attack (output mode, budget), mean ± std over
-  seeds (paper Tables 1, 2, 17);
+* ``clone_accuracy`` — clone accuracy (%) per defense × attack (output mode, budget, and the clone
+  architecture where it is not the victim's), mean ± std over seeds (paper Tables 1, 2, 7, 17);
 * ``utility`` — defended ID accuracy (%) and its change against the victim (paper Table 4);
 * ``timing`` — the defense's seconds per 1,000 queries on ID test and attack traffic, and the ratio to
   ``undefended`` (paper Table 11);
@@ -32,7 +32,7 @@ from fortress.errors import ArtifactError
 __all__ = ["Report", "Stat", "make_report", "mean_std", "write_report"]
 
 Section = tuple[str, str]  # (dataset, victim_arch)
-Column = tuple[str, str, int]  # (attack, output mode, budget)
+Column = tuple[str, str, int, str]  # (attack, output mode, budget, clone arch or "" for the victim's)
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,17 @@ def _section(r: ResultRecord) -> Section:
     return (r.dataset, r.victim_arch)
 
 
+def _clone(r: ResultRecord) -> str:
+    """The clone architecture where it differs from the victim's, else ``""``."""
+    return "" if not r.clone_arch or r.clone_arch == r.victim_arch else r.clone_arch
+
+
 def _column(r: ResultRecord) -> Column:
-    return (r.attack, _mode(r), r.budget)
+    return (r.attack, _mode(r), r.budget, _clone(r))
+
+
+def _attack_label(attack: str, mode: str, clone: str) -> str:
+    return f"{attack} ({mode})" + (f", clone {clone}" if clone else "")
 
 
 def _budget(b: int) -> str:
@@ -106,7 +115,7 @@ def _budget(b: int) -> str:
 
 
 def _col_name(c: Column) -> str:
-    return f"{c[0]} {c[1]} @{_budget(c[2])}"
+    return f"{c[0]} {c[1]} @{_budget(c[2])}" + (f" → {c[3]}" if c[3] else "")
 
 
 def _ordered(values: Iterable[str], first: str = "undefended") -> list[str]:
@@ -290,9 +299,10 @@ def _checkpoint_series(recs: Sequence[ResultRecord]) -> tuple[list[float], list[
 
 def _budget_panels(records: Sequence[ResultRecord]) -> dict[str, list[Series]]:
     panels: dict[str, list[Series]] = {}
-    keys = sorted({(r.dataset, r.victim_arch, r.attack, _mode(r)) for r in records})
-    for dataset, arch, attack, mode in keys:
-        recs = [r for r in records if (r.dataset, r.victim_arch, r.attack, _mode(r)) == (dataset, arch, attack, mode)]
+    keys = sorted({(r.dataset, r.victim_arch, r.attack, _mode(r), _clone(r)) for r in records})
+    for dataset, arch, attack, mode, clone in keys:
+        key = (dataset, arch, attack, mode, clone)
+        recs = [r for r in records if (r.dataset, r.victim_arch, r.attack, _mode(r), _clone(r)) == key]
         series: list[Series] = []
         for d in _ordered(r.defense for r in recs):
             mine = [r for r in recs if r.defense == d and r.clone_acc is not None]
@@ -303,22 +313,23 @@ def _budget_panels(records: Sequence[ResultRecord]) -> dict[str, list[Series]]:
                 continue
             stats = [mean_std(r.clone_acc for r in mine if r.budget == b and r.clone_acc is not None) for b in budgets]
             series.append((d, [float(b) for b in budgets], [s.mean for s in stats], [s.std for s in stats]))
-        panels[f"{attack} ({mode}) — {dataset}, {arch}"] = series
+        panels[f"{_attack_label(attack, mode, clone)} — {dataset}, {arch}"] = series
     return panels
 
 
 def _tradeoff_points(records: Sequence[ResultRecord]) -> list[tuple[str, str, float, float, float]]:
     """One point per defense × attack (output mode) at that attack's largest budget."""
     points: list[tuple[str, str, float, float, float]] = []
-    for dataset, arch, attack, mode in sorted({(r.dataset, r.victim_arch, r.attack, _mode(r)) for r in records}):
-        recs = [r for r in records if (r.dataset, r.victim_arch, r.attack, _mode(r)) == (dataset, arch, attack, mode)]
+    for key in sorted({(r.dataset, r.victim_arch, r.attack, _mode(r), _clone(r)) for r in records}):
+        dataset, arch, attack, mode, clone = key
+        recs = [r for r in records if (r.dataset, r.victim_arch, r.attack, _mode(r), _clone(r)) == key]
         top = max(r.budget for r in recs)
         for d in _ordered(r.defense for r in recs):
             mine = [r for r in recs if r.defense == d and r.budget == top and r.clone_acc is not None]
             if mine:
                 clone = mean_std(r.clone_acc for r in mine if r.clone_acc is not None)
                 util = statistics.fmean(r.defended_acc for r in mine)
-                label = f"{attack} {mode} @{_budget(top)}"
+                label = f"{attack} {mode} @{_budget(top)}" + (f" → {clone}" if clone else "")
                 if len({_section(r) for r in records}) > 1:
                     label += f" ({dataset}, {arch})"
                 points.append((d, label, util, clone.mean, clone.std))
