@@ -159,3 +159,18 @@ def test_clone_architectures_are_separate_columns(run_dir: Path) -> None:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[cols.index("dfme soft @1k")] == _pm(CLONE[(defense, "dfme", 1000)])
         assert cells[cols.index("dfme soft @1k → lenet5-half")] == _pm(half[defense])
+
+
+def test_protection_table_gives_ratios_to_undefended_and_marks_the_lowest(run_dir: Path) -> None:
+    rep = make_report(run_dir)
+    md = rep.tables["protection"][0].read_text()
+    dnf = next(line for line in md.splitlines() if line.startswith("| dnf |"))
+    cells = [c.strip() for c in dnf.strip("|").split("|")]
+    assert cells[1] == f"{100 * (DEFENDED['dnf'] - 0.97):+.2f}"
+    ratio = statistics.fmean(CLONE[("dnf", "dfme", 4000)]) / statistics.fmean(CLONE[("undefended", "dfme", 4000)])
+    assert f"**{ratio:.2f}× ({100 * statistics.fmean(CLONE[('dnf', 'dfme', 4000)]):.1f})**" in cells
+    undefended = next(line for line in md.splitlines() if line.startswith("| undefended |"))
+    assert "1.00×" in undefended and "**" not in undefended
+    with rep.tables["protection"][1].open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["defense"] == "dnf" and r["column"] == "dfme soft @4k"]
+    assert float(rows[0]["x_undefended"]) == pytest.approx(ratio)

@@ -4,6 +4,9 @@ Tables (each as Markdown and CSV, one section per data set × victim architectur
 
 * ``clone_accuracy`` — clone accuracy (%) per defense × attack (output mode, budget, and the clone
   architecture where it is not the victim's), mean ± std over seeds (paper Tables 1, 2, 7, 17);
+* ``protection`` — each defense's clone accuracy as a fraction of the undefended clone's at the same
+  attack and budget, the lowest per column marked, next to the defense's utility change: the paper's
+  claims ("lowest clone accuracy", "utility kept") checked at a glance;
 * ``utility`` — defended ID accuracy (%) and its change against the victim (paper Table 4);
 * ``timing`` — the defense's seconds per 1,000 queries on ID test and attack traffic, and the ratio to
   ``undefended`` (paper Table 11);
@@ -185,6 +188,40 @@ def _clone_table(records: Sequence[ResultRecord]) -> _Table:
     return t
 
 
+def _protection_table(records: Sequence[ResultRecord]) -> _Table:
+    t = _Table(
+        "protection",
+        "Protection: clone accuracy as a fraction of the undefended clone's (× undefended, lower is better; "
+        "**bold**: lowest in its column) and the defense's utility change (pp)",
+    )
+    t.csv_header = ["dataset", "victim_arch", "defense", "utility_delta_pp", "column", "clone_acc", "x_undefended"]
+    for (dataset, arch), recs in _by_section(records).items():
+        cols = sorted({_column(r) for r in recs})
+        stats = _pivot(recs, _column, lambda r: r.clone_acc)
+        lowest = {
+            c: min((s.mean for (d, cc), s in stats.items() if cc == c and d != "undefended"), default=None)
+            for c in cols
+        }
+        rows: list[list[str]] = []
+        for d in _ordered(r.defense for r in recs):
+            mine = [r for r in recs if r.defense == d]
+            delta = statistics.fmean(r.defended_acc - r.victim_acc for r in mine)
+            row = [d, f"{100 * delta:+.2f}"]
+            for c in cols:
+                s, base = stats.get((d, c)), stats.get(("undefended", c))
+                if s is None or base is None or base.mean <= 0:
+                    row.append("—")
+                    continue
+                ratio = s.mean / base.mean
+                text = f"{ratio:.2f}× ({100 * s.mean:.1f})"
+                row.append(f"**{text}**" if d != "undefended" and s.mean == lowest[c] else text)
+                t.csv_rows.append([dataset, arch, d, 100 * delta, _col_name(c), 100 * s.mean, ratio])
+            rows.append(row)
+        t.md += [f"### {dataset}, victim {arch}", ""]
+        t.md += [*_md_table(["defense", "utility Δ pp", *(_col_name(c) for c in cols)], rows), ""]
+    return t
+
+
 def _utility_table(records: Sequence[ResultRecord]) -> _Table:
     t = _Table("utility", "Defended utility: ID test accuracy (%) of the defense's answers (paper Table 4)")
     t.csv_header = ["dataset", "victim_arch", "defense", "defended_acc mean", "defended_acc std", "victim_acc", "delta"]
@@ -321,7 +358,7 @@ def _tradeoff_points(records: Sequence[ResultRecord]) -> list[tuple[str, str, fl
     """One point per defense × attack (output mode) at that attack's largest budget."""
     points: list[tuple[str, str, float, float, float]] = []
     for key in sorted({(r.dataset, r.victim_arch, r.attack, _mode(r), _clone(r)) for r in records}):
-        dataset, arch, attack, mode, clone = key
+        dataset, arch, attack, mode, clone_arch = key
         recs = [r for r in records if (r.dataset, r.victim_arch, r.attack, _mode(r), _clone(r)) == key]
         top = max(r.budget for r in recs)
         for d in _ordered(r.defense for r in recs):
@@ -329,7 +366,7 @@ def _tradeoff_points(records: Sequence[ResultRecord]) -> list[tuple[str, str, fl
             if mine:
                 clone = mean_std(r.clone_acc for r in mine if r.clone_acc is not None)
                 util = statistics.fmean(r.defended_acc for r in mine)
-                label = f"{attack} {mode} @{_budget(top)}" + (f" → {clone}" if clone else "")
+                label = f"{attack} {mode} @{_budget(top)}" + (f" → {clone_arch}" if clone_arch else "")
                 if len({_section(r) for r in records}) > 1:
                     label += f" ({dataset}, {arch})"
                 points.append((d, label, util, clone.mean, clone.std))
@@ -353,7 +390,13 @@ def write_report(records: Sequence[ResultRecord], out: Path, *, title: str = "fo
         raise ArtifactError("no result records to report on")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tables = [_clone_table(records), _utility_table(records), _timing_table(records), _exit_table(records)]
+    tables = [
+        _clone_table(records),
+        _protection_table(records),
+        _utility_table(records),
+        _timing_table(records),
+        _exit_table(records),
+    ]
     report = Report(out=out, markdown=out / "report.md", records=len(records))
     doc = [f"# {title}", "", f"{len(records)} result records.", ""]
     for t in tables:
