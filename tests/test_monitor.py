@@ -4,6 +4,13 @@ moments equal to torch's over the whole stream, persistence and the server-side 
 
 from __future__ import annotations
 
+import http.server
+import json
+import logging
+import queue
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -212,6 +219,68 @@ def test_watch_responses(calibration: ExitCalibration, tmp_path: Path, response:
     assert shown["profile"]["queries"] == 44 and shown["verdict"]["flagged"]
     assert shown["verdict"]["flagged_at"] == ans.verdict.flagged_at
     again.close()
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    events: queue.Queue[tuple[str, dict[str, object]]] = queue.Queue()
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.events.put((self.headers["Content-Type"], json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_alert_webhook_posts_one_event_per_flag(calibration: ExitCalibration, tmp_path: Path) -> None:
+    """The alert response POSTs a JSON event to a real local HTTP endpoint, once per flagged key."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        watch = Watch(
+            tmp_path / "k.db", num_exits=4, monitor=ExitSPRT(calibration), response=Response.ALERT, webhook=url
+        )
+        attack = torch.zeros(40, dtype=torch.long)
+        first = watch.observe("thief", torch.zeros(40, 1, 1, 1), _probs(40), attack)
+        assert first.verdict is not None and first.verdict.flagged
+        ctype, event = _Receiver.events.get(timeout=10)
+        assert ctype == "application/json"
+        assert event["event"] == "key_flagged" and event["key_id"] == "thief"
+        assert event["monitor"] == "exit-sprt" and event["response"] == "alert"
+        assert event["flagged_at"] == first.verdict.flagged_at and event["flagged"] is True
+        watch.observe("thief", torch.zeros(40, 1, 1, 1), _probs(40), attack)  # still flagged: no new event
+        with pytest.raises(queue.Empty):
+            _Receiver.events.get(timeout=1)
+        watch.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_unreachable_webhook_never_breaks_answers(
+    calibration: ExitCalibration, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    watch = Watch(
+        tmp_path / "k.db",
+        num_exits=4,
+        monitor=ExitSPRT(calibration),
+        response=Response.ALERT,
+        webhook=f"http://127.0.0.1:{port}/hook",
+    )
+    with caplog.at_level(logging.WARNING):
+        ans = watch.observe("thief", torch.zeros(40, 1, 1, 1), _probs(40), torch.zeros(40, dtype=torch.long))
+        assert ans.verdict is not None and ans.verdict.flagged and ans.probs.shape == (40, 10)
+        deadline = time.monotonic() + 10
+        while not any("webhook" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert any("alert webhook" in r.getMessage() and "failed" in r.getMessage() for r in caplog.records)
+    watch.close()
 
 
 def test_watch_needs_exit0_for_degrade_exit0(tmp_path: Path) -> None:
