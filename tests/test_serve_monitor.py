@@ -110,3 +110,37 @@ def test_monitor_settings_validation(tmp_path: Path) -> None:
         ServeSettings(tmp_path, tmp_path / "k.db", monitor_response="shout")
     with pytest.raises(ConfigError, match="profiles"):
         ServeSettings(tmp_path, tmp_path / "k.db", monitor="prada", profiles=False)
+
+
+def test_reset_clears_the_flag_keeps_the_profile_and_persists(dnf: DNF, tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    store = KeyStore(settings.keys_path)
+    user, user_secret = store.add("user")
+    _, admin_secret = store.add("ops", admin=True)
+    x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    admin = {"X-API-Key": admin_secret}
+    with TestClient(create_app(settings, defense=dnf)) as client:
+        client.post("/v1/predict", json=_npy_body(x), headers={"X-API-Key": user_secret})
+        route = f"/v1/admin/keys/{user.key_id}"
+        assert client.get(f"{route}/profile", headers=admin).json()["verdict"]["flagged"]
+        assert client.post(f"{route}/reset", headers={"X-API-Key": user_secret}).status_code == 403
+        assert client.post("/v1/admin/keys/nope/reset", headers=admin).status_code == 422
+        body = client.post(f"{route}/reset", headers=admin).json()
+        assert not body["verdict"]["flagged"] and body["verdict"]["flagged_at"] is None
+        assert body["profile"]["queries"] == 32  # the statistics stay
+    # the cleared state is on disk: a new app starts unflagged, and new evidence flags the key again
+    with TestClient(create_app(settings, defense=dnf)) as client:
+        again = client.get(f"{route}/profile", headers=admin).json()
+        assert not again["verdict"]["flagged"]
+        client.post("/v1/predict", json=_npy_body(x), headers={"X-API-Key": user_secret})
+        flagged = client.get(f"{route}/profile", headers=admin).json()
+    assert flagged["verdict"]["flagged"] and flagged["profile"]["queries"] == 64
+    # offline (server stopped): the CLI clears the stored flag
+    res = CliRunner().invoke(cli_app, ["keys", "reset", user.key_id, "--keys", str(settings.keys_path)])
+    assert res.exit_code == 0, res.output
+    assert "cleared" in res.output
+    shown = CliRunner().invoke(cli_app, ["keys", "show", user.key_id, "--keys", str(settings.keys_path)])
+    assert "not flagged" in shown.output and "64" in shown.output
+    bad = CliRunner().invoke(cli_app, ["keys", "reset", "nope", "--keys", str(settings.keys_path)])
+    assert bad.exit_code != 0 and "nope" in bad.output
+    store.close()

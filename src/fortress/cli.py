@@ -507,6 +507,28 @@ def keys_revoke_cmd(
     console.print(f"revoked key {rec.key_id} ({rec.name!r}) at {rec.revoked_at}", highlight=False)
 
 
+@keys_app.command("reset")
+@_friendly
+def keys_reset_cmd(
+    key: Annotated[str, typer.Argument(help="Key id.")],
+    keys: KeysFile = DEFAULT_KEYS,
+) -> None:
+    """Clear a key's monitor flag and evidence in the ledger (server stopped; a running server:
+    POST /v1/admin/keys/{key_id}/reset, since it keeps the live state in memory)."""
+    from fortress.monitor import ProfileStore
+    from fortress.serve.keys import KeyStore
+
+    store, profiles = KeyStore(keys), ProfileStore(keys)
+    try:
+        rec = store.get(key)
+        cleared = profiles.clear_flag(rec.key_id)
+    finally:
+        store.close()
+        profiles.close()
+    what = "flag and monitor evidence cleared" if cleared else "no query profile yet: nothing to clear"
+    console.print(f"key {rec.key_id} ({rec.name!r}): {what}", highlight=False)
+
+
 @keys_app.command("show")
 @_friendly
 def keys_show_cmd(

@@ -189,6 +189,21 @@ class Watch:
         except Exception as exc:  # an unreachable webhook must never break serving
             log.warning("alert webhook %s failed: %s", url, exc)
 
+    def reset(self, key_id: str) -> dict[str, Any]:
+        """Clear a key's flag and restart its monitor's evidence (after an operator's review).
+
+        The profile's statistics (queries, exits, entropy, confidence) are kept; the monitor starts
+        over from this point, so the key is flagged again only by new evidence. The cleared state is
+        written to the ledger at once. Returns :meth:`profile` after the reset.
+        """
+        with self._lock:
+            self._profile(key_id)
+            if self.monitor is not None:
+                self.monitor.reset(key_id)
+            self._save(key_id)
+        log.warning("API key %s: monitor flag and evidence reset", key_id)
+        return self.profile(key_id)
+
     def profile(self, key_id: str) -> dict[str, Any]:
         """The key's profile, monitor verdict and the ID reference (what ``GET .../profile`` shows)."""
         with self._lock:

@@ -91,6 +91,16 @@ class ProfileStore:
             "updated_at": updated,
         }
 
+    def clear_flag(self, key_id: str) -> bool:
+        """Clear a stored key's flag and monitor state (the profile stays); ``False``: no record."""
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE key_profiles SET state = NULL, flagged_at = NULL, updated_at = ? WHERE key_id = ?",
+                (now, key_id),
+            )
+        return cur.rowcount > 0
+
     def delete(self, key_id: str) -> None:
         """Forget a key's profile (clears a flag once the monitor is reset too)."""
         with self._lock:

@@ -296,6 +296,19 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
             raise InvalidInput(str(exc)) from None
         return ProfileResponse(**await anyio.to_thread.run_sync(svc.watch.profile, key_id))
 
+    @app.post("/v1/admin/keys/{key_id}/reset", response_model=ProfileResponse, responses=_responses(401, 403, 422))
+    async def key_reset(key_id: str, key: Key) -> ProfileResponse:
+        """Clear a key's monitor flag and restart its evidence (admin keys only); the profile stays."""
+        if not key.admin:
+            raise KeyRejected(f"API key {key.key_id} may not reset key flags (create one with --admin)", 403)
+        if svc.watch is None:
+            raise InvalidInput("key profiles are off on this server (profiles=False)")
+        try:
+            await anyio.to_thread.run_sync(svc.store.get, key_id)
+        except ConfigError as exc:
+            raise InvalidInput(str(exc)) from None
+        return ProfileResponse(**await anyio.to_thread.run_sync(svc.watch.reset, key_id))
+
     return app
 
 
