@@ -27,6 +27,10 @@ Example grid (``benchmarks/mnist-quick.toml`` is a complete one)::
     budgets = [100000, 200000]
     params = { batch_size = 256 }
 
+An attack runs against every victim and defense unless it names some: ``defenses = ["undefended",
+"dnf"]`` (defense labels) and ``victims = ["lenet5"]`` (victim architectures). These filters do not
+enter the cell keys, so adding one to a grid keeps the cells it already finished.
+
 Victims and defenses are built once per (victim, defense, params) and cached; ``seeds`` seed the
 attacks (the defended model is the same across seeds, as in the paper's mean ± std over attack runs).
 """
@@ -99,6 +103,7 @@ class AttackSpec:
         pool: attacker pool data set for attacks that need one (``None``: the attack's default).
         output_modes: oracle output modes for this attack (``None``: the grid's ``output_modes``).
         defenses: labels of the defenses this attack runs against (``None``: all of the grid's).
+        victims: architectures of the victims this attack runs against (``None``: all of the grid's).
         params: extra attack hyper-parameters (constructor keyword arguments).
     """
 
@@ -108,11 +113,16 @@ class AttackSpec:
     pool: str | None = None
     output_modes: tuple[OutputMode, ...] | None = None
     defenses: tuple[str, ...] | None = None
+    victims: tuple[str, ...] | None = None
     params: dict[str, Any] = field(default_factory=dict)
 
     def runs_against(self, defense: DefenseSpec) -> bool:
         """Whether this attack runs against ``defense``."""
         return self.defenses is None or defense.display in self.defenses
+
+    def runs_on(self, victim: VictimConfig) -> bool:
+        """Whether this attack runs on ``victim``."""
+        return self.victims is None or victim.arch in self.victims
 
 
 @dataclass(frozen=True)
@@ -159,6 +169,10 @@ class GridConfig:
             unknown = sorted(set(a.defenses or ()) - set(labels))
             if unknown or a.defenses == ():
                 raise ConfigError(f"attack {a.name!r}: defenses {unknown or []} are not in the grid; valid: {labels}")
+            archs = [v.arch for v in self.victims]
+            unknown_v = sorted(set(a.victims or ()) - set(archs))
+            if unknown_v or a.victims == ():
+                raise ConfigError(f"attack {a.name!r}: victims {unknown_v or []} are not in the grid; valid: {archs}")
         if self.eval_every is not None and self.eval_every < 1:
             raise ConfigError(f"eval_every must be >= 1 or absent, got {self.eval_every}")
 
@@ -188,14 +202,15 @@ class GridConfig:
     @property
     def num_cells(self) -> int:
         """Number of cells the grid expands to."""
-        per_victim = sum(
+        return sum(
             len(a.budgets)
             * len(a.output_modes or self.output_modes)
             * len(self.seeds)
             * sum(map(a.runs_against, self.defenses))
+            for v in self.victims
             for a in self.attacks
+            if a.runs_on(v)
         )
-        return len(self.victims) * per_victim
 
 
 @dataclass(frozen=True)
@@ -286,7 +301,7 @@ def expand_grid(grid: GridConfig) -> list[Cell]:
     cells: list[Cell] = []
     for victim in grid.victims:
         for seed in grid.seeds:
-            for spec in grid.attacks:
+            for spec in filter(lambda a: a.runs_on(victim), grid.attacks):
                 for budget in spec.budgets:
                     for mode in spec.output_modes or grid.output_modes:
                         attack = AttackConfig(
