@@ -283,31 +283,29 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
             raise KeyRejected(f"API key {key.key_id} may not read metrics (create one with --admin)", 403)
         return PlainTextResponse(svc.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/admin/keys/{key_id}/profile", response_model=ProfileResponse, responses=_responses(401, 403, 422))
-    async def key_profile(key_id: str, key: Key) -> ProfileResponse:
-        """A key's query profile and monitor verdict (admin keys only; see docs/monitoring.md)."""
+    async def admin_watch(key: ApiKey, key_id: str, action: str) -> Watch:
+        """The server's Watch, after checking an admin caller, profiles on and a known ``key_id``."""
         if not key.admin:
-            raise KeyRejected(f"API key {key.key_id} may not read key profiles (create one with --admin)", 403)
+            raise KeyRejected(f"API key {key.key_id} may not {action} (create one with --admin)", 403)
         if svc.watch is None:
             raise InvalidInput("key profiles are off on this server (profiles=False)")
         try:
             await anyio.to_thread.run_sync(svc.store.get, key_id)
         except ConfigError as exc:  # an unknown key id is the caller's mistake
             raise InvalidInput(str(exc)) from None
-        return ProfileResponse(**await anyio.to_thread.run_sync(svc.watch.profile, key_id))
+        return svc.watch
+
+    @app.get("/v1/admin/keys/{key_id}/profile", response_model=ProfileResponse, responses=_responses(401, 403, 422))
+    async def key_profile(key_id: str, key: Key) -> ProfileResponse:
+        """A key's query profile and monitor verdict (admin keys only; see docs/monitoring.md)."""
+        watch = await admin_watch(key, key_id, "read key profiles")
+        return ProfileResponse(**await anyio.to_thread.run_sync(watch.profile, key_id))
 
     @app.post("/v1/admin/keys/{key_id}/reset", response_model=ProfileResponse, responses=_responses(401, 403, 422))
     async def key_reset(key_id: str, key: Key) -> ProfileResponse:
         """Clear a key's monitor flag and restart its evidence (admin keys only); the profile stays."""
-        if not key.admin:
-            raise KeyRejected(f"API key {key.key_id} may not reset key flags (create one with --admin)", 403)
-        if svc.watch is None:
-            raise InvalidInput("key profiles are off on this server (profiles=False)")
-        try:
-            await anyio.to_thread.run_sync(svc.store.get, key_id)
-        except ConfigError as exc:
-            raise InvalidInput(str(exc)) from None
-        return ProfileResponse(**await anyio.to_thread.run_sync(svc.watch.reset, key_id))
+        watch = await admin_watch(key, key_id, "reset key flags")
+        return ProfileResponse(**await anyio.to_thread.run_sync(watch.reset, key_id))
 
     return app
 
