@@ -160,6 +160,16 @@ def test_settings_and_cli_know_the_padded_mode(tmp_path: Path) -> None:
     assert ComputeMode("padded") is ComputeMode.padded
     with pytest.raises(ConfigError, match="'padded'"):
         ServeSettings(tmp_path, tmp_path / "k.db", compute="sometimes")  # type: ignore[arg-type]
+    # the padding target's quantile and window reach the server's clock
+    settings = ServeSettings(tmp_path, tmp_path / "k.db", compute="padded", pad_quantile=0.9, pad_window=32)
+    svc = create_app(settings, defense=tiny_dnf()).state.service
+    assert svc.padded.clock.quantile == 0.9 and svc.padded.clock.window == 32
+    with pytest.raises(ConfigError, match="pad_quantile must be in"):
+        ServeSettings(tmp_path, tmp_path / "k.db", pad_quantile=0.0)
+    with pytest.raises(ConfigError, match="pad_window must be >= 1"):
+        ServeSettings(tmp_path, tmp_path / "k.db", pad_window=0)
+    with pytest.raises(ConfigError, match="throttle_s_per_query"):
+        ServeSettings(tmp_path, tmp_path / "k.db", throttle_s_per_query=-1.0)
 
 
 # -- the attacker's classifier -------------------------------------------------------------------

@@ -392,6 +392,11 @@ def serve_cmd(
     ] = "log",
     monitor_webhook: Annotated[str | None, typer.Option(help="URL the alert response POSTs to.")] = None,
     profiles: Annotated[bool, typer.Option(help="Keep per-key query profiles in the key ledger.")] = True,
+    throttle: Annotated[float, typer.Option(help="throttle response: seconds of delay per image.")] = 0.01,
+    pad_quantile: Annotated[
+        float, typer.Option(help="padded compute: quantile of recent full-path times to pad to.")
+    ] = 0.99,
+    pad_window: Annotated[int, typer.Option(help="padded compute: full-path times kept per batch size.")] = 256,
 ) -> None:
     """Serve predictions over HTTP behind API keys and per-key query budgets (needs the serve extra)."""
     try:
@@ -417,6 +422,9 @@ def serve_cmd(
         monitor_calibration=monitor_calibration,
         monitor_response=monitor_response,
         monitor_webhook=monitor_webhook,
+        throttle_s_per_query=throttle,
+        pad_quantile=pad_quantile,
+        pad_window=pad_window,
     )
     application = create_app(settings)
     access = logging.getLogger(ACCESS_LOGGER)

@@ -46,7 +46,7 @@ from fortress.serve.schemas import (
     multipart_schema,
 )
 from fortress.serve.settings import ServeSettings
-from fortress.serve.timing import PaddedCompute
+from fortress.serve.timing import FullPathClock, PaddedCompute
 
 __all__ = ["Unavailable", "create_app"]
 
@@ -88,7 +88,11 @@ class _Service:
         self.metrics = Metrics()
         self.slots = threading.BoundedSemaphore(settings.inference_workers)
         self.watch = _watch(settings, defense) if settings.profiles else None
-        self.padded = PaddedCompute(defense) if settings.compute == "padded" and defense.num_exits else None
+        self.padded = (
+            PaddedCompute(defense, FullPathClock(quantile=settings.pad_quantile, window=settings.pad_window))
+            if settings.compute == "padded" and defense.num_exits
+            else None
+        )
 
     def respond(
         self, x: Tensor, deadline: float, key_id: str | None = None

@@ -42,6 +42,8 @@ class ServeSettings:
             or ``degrade-exit0`` (see :class:`fortress.monitor.Response`).
         monitor_webhook: URL the ``alert`` response POSTs to.
         throttle_s_per_query: the ``throttle`` response's delay per image.
+        pad_quantile: ``padded`` compute: the padding target's quantile of recent full-path times.
+        pad_window: ``padded`` compute: full-path times kept per batch-size bucket.
 
     Example:
         >>> ServeSettings(Path("dnf"), Path("keys.db"), compute="full").max_batch
@@ -63,6 +65,8 @@ class ServeSettings:
     monitor_response: str = "log"
     monitor_webhook: str | None = None
     throttle_s_per_query: float = 0.01
+    pad_quantile: float = 0.99
+    pad_window: int = 256
 
     def __post_init__(self) -> None:
         if self.compute not in ("dynamic", "full", "padded"):
@@ -72,6 +76,7 @@ class ServeSettings:
             ("max_body_bytes", self.max_body_bytes),
             ("inference_workers", self.inference_workers),
             ("torch_threads", self.torch_threads),
+            ("pad_window", self.pad_window),
         ):
             if value < 1:
                 raise ConfigError(f"{label} must be >= 1, got {value}")
@@ -82,6 +87,10 @@ class ServeSettings:
             raise ConfigError("a monitor needs profiles=True (it keeps its state beside the key profiles)")
         if not self.request_timeout_s > 0:
             raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if not 0.0 < self.pad_quantile <= 1.0:
+            raise ConfigError(f"pad_quantile must be in (0, 1], got {self.pad_quantile}")
+        if not self.throttle_s_per_query >= 0:
+            raise ConfigError(f"throttle_s_per_query must be >= 0, got {self.throttle_s_per_query}")
 
     @property
     def display_name(self) -> str:
