@@ -143,6 +143,27 @@ def test_prada_natural_vs_crafted_streams() -> None:
     assert adv.flagged and adv.flagged_at is not None and adv.flagged_at % 10 == 0 and adv.score < 0.9
 
 
+def test_prada_flag_survives_a_restart_through_the_ledger(tmp_path: Path) -> None:
+    """PRADA's image sets are not persisted, but a flagged key stays flagged across a restart."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (600,), generator=gen)
+    probs = torch.nn.functional.one_hot(labels, 10).float() * 0.9 + 0.01
+    seeds = torch.rand(5, 1, 8, 8, generator=gen)
+    crafted = (seeds[torch.arange(600) % 5] + 0.002 * torch.randn(600, 1, 8, 8, generator=gen).cumsum(0)).clamp(0, 1)
+    watch = Watch(tmp_path / "k.db", num_exits=0, monitor=Prada())
+    ans = watch.observe("thief", crafted, probs, None)
+    assert ans.verdict is not None and ans.verdict.flagged
+    watch.close()
+    again = Watch(tmp_path / "k.db", num_exits=0, monitor=Prada())
+    shown = again.profile("thief")["verdict"]
+    assert shown["flagged"] and shown["flagged_at"] == ans.verdict.flagged_at and shown["queries"] == 600
+    later = again.observe("thief", crafted[:10], probs[:10], None)
+    assert later.verdict is not None and later.verdict.flagged and later.verdict.queries == 610
+    again.close()
+    with pytest.raises(ArtifactError, match="corrupt PRADA state"):
+        Prada().restore("k", {"dim": 64})
+
+
 def test_prada_batch_split_invariance_and_errors() -> None:
     gen = torch.Generator().manual_seed(2)
     x = torch.rand(250, 1, 6, 6, generator=gen)

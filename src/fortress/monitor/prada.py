@@ -12,21 +12,23 @@ Shapiro–Wilk statistic ``W`` is computed (``scipy.stats.shapiro``); ``W < delt
 The distances of a whole batch to the stored sets and to each other are two ``torch.cdist``
 calls; only the bookkeeping of which query joins which set is sequential (a query's distance
 depends on whether the queries before it joined), as PRADA's definition requires. The growing
-sets hold raw images, so state grows with the distinct queries of a key and is not persisted.
+sets hold raw images, so they grow with the distinct queries of a key and are not persisted: across a
+server restart a key keeps its query count, last ``W`` and its flag (a flagged key stays flagged),
+while the evidence of an unflagged key starts over.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from scipy.stats import shapiro  # type: ignore[import-untyped]
 from torch import Tensor
 
-from fortress.errors import ConfigError, InvalidInput
+from fortress.errors import ArtifactError, ConfigError, InvalidInput
 from fortress.monitor.base import Monitor, Verdict
 
 __all__ = ["Prada", "shapiro_w"]
@@ -187,6 +189,22 @@ class Prada(Monitor):
         if st is None:
             return Verdict(key_id, False, 0, None, 1.0, self.delta)
         return Verdict(key_id, st.flagged_at is not None, st.n, st.flagged_at, st.w, self.delta)
+
+    def state(self, key_id: str) -> dict[str, Any] | None:
+        """The key's query count, last ``W`` and flag (its image sets are not persisted: module docstring)."""
+        st = self._keys.get(key_id)
+        if st is None:
+            return None
+        return {"dim": st.dim, "num_classes": st.num_classes, "n": st.n, "w": st.w, "flagged_at": st.flagged_at}
+
+    def restore(self, key_id: str, state: dict[str, Any]) -> None:
+        try:
+            st = _PradaState(int(state["dim"]), int(state["num_classes"]))
+            st.n, st.w = int(state["n"]), float(state["w"])
+            st.flagged_at = None if state["flagged_at"] is None else int(state["flagged_at"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"corrupt PRADA state for key {key_id!r}: {exc!r}") from None
+        self._keys[key_id] = st
 
     def reset(self, key_id: str) -> None:
         self._keys.pop(key_id, None)
