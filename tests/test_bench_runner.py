@@ -143,6 +143,10 @@ def test_ctrl_c_then_resume_completes_without_duplicates_or_losses(tiny: Any, tm
     res = CliRunner().invoke(app, ["bench", str(grid_file), "--out", str(tmp_path / "run"), "--resume"])
     assert res.exit_code == 0, res.output
     assert f"{len(expected) - len(first)} cells run, {len(first)} already done" in res.output
+    # no terminal here: one plain progress line per finished cell instead of the bar
+    lines = [line for line in res.output.splitlines() if line.startswith("[")]
+    assert len(lines) == len(expected) - len(first)
+    assert lines[-1].startswith(f"[{len(expected)}/{len(expected)}]") and "left 0" in lines[-1]
     keys = [str(r.config["cell_key"]) for r in read_records(results)]
     assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,6 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fortress.errors import ConfigError, FortressError
+
+if TYPE_CHECKING:
+    from fortress.bench.runner import GridProgress
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -626,6 +630,7 @@ def bench_cmd(
     from fortress.bench.runner import run_grid
 
     grid = load_grid(config)
+    t0 = time.perf_counter()
     with Progress(
         TextColumn("cells"),
         BarColumn(),
@@ -636,6 +641,11 @@ def bench_cmd(
         disable=not err_console.is_terminal,
     ) as bar:
         task = bar.add_task("cells", total=grid.num_cells, running=0, left=grid.num_cells, failed=0)
+
+        def show(p: GridProgress) -> None:
+            bar.update(task, completed=p.done, running=p.running, left=p.left, failed=p.failed)
+            _log_progress(p, t0)
+
         run = run_grid(
             grid,
             out,
@@ -644,7 +654,7 @@ def bench_cmd(
             threads=threads,
             num_cpus=num_cpus,
             ray_address=ray_address,
-            on_progress=lambda p: bar.update(task, completed=p.done, running=p.running, left=p.left, failed=p.failed),
+            on_progress=show,
         )
     console.print(
         f"grid {grid.name!r}: {len(run.records)} cells run, {run.skipped} already done, {len(run.failed)} failed "
@@ -655,6 +665,18 @@ def bench_cmd(
         err_console.print(f"[bold red]failed:[/] {cell}: {error}", highlight=False)
     if run.failed:
         raise typer.Exit(1)
+
+
+def _log_progress(p: GridProgress, t0: float) -> None:
+    """Without a terminal (a log file, CI), one plain line per finished cell instead of the bar."""
+    if err_console.is_terminal or p.last is None:
+        return
+    err_console.print(
+        f"[{p.done}/{p.total}] {time.perf_counter() - t0:7.0f} s · running {p.running} · left {p.left} · "
+        f"failed {p.failed} · finished {p.last}",
+        markup=False,
+        highlight=False,
+    )
 
 
 @app.command("report")
