@@ -170,7 +170,29 @@ def test_protection_table_gives_ratios_to_undefended_and_marks_the_lowest(run_di
     ratio = statistics.fmean(CLONE[("dnf", "dfme", 4000)]) / statistics.fmean(CLONE[("undefended", "dfme", 4000)])
     assert f"**{ratio:.2f}× ({100 * statistics.fmean(CLONE[('dnf', 'dfme', 4000)]):.1f})**" in cells
     undefended = next(line for line in md.splitlines() if line.startswith("| undefended |"))
-    assert "1.00×" in undefended and "**" not in undefended
+    assert "1.00×" in undefended and "**" not in undefended and "✓" not in undefended
+    # dnf loses 1.5 points of utility here: lowest overall, but not among the defenses that keep utility
+    assert not any(c.endswith("✓") for c in cells)
     with rep.tables["protection"][1].open() as fh:
         rows = [r for r in csv.DictReader(fh) if r["defense"] == "dnf" and r["column"] == "dfme soft @4k"]
     assert float(rows[0]["x_undefended"]) == pytest.approx(ratio)
+    assert rows[0]["lowest"] == "True" and rows[0]["lowest_keeping_utility"] == "False"
+
+
+def test_protection_marks_the_lowest_defense_that_keeps_utility(run_dir: Path) -> None:
+    """A defense that wrecks utility may clone-proof the model; ✓ marks the best one that does not."""
+    recs = _records()
+    wreck = [
+        dataclasses.replace(r, defense="wreck", defended_acc=0.0, clone_acc=0.01)
+        for r in recs
+        if r.defense == "undefended"
+    ]
+    keep = [dataclasses.replace(r, defense="dnf", defended_acc=0.968) for r in recs if r.defense == "dnf"]
+    path = run_dir / "other" / "results.jsonl"
+    for r in [r for r in recs if r.defense == "undefended"] + wreck + keep:
+        append_record(path, r)
+    md = make_report(path.parent).tables["protection"][0].read_text()
+    dnf = next(line for line in md.splitlines() if line.startswith("| dnf |"))
+    wrecked = next(line for line in md.splitlines() if line.startswith("| wreck |"))
+    assert wrecked.count("**") == 2 * 3 and "✓" not in wrecked  # lowest in every column, utility gone
+    assert dnf.count("✓") == 3 and "**" not in dnf

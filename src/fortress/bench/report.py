@@ -188,34 +188,60 @@ def _clone_table(records: Sequence[ResultRecord]) -> _Table:
     return t
 
 
+#: A defense "keeps utility" when its defended ID accuracy is within this many points of the victim's
+#: (the paper's bar for DNF, and the threshold search's default tolerance).
+UTILITY_TOLERANCE_PP = 0.5
+
+
+def _lowest(stats: dict[tuple[str, Any], Stat], col: Column, among: set[str]) -> float | None:
+    """The lowest mean in column ``col`` among the defenses ``among`` (``undefended`` excluded)."""
+    vals = [s.mean for (d, c), s in stats.items() if c == col and d != "undefended" and d in among]
+    return min(vals, default=None)
+
+
 def _protection_table(records: Sequence[ResultRecord]) -> _Table:
     t = _Table(
         "protection",
-        "Protection: clone accuracy as a fraction of the undefended clone's (× undefended, lower is better; "
-        "**bold**: lowest in its column) and the defense's utility change (pp)",
+        "Protection: clone accuracy as a fraction of the undefended clone's (× undefended, lower is better) "
+        f"and the defense's utility change (pp). **Bold**: lowest in its column; ✓: lowest among the "
+        f"defenses that keep utility (within {UTILITY_TOLERANCE_PP} pp of the victim)",
     )
-    t.csv_header = ["dataset", "victim_arch", "defense", "utility_delta_pp", "column", "clone_acc", "x_undefended"]
+    t.csv_header = [
+        "dataset",
+        "victim_arch",
+        "defense",
+        "utility_delta_pp",
+        "column",
+        "clone_acc",
+        "x_undefended",
+        "lowest",
+        "lowest_keeping_utility",
+    ]
     for (dataset, arch), recs in _by_section(records).items():
         cols = sorted({_column(r) for r in recs})
         stats = _pivot(recs, _column, lambda r: r.clone_acc)
-        lowest = {
-            c: min((s.mean for (d, cc), s in stats.items() if cc == c and d != "undefended"), default=None)
-            for c in cols
+        delta = {
+            d: 100 * statistics.fmean(r.defended_acc - r.victim_acc for r in recs if r.defense == d)
+            for d in {r.defense for r in recs}
         }
+        keeps = {d for d, v in delta.items() if v >= -UTILITY_TOLERANCE_PP}
+
+        best = {c: _lowest(stats, c, set(delta)) for c in cols}
+        best_kept = {c: _lowest(stats, c, keeps) for c in cols}
         rows: list[list[str]] = []
         for d in _ordered(r.defense for r in recs):
-            mine = [r for r in recs if r.defense == d]
-            delta = statistics.fmean(r.defended_acc - r.victim_acc for r in mine)
-            row = [d, f"{100 * delta:+.2f}"]
+            row = [d, f"{delta[d]:+.2f}"]
             for c in cols:
                 s, base = stats.get((d, c)), stats.get(("undefended", c))
                 if s is None or base is None or base.mean <= 0:
                     row.append("—")
                     continue
                 ratio = s.mean / base.mean
+                is_best = d != "undefended" and s.mean == best[c]
+                is_kept = d != "undefended" and d in keeps and s.mean == best_kept[c]
                 text = f"{ratio:.2f}× ({100 * s.mean:.1f})"
-                row.append(f"**{text}**" if d != "undefended" and s.mean == lowest[c] else text)
-                t.csv_rows.append([dataset, arch, d, 100 * delta, _col_name(c), 100 * s.mean, ratio])
+                row.append((f"**{text}**" if is_best else text) + (" ✓" if is_kept else ""))
+                t.csv_rows.append([dataset, arch, d, delta[d], _col_name(c), 100 * s.mean, ratio, is_best, is_kept])
             rows.append(row)
         t.md += [f"### {dataset}, victim {arch}", ""]
         t.md += [*_md_table(["defense", "utility Δ pp", *(_col_name(c) for c in cols)], rows), ""]
