@@ -147,6 +147,7 @@ def test_ctrl_c_then_resume_completes_without_duplicates_or_losses(tiny: Any, tm
     lines = [line for line in res.output.splitlines() if line.startswith("[")]
     assert len(lines) == len(expected) - len(first)
     assert lines[-1].startswith(f"[{len(expected)}/{len(expected)}]") and "left 0" in lines[-1]
+    assert all(" · finished " in line and "seed" in line for line in lines)  # one line each, never wrapped
     keys = [str(r.config["cell_key"]) for r in read_records(results)]
     assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected
 

@@ -676,6 +676,7 @@ def _log_progress(p: GridProgress, t0: float) -> None:
         f"failed {p.failed} · finished {p.last}",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
 
 
