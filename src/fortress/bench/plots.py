@@ -81,10 +81,19 @@ def plot_clone_vs_budget(panels: Mapping[str, Sequence[Series]], path: Path) -> 
     cols = min(3, n)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = list(dict.fromkeys(label for series in panels.values() for label, *_ in series))
+    color = {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}  # one colour per defense everywhere
     for ax, (title, series) in zip(axes.flat, panels.items(), strict=False):
         for label, xs, means, stds in series:
             ax.errorbar(
-                list(xs), [100 * m for m in means], yerr=[100 * s for s in stds], marker="o", capsize=3, label=label
+                list(xs),
+                [100 * m for m in means],
+                yerr=[100 * s for s in stds],
+                marker="o",
+                capsize=3,
+                label=label,
+                color=color[label],
             )
         if max((max(xs) / max(min(xs), 1) for _, xs, _, _ in series if xs), default=1) >= 10:
             ax.set_xscale("log")
