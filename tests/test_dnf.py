@@ -37,10 +37,11 @@ from fortress.defenses.dnf import (
 from fortress.defenses.dnf.losses import pseudo_labels
 from fortress.defenses.dnf.training import CKPT_STATE
 from fortress.errors import ArtifactError, ConfigError
-from fortress.exits.heads import ExitHead, HeadOutput, gaussian_kl
+from fortress.exits.heads import HeadOutput, gaussian_kl
 from fortress.exits.network import AllExits, EarlyExitNet
 from fortress.models import StagedBackbone, create_model, save_model, train_classifier
 from fortress.models.io import load_state, read_json, save_state
+from helpers import sharpen_heads
 
 
 @lru_cache(maxsize=1)
@@ -525,12 +526,7 @@ def scrambled_dnf(kind: str = "vib", seed: int = 0, **kw: Any) -> DNF:
     """A DNF on a random LeNet-5 whose heads are scaled so queries leave at every exit."""
     victim = lenet(seed)
     torch.manual_seed(seed + 100)
-    dnf = DNF(victim, head_kind=kind, thresholds=[0.5, 0.7, 0.9], **kw)  # type: ignore[arg-type]
-    with torch.no_grad():
-        for h in dnf.net.heads:
-            assert isinstance(h, ExitHead)
-            h.encoder.weight.mul_(20.0)
-    return dnf
+    return sharpen_heads(DNF(victim, head_kind=kind, thresholds=[0.5, 0.7, 0.9], **kw))  # type: ignore[arg-type]
 
 
 def query_batch(n: int = 200, seed: int = 0) -> Tensor:
@@ -590,10 +586,7 @@ def fitted_dnf() -> DNF:
         NoiseOOD((1, 28, 28)),
         config=DNFTrainConfig(epochs=1, batch_size=64, ood_batch_size=32),
     )
-    with torch.no_grad():
-        for h in dnf.net.heads:
-            assert isinstance(h, ExitHead)
-            h.encoder.weight.mul_(20.0)
+    sharpen_heads(dnf)
     dnf.set_thresholds([0.5, 0.7, 0.9])
     return dnf
 

@@ -16,20 +16,13 @@ from fortress.bench.pipeline import resolve_target, run_attack
 from fortress.config import AttackConfig
 from fortress.defenses import DNF, Defense, load_defense
 from fortress.errors import BudgetExceeded, ConfigError, InvalidInput
-from fortress.exits.heads import ExitHead
-from fortress.models import create_model
 from fortress.oracle import HttpOracle, LocalOracle, OracleUnavailable
 from fortress.serve import KeyStore, ServeSettings, create_app
+from helpers import sharp_random_dnf
 
 
 def scrambled_dnf() -> DNF:
-    torch.manual_seed(0)
-    dnf = DNF(create_model("lenet5").eval(), thresholds=[0.5, 0.7, 0.9], seed=0)
-    with torch.no_grad():
-        for h in dnf.net.heads:
-            assert isinstance(h, ExitHead)
-            h.encoder.weight.mul_(20.0)
-    return dnf
+    return sharp_random_dnf()
 
 
 @pytest.fixture(scope="module")

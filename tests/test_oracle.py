@@ -13,10 +13,10 @@ from torch import Tensor
 from fortress.data import mnist_splits
 from fortress.defenses import DNF, Defense, DefenseOutput, Undefended
 from fortress.errors import BudgetExceeded, ConfigError, InvalidInput
-from fortress.exits.heads import ExitHead
 from fortress.models import StagedBackbone, create_model
 from fortress.oracle import LocalOracle, OutputMode, QueryLog, apply_output_mode
 from fortress.tensors import PROB_EPS, RANGE_TOL, check_images, check_probs, to_positive_probs
+from helpers import sharpen_heads
 
 
 def lenet(seed: int = 0) -> StagedBackbone:
@@ -54,12 +54,7 @@ def scrambled_dnf(seed: int = 0) -> DNF:
     """A DNF on a random LeNet-5 whose heads are scaled so that queries leave at every exit."""
     victim = lenet(seed)
     torch.manual_seed(seed + 100)
-    dnf = DNF(victim, head_kind="vib", thresholds=[0.5, 0.7, 0.9])
-    with torch.no_grad():
-        for h in dnf.net.heads:
-            assert isinstance(h, ExitHead)
-            h.encoder.weight.mul_(20.0)
-    return dnf
+    return sharpen_heads(DNF(victim, head_kind="vib", thresholds=[0.5, 0.7, 0.9]))
 
 
 # --------------------------------------------------------------------------------------------------

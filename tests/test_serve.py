@@ -28,12 +28,12 @@ from typer.testing import CliRunner
 from fortress.cli import app as cli_app
 from fortress.defenses import DNF, Undefended, load_defense
 from fortress.errors import BudgetExceeded, ConfigError
-from fortress.exits.heads import ExitHead
 from fortress.models import create_model, from_sequential, save_model
 from fortress.oracle import LocalOracle
 from fortress.serve import KeyRejected, KeyStore, ServeSettings, create_app
 from fortress.serve.decode import decode_npy
 from fortress.serve.metrics import Metrics
+from helpers import sharpen_heads
 
 SHAPE = (1, 28, 28)
 
@@ -57,12 +57,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     victim = create_model("lenet5").eval()
     save_model(victim, root / "victim")
-    dnf = DNF(victim, thresholds=[0.5, 0.7, 0.9], seed=0)
-    with torch.no_grad():
-        for h in dnf.net.heads:
-            assert isinstance(h, ExitHead)
-            h.encoder.weight.mul_(20.0)
-    dnf.save(root / "dnf")
+    sharpen_heads(DNF(victim, thresholds=[0.5, 0.7, 0.9], seed=0)).save(root / "dnf")
     return {"victim": root / "victim", "dnf": root / "dnf"}
 
 

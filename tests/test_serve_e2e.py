@@ -24,11 +24,10 @@ from typer.testing import CliRunner
 
 from fortress.bench.records import read_records
 from fortress.cli import app as cli_app
-from fortress.defenses import DNF, load_defense
-from fortress.exits.heads import ExitHead
-from fortress.models import create_model
+from fortress.defenses import load_defense
 from fortress.oracle import HttpOracle, LocalOracle
 from fortress.serve import KeyStore
+from helpers import sharp_random_dnf
 
 
 def free_port() -> int:
@@ -73,13 +72,7 @@ class RealServer:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     root = tmp_path_factory.mktemp("e2e")
-    torch.manual_seed(0)
-    dnf = DNF(create_model("lenet5").eval(), thresholds=[0.5, 0.7, 0.9], seed=0)
-    with torch.no_grad():
-        for h in dnf.net.heads:
-            assert isinstance(h, ExitHead)
-            h.encoder.weight.mul_(20.0)
-    dnf.save(root / "dnf")
+    sharp_random_dnf().save(root / "dnf")
     keys = root / "keys.db"
     store = KeyStore(keys)
     state: dict[str, object] = {"root": root, "keys": keys, "store": store}

@@ -13,22 +13,15 @@ from typer.testing import CliRunner
 from fortress.cli import app as cli_app
 from fortress.defenses import DNF
 from fortress.errors import ConfigError
-from fortress.exits.heads import ExitHead
-from fortress.models import create_model
 from fortress.monitor import calibrate_exit_sprt
 from fortress.serve import KeyStore, ServeSettings, create_app
 from fortress.tensors import to_positive_probs
+from helpers import sharp_random_dnf
 
 
 @pytest.fixture(scope="module")
 def dnf() -> DNF:
-    torch.manual_seed(0)
-    d = DNF(create_model("lenet5").eval(), thresholds=[0.5, 0.7, 0.9], seed=0)
-    with torch.no_grad():
-        for h in d.net.heads:
-            assert isinstance(h, ExitHead)
-            h.encoder.weight.mul_(20.0)  # random heads made confident: queries leave at every exit
-    return d
+    return sharp_random_dnf()  # random heads made confident: queries leave at every exit
 
 
 def _npy_body(x: torch.Tensor) -> dict[str, str]:

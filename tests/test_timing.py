@@ -18,23 +18,16 @@ from fortress.cli import ComputeMode
 from fortress.cli import app as cli_app
 from fortress.defenses import DNF
 from fortress.errors import ConfigError
-from fortress.exits.heads import ExitHead
-from fortress.models import create_model
 from fortress.serve import KeyStore
 from fortress.serve.app import create_app
 from fortress.serve.settings import ServeSettings
 from fortress.serve.timing import FullPathClock, PaddedCompute
+from helpers import sharp_random_dnf
 
 
 def tiny_dnf() -> DNF:
     """An untrained LeNet-5 DNF whose sharpened heads send some inputs out early."""
-    torch.manual_seed(0)
-    dnf = DNF(create_model("lenet5").eval(), thresholds=[0.5, 0.7, 0.9], seed=0)
-    with torch.no_grad():
-        for h in dnf.net.heads:
-            assert isinstance(h, ExitHead)
-            h.encoder.weight.mul_(20.0)
-    return dnf
+    return sharp_random_dnf()
 
 
 # -- the padding clock ---------------------------------------------------------------------------

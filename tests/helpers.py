@@ -1,0 +1,24 @@
+"""Shared test builders (imported by the test modules; pytest puts this folder on ``sys.path``)."""
+
+from __future__ import annotations
+
+import torch
+
+from fortress.defenses import DNF
+from fortress.exits.heads import ExitHead
+from fortress.models import create_model
+
+
+def sharpen_heads(dnf: DNF, factor: float = 20.0) -> DNF:
+    """Scale every exit head's encoder so that random heads answer confidently: queries leave at every exit."""
+    with torch.no_grad():
+        for h in dnf.net.heads:
+            assert isinstance(h, ExitHead)
+            h.encoder.weight.mul_(factor)
+    return dnf
+
+
+def sharp_random_dnf() -> DNF:
+    """An untrained LeNet-5 (seed 0) DNF with sharpened heads and thresholds 0.5/0.7/0.9."""
+    torch.manual_seed(0)
+    return sharpen_heads(DNF(create_model("lenet5").eval(), thresholds=[0.5, 0.7, 0.9], seed=0))
