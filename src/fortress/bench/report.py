@@ -360,12 +360,17 @@ def _checkpoint_series(recs: Sequence[ResultRecord]) -> tuple[list[float], list[
     return [float(q) for q in common], [s.mean for s in stats], [s.std for s in stats]
 
 
+def _by_attack(records: Sequence[ResultRecord]) -> dict[tuple[str, str, str, str, str], list[ResultRecord]]:
+    """Records per (dataset, victim arch, attack, output mode, clone arch or ""), in sorted order."""
+    groups: dict[tuple[str, str, str, str, str], list[ResultRecord]] = defaultdict(list)
+    for r in records:
+        groups[(r.dataset, r.victim_arch, r.attack, _mode(r), _clone(r))].append(r)
+    return dict(sorted(groups.items()))
+
+
 def _budget_panels(records: Sequence[ResultRecord]) -> dict[str, list[Series]]:
     panels: dict[str, list[Series]] = {}
-    keys = sorted({(r.dataset, r.victim_arch, r.attack, _mode(r), _clone(r)) for r in records})
-    for dataset, arch, attack, mode, clone in keys:
-        key = (dataset, arch, attack, mode, clone)
-        recs = [r for r in records if (r.dataset, r.victim_arch, r.attack, _mode(r), _clone(r)) == key]
+    for (dataset, arch, attack, mode, clone), recs in _by_attack(records).items():
         series: list[Series] = []
         for d in _ordered(r.defense for r in recs):
             mine = [r for r in recs if r.defense == d and r.clone_acc is not None]
@@ -383,9 +388,7 @@ def _budget_panels(records: Sequence[ResultRecord]) -> dict[str, list[Series]]:
 def _tradeoff_points(records: Sequence[ResultRecord]) -> list[tuple[str, str, float, float, float]]:
     """One point per defense × attack (output mode) at that attack's largest budget."""
     points: list[tuple[str, str, float, float, float]] = []
-    for key in sorted({(r.dataset, r.victim_arch, r.attack, _mode(r), _clone(r)) for r in records}):
-        dataset, arch, attack, mode, clone_arch = key
-        recs = [r for r in records if (r.dataset, r.victim_arch, r.attack, _mode(r), _clone(r)) == key]
+    for (dataset, arch, attack, mode, clone_arch), recs in _by_attack(records).items():
         top = max(r.budget for r in recs)
         for d in _ordered(r.defense for r in recs):
             mine = [r for r in recs if r.defense == d and r.budget == top and r.clone_acc is not None]
