@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fortress.errors import InvalidInput
 
-__all__ = ["PROB_EPS", "RANGE_TOL", "check_images", "check_probs", "to_positive_probs"]
+__all__ = ["PROB_EPS", "RANGE_TOL", "check_images", "check_labels", "check_probs", "to_positive_probs"]
 
 #: Floor applied to probabilities that cross the oracle, so attacks that take logs stay finite.
 PROB_EPS = 1e-8
@@ -58,6 +58,55 @@ def check_images(x: object, shape: Sequence[int] | None = None, *, name: str = "
     if lo < -RANGE_TOL or hi > 1.0 + RANGE_TOL:
         raise InvalidInput(f"{name} have values in [{lo:.4g}, {hi:.4g}], expected [0, 1] (scale 0-255 images by 1/255)")
     return x
+
+
+def check_labels(
+    y: object, n: int | None = None, num_classes: int | None = None, *, name: str = "labels"
+) -> Tensor:
+    """Validate class labels against the one label contract and return them as int64 ``(N,)``.
+
+    The contract: integer class indices, one per image, in ``[0, K)``. Any integer dtype (``int8``
+    … ``int64``, ``uint8``) is accepted and converted to ``int64``; a column ``(N, 1)`` is accepted
+    and flattened to ``(N,)``. Everything else is refused — floats, bools, one-hot or probability
+    rows ``(N, K)``, labels out of range — so ``(N,)`` and ``(N, 1)`` are never broadcast against
+    each other into an ``N × N`` comparison.
+
+    Args:
+        y: the candidate labels.
+        n: the number of images they label (``None``: any).
+        num_classes: ``K`` (``None``: only non-negativity is checked).
+        name: how to call the labels in error messages.
+
+    Returns:
+        ``y`` as an int64 ``(N,)`` tensor (no copy when it already is one).
+
+    Raises:
+        InvalidInput: naming the bad shape, dtype, count or range and what was expected.
+
+    Example:
+        >>> check_labels(torch.tensor([[1], [0]], dtype=torch.int32), 2, 10)
+        tensor([1, 0])
+    """
+    if not isinstance(y, Tensor):
+        raise InvalidInput(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
+    if y.dtype == torch.bool or y.dtype.is_floating_point or y.dtype.is_complex:
+        raise InvalidInput(
+            f"{name} must have an integer dtype (class indices), got {y.dtype}; "
+            "convert one-hot or probability rows with .argmax(1)"
+        )
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
+    if y.dim() != 1:
+        raise InvalidInput(f"{name} must have shape (N,) (or (N, 1)) of class indices, got shape {tuple(y.shape)}")
+    if n is not None and y.shape[0] != n:
+        raise InvalidInput(f"{name} hold {y.shape[0]} entries for {n} images; expected one label per image")
+    y = y.to(torch.int64)
+    if y.numel():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or (num_classes is not None and hi >= num_classes):
+            expected = f"[0, {num_classes - 1}]" if num_classes is not None else "non-negative"
+            raise InvalidInput(f"{name} are in [{lo}, {hi}], expected class indices in {expected}")
+    return y
 
 
 def check_probs(p: Tensor, *, atol: float = 1e-4, name: str = "probabilities") -> Tensor:
