@@ -7,13 +7,13 @@ full config is written next to every result record so a number can always be tra
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import tomli_w
-import tomllib
 
 from fortress.defenses.dnf.losses import DNFLossWeights
 from fortress.defenses.dnf.threshold_search import ThresholdSearchConfig
