@@ -252,7 +252,8 @@ def test_defend_builds_saves_and_the_attack_verb_loads_it(victim_dir: Path, tmp_
     ("args", "message"),
     [
         (["defend", "nope"], "unknown defense 'nope'"),
-        (["defend", "dnf"], "fortress protect"),
+        (["defend", "dnf", "--param", "train.epochs=0"], "epochs must be >= 1"),
+        (["defend", "dnf", "--param", "ood.kind=moon"], "ood.kind must be one of"),
         (["defend", "mad", "--param", "epsilon=-1"], "epsilon"),
     ],
 )
@@ -265,6 +266,46 @@ def test_defend_refuses_bad_requests_in_one_line(
     assert not (tmp_path / "d" / "defense.json").exists()
 
 
+def test_defend_dnf_builds_what_protect_builds(victim_dir: Path, dnf_dir: Path, tmp_path: Path) -> None:
+    """`defend dnf` runs the grid's DNF build (the DNF recipe): with protect's settings it saves the same model."""
+    out = tmp_path / "dnf"
+    res = runner.invoke(
+        app,
+        ["defend", "dnf", str(victim_dir), "--out", str(out), "--param", "train.epochs=1", "--param", "ood.kind=noise"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "dnf saved to" in res.output and "defended ID test accuracy" in res.output
+    assert sorted((out / "checkpoints").glob("attempt-*/dnf-checkpoint.json"))  # the recipe's resumable training
+    made, protected = json.loads((out / "defense.json").read_text()), json.loads((dnf_dir / "defense.json").read_text())
+    assert made["defense"] == "dnf"
+    assert made["params"] == protected["params"]  # thresholds (after the utility guard) included
+    weights = sorted(p.relative_to(out) for p in out.rglob("*.safetensors") if "checkpoints" not in p.parts)
+    assert weights
+    for rel in weights:
+        assert (out / rel).read_bytes() == (dnf_dir / rel).read_bytes(), rel
+
+
 def test_list_shows_the_monitors() -> None:
     res = runner.invoke(app, ["list", "monitors"])
     assert res.exit_code == 0 and "exit-sprt" in res.output and "prada" in res.output
+
+
+def test_monitor_calibrate_writes_a_calibration_the_monitor_loads(dnf_dir: Path, tmp_path: Path) -> None:
+    from fortress.data import mnist_splits
+    from fortress.defenses import load_defense
+    from fortress.monitor import ExitCalibration
+
+    out = tmp_path / "cal.json"
+    res = runner.invoke(app, ["monitor", "calibrate", str(dnf_dir), "--out", str(out), "--views", "1"])
+    assert res.exit_code == 0, res.output
+    cal = ExitCalibration.load(out)
+    n = 2 * len(mnist_splits().val.x)  # the validation split and one shifted, noisy copy of it
+    assert sum(cal.id_counts) == n and cal.num_exits == len(cal.id_counts) == load_defense(dnf_dir).num_exits
+    assert f"ID exits {list(cal.id_counts)} over {n:,} held-out queries" in res.output.replace("\n", " ")
+
+
+def test_monitor_calibrate_refuses_a_defense_without_exits(victim_dir: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["defend", "undefended", str(victim_dir), "--out", str(tmp_path / "u")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["monitor", "calibrate", str(tmp_path / "u"), "--out", str(tmp_path / "c.json")])
+    assert res.exit_code == 1 and res.output.startswith("error:") and "reports none" in res.output

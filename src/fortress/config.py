@@ -7,13 +7,15 @@ full config is written next to every result record so a number can always be tra
 from __future__ import annotations
 
 import dataclasses
+import json
+import tomllib
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import tomli_w
-import tomllib
 
 from fortress.defenses.dnf.losses import DNFLossWeights
 from fortress.defenses.dnf.threshold_search import ThresholdSearchConfig
@@ -247,3 +249,151 @@ def load_toml(cls: type[T], path: Path) -> T:
 
 # DNFLossWeights is re-exported for config files that spell out the loss weights.
 _ = DNFLossWeights
+
+
+# -- overrides from the command line -------------------------------------------------------------
+
+
+def parse_params(pairs: Sequence[str], *, what: str = "--param") -> dict[str, Any]:
+    """Read ``KEY=VALUE`` pairs into keyword arguments (the CLI's ``--param`` options).
+
+    A value is read as JSON where it parses (``3``, ``0.5``, ``true``, ``[1, 2]``, ``{"a": 1}``) and
+    kept as text otherwise. A dotted key sets one entry of a nested table: ``train.epochs=1`` gives
+    ``{"train": {"epochs": 1}}``, and ``train.lr=0.1`` after it adds to the same table.
+
+    Args:
+        pairs: the ``KEY=VALUE`` texts, in order (a later pair overrides an earlier one).
+        what: the option's name, for the error message.
+
+    Raises:
+        ConfigError: a pair without ``=`` or key, or a dotted key below a key that holds a value.
+
+    Example:
+        >>> parse_params(["epochs=2", "pool=patches", "train.lr=0.1"])
+        {'epochs': 2, 'pool': 'patches', 'train': {'lr': 0.1}}
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        path = key.split(".")
+        if not sep or not all(path):
+            raise ConfigError(f"{what} takes KEY=VALUE, got {pair!r}")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        table = out
+        for i, part in enumerate(path[:-1]):
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{what} {pair!r}: {'.'.join(path[: i + 1])!r} already holds a value, not a table")
+        table[path[-1]] = value
+    return out
+
+
+def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    """Read comma-separated numbers (``"0.9,0.95"``); ``None`` stays ``None``, empty items are skipped.
+
+    Raises:
+        ConfigError: an item is not a number (the message names ``what`` and the text).
+
+    Example:
+        >>> parse_floats("0.9, 0.95,", "--thresholds")
+        (0.9, 0.95)
+    """
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def defense_params(pairs: Sequence[str], fit_pairs: Sequence[str] = (), *, fit: bool = False) -> dict[str, Any]:
+    """A defense's build parameters from ``--param`` pairs, with a ``fit`` table when it should train.
+
+    ``fit_pairs`` (``--fit-param``) imply training; ``fit=True`` trains with the defaults. The result is
+    what :func:`fortress.bench.build.build_defense` and a grid's ``params`` take.
+
+    Example:
+        >>> defense_params(["tau=0.5"], ["epochs=1"])
+        {'tau': 0.5, 'fit': {'epochs': 1}}
+    """
+    params = parse_params(pairs)
+    if fit or fit_pairs:
+        params["fit"] = parse_params(fit_pairs, what="--fit-param")
+    return params
+
+
+def _merged(base: Any, overrides: Any) -> Any:
+    """``overrides`` laid over ``base``: tables merge key by key, anything else replaces."""
+    if isinstance(base, dict) and isinstance(overrides, dict):
+        out = dict(base)
+        for key, value in overrides.items():
+            out[key] = _merged(base.get(key), value)
+        return out
+    return overrides
+
+
+def merge_overrides(cfg: T, overrides: dict[str, Any], *, where: str = "options") -> T:
+    """Config dataclass ``cfg`` with nested ``overrides`` applied, checked as a TOML file would be.
+
+    A nested table merges into the field's own (``{"train": {"epochs": 1}}`` keeps the other training
+    settings); a table given for a field that is ``None`` starts from that config's defaults.
+
+    Raises:
+        ConfigError: an unknown key or a value of the wrong type (the message names it and ``where``).
+
+    Example:
+        >>> merge_overrides(ProtectConfig(), {"train": {"epochs": 1}}).train.epochs
+        1
+    """
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"{cfg!r} is not a dataclass instance")
+    return from_dict(type(cfg), _merged(to_dict(cfg), overrides), where=where)
+
+
+def protect_overrides(
+    cfg: ProtectConfig,
+    *,
+    head: str | None = None,
+    epochs: int | None = None,
+    seed: int | None = None,
+    ood: str | None = None,
+    thresholds: tuple[float, ...] | None = None,
+    search: bool = False,
+    search_trials: int | None = None,
+) -> ProtectConfig:
+    """A :class:`ProtectConfig` with the ``fortress protect`` options laid over it (``None``: keep).
+
+    Args:
+        cfg: the base config (defaults or a TOML file).
+        head: exit head kind (``vib`` or ``plain``).
+        epochs: DNF training epochs.
+        seed: seeds both DNF training and the OOD source.
+        ood: OOD source kind.
+        thresholds: per-head exit thresholds.
+        search: search thresholds with SMAC3 after training (the config's search settings or the defaults).
+        search_trials: threshold-search trials (implies ``search``).
+
+    Raises:
+        ConfigError: a value the config does not accept.
+
+    Example:
+        >>> protect_overrides(ProtectConfig(), epochs=1, seed=3).ood.seed
+        3
+    """
+    overrides: dict[str, Any] = {}
+    if head is not None:
+        overrides["head_kind"] = head
+    if epochs is not None:
+        overrides["train"] = {"epochs": epochs}
+    if seed is not None:
+        overrides = _merged(overrides, {"train": {"seed": seed}, "ood": {"seed": seed}})
+    if ood is not None:
+        overrides = _merged(overrides, {"ood": {"kind": ood}})
+    if thresholds is not None:
+        overrides["thresholds"] = list(thresholds)
+    if search or search_trials is not None:
+        overrides["search"] = {} if search_trials is None else {"n_trials": search_trials}
+    return merge_overrides(cfg, overrides)

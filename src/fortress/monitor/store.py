@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ class ProfileStore:
         flagged_at: int | None,
     ) -> None:
         """Insert or replace a key's profile and monitor state."""
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        now = datetime.now(UTC).isoformat(timespec="seconds")
         row = (key_id, json.dumps(profile), monitor, None if state is None else json.dumps(state), flagged_at, now)
         with self._lock:
             self._db.execute(
@@ -93,7 +93,7 @@ class ProfileStore:
 
     def clear_flag(self, key_id: str) -> bool:
         """Clear a stored key's flag and monitor state (the profile stays); ``False``: no record."""
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        now = datetime.now(UTC).isoformat(timespec="seconds")
         with self._lock:
             cur = self._db.execute(
                 "UPDATE key_profiles SET state = NULL, flagged_at = NULL, updated_at = ? WHERE key_id = ?",

@@ -15,7 +15,7 @@ import hashlib
 import secrets
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fortress.errors import BudgetExceeded, ConfigError, FortressError
@@ -95,7 +95,7 @@ def hash_key(secret: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _row(row: tuple[object, ...]) -> ApiKey:

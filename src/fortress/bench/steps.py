@@ -1,0 +1,252 @@
+"""Whole steps on saved artifacts, one call each: defend or protect a saved victim, attack a saved
+defense or a server, calibrate a monitor on a saved DNF.
+
+Each step loads what it is given, runs the library call that does the work
+(:func:`~fortress.bench.build.build_defense`, :func:`~fortress.bench.pipeline.protect`,
+:func:`~fortress.bench.pipeline.run_attack`, :func:`~fortress.monitor.calibrate_from_defense`),
+saves what it made and returns it with its figures. They are what the CLI verbs call; progress comes
+back through ``event(stage, completed, total)``.
+
+The defender's data are the embedded MNIST digits (:data:`DEFAULT_DATASET`), as for every CLI verb;
+other data sets plug in through the Python API (``fortress.data.loaders``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fortress.bench.records import ResultRecord
+    from fortress.config import AttackConfig, ProtectConfig
+    from fortress.defenses.base import Defense
+    from fortress.defenses.dnf import DNF
+    from fortress.monitor.exit_sprt import ExitCalibration
+
+__all__ = [
+    "DEFAULT_DATASET",
+    "Attacked",
+    "Calibrated",
+    "Defended",
+    "EventFn",
+    "Protected",
+    "attack_saved",
+    "calibrate_saved",
+    "defend_saved",
+    "is_url",
+    "protect_saved",
+]
+
+#: The defender's data set of the single steps and the CLI: the embedded MNIST digits.
+DEFAULT_DATASET = "mnist"
+
+#: ``event(stage, completed, total)``: progress of one named stage.
+EventFn = Callable[[str, float, float], None]
+
+
+@dataclass(frozen=True)
+class Defended:
+    """A defense built on a saved victim and saved to ``out``.
+
+    Attributes:
+        defense: the built (and, where it trains, trained) defense.
+        out: where it was saved.
+        accuracy: accuracy of its answers on the ID test split, a fraction in [0, 1].
+        exit_hist: share of ID test queries per exit (empty for a defense without exits).
+    """
+
+    defense: Defense
+    out: Path
+    accuracy: float
+    exit_hist: list[float]
+
+
+@dataclass(frozen=True)
+class Protected:
+    """A saved victim protected with DNF and saved to ``out`` (fields as :class:`Defended`)."""
+
+    dnf: DNF
+    out: Path
+    accuracy: float
+    exit_hist: list[float]
+
+
+@dataclass(frozen=True)
+class Attacked:
+    """One attack's result record and the ``results.jsonl`` it was appended to."""
+
+    record: ResultRecord
+    results: Path
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """An exit-sprt calibration saved to ``out``, made from ``queries`` held-out ID queries."""
+
+    calibration: ExitCalibration
+    out: Path
+    queries: int
+
+
+def is_url(target: str) -> bool:
+    """Whether an attack target names a ``fortress serve`` server (``http(s)://``) rather than a directory."""
+    return target.startswith(("http://", "https://"))
+
+
+def defend_saved(
+    name: str,
+    victim_dir: Path,
+    out: Path,
+    params: dict[str, Any] | None = None,
+    *,
+    dataset: str = DEFAULT_DATASET,
+    event: EventFn | None = None,
+) -> Defended:
+    """Build defense ``name`` on the victim saved in ``victim_dir`` as a grid builds it, save it to ``out``.
+
+    The build is :func:`fortress.bench.build.build_defense`: the constructor with ``params`` (and
+    ``defense.fit`` on the ID data when ``params`` holds a ``fit`` table); for ``dnf`` the DNF recipe
+    with ``params`` read as a :class:`~fortress.config.ProtectConfig` (checkpoints in ``out/checkpoints``).
+
+    Raises:
+        UnknownComponent: ``name`` is not a registered defense.
+        ConfigError: ``params`` do not fit the defense (checked before the victim is loaded).
+        ArtifactError: ``victim_dir`` holds no readable victim.
+    """
+    from fortress.bench.build import BuildContext, build_defense, check_defense_params
+    from fortress.bench.pipeline import defended_accuracy, id_data
+    from fortress.models import load_model
+
+    params = dict(params or {})
+    check_defense_params(name, params)
+    victim = load_model(victim_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = f"build {name}"
+    _emit(event, stage, 0, 1)
+    defense = build_defense(name, victim, params, BuildContext(dataset=dataset, out=out))
+    _emit(event, stage, 1, 1)
+    defense.save(out)
+    acc, hist = defended_accuracy(defense, id_data(dataset).test)
+    return Defended(defense, out, acc, hist)
+
+
+def protect_saved(
+    victim_dir: Path,
+    out: Path,
+    cfg: ProtectConfig,
+    *,
+    resume: bool = True,
+    dataset: str = DEFAULT_DATASET,
+    event: EventFn | None = None,
+) -> Protected:
+    """Protect the victim saved in ``victim_dir`` with DNF (:func:`fortress.bench.pipeline.protect`), save to ``out``.
+
+    Stages reported: ``train OOD generator`` (DCGAN epochs, when the OOD source has one) and
+    ``train DNF exits`` (fractional epochs).
+
+    Raises:
+        ArtifactError: ``victim_dir`` holds no readable victim.
+        ConfigError: settings DNF cannot use (e.g. a threshold per head that does not fit the heads).
+    """
+    from fortress.bench.pipeline import defended_accuracy, id_data, protect
+    from fortress.models import load_model
+
+    victim = load_model(victim_dir)
+    epochs = cfg.train.epochs
+    dnf = protect(
+        victim,
+        cfg,
+        dataset=dataset,
+        out=out,
+        resume=resume,
+        on_dcgan_epoch=lambda e, _g, _d: _emit(event, "train OOD generator", e + 1, cfg.ood.dcgan_epochs),
+        on_step=lambda s: _emit(event, "train DNF exits", s.epoch + (s.step + 1) / s.steps_per_epoch, epochs),
+    )
+    acc, hist = defended_accuracy(dnf, id_data(dataset).test)
+    return Protected(dnf, out, acc, hist)
+
+
+def attack_saved(
+    target: str,
+    cfg: AttackConfig,
+    out: Path,
+    *,
+    reference: Path | None = None,
+    api_key: str | None = None,
+    api_budget: int | None = None,
+    dataset: str = DEFAULT_DATASET,
+    event: EventFn | None = None,
+) -> Attacked:
+    """Attack a saved defense (or victim) directory or a ``fortress serve`` URL; append the record to ``out``.
+
+    The record goes to ``out/results.jsonl`` only once the attack finished, so an attack stopped by
+    an error (e.g. the server's quota, :class:`~fortress.errors.BudgetExceeded`) leaves earlier
+    records as they were. The stage reported is ``"<attack> vs <defense name or URL>"`` (queries used
+    of the budget).
+
+    Args:
+        target: a directory saved by ``defend``/``protect``/``train-victim``, or an ``http(s)://`` URL.
+        cfg: the attack.
+        out: directory of ``results.jsonl``.
+        reference: URL targets: a local copy of the served defense, for off-budget evaluation.
+        api_key: URL targets: the key the server issued.
+        api_budget: the target's own query quota (default: the attack budget).
+        dataset: the defender's data (evaluation set).
+        event: progress callback.
+    """
+    from fortress.bench.pipeline import run_attack
+    from fortress.bench.records import append_record
+    from fortress.defenses import load_defense
+
+    ref = None if reference is None else load_defense(reference)
+    defense: Defense | str = target if is_url(target) else load_defense(Path(target))
+    label = defense if isinstance(defense, str) else defense.name
+    stage = f"{cfg.name} vs {label}"
+    rec = run_attack(
+        defense,
+        cfg,
+        reference=ref,
+        api_key=api_key,
+        dataset=dataset,
+        progress=lambda used, budget: _emit(event, stage, used, budget),
+        extra_config={"target": str(target)},
+        api_budget=api_budget,
+    )
+    results = out / "results.jsonl"
+    append_record(results, rec)
+    return Attacked(rec, results)
+
+
+def calibrate_saved(
+    model_dir: Path,
+    out: Path,
+    *,
+    alpha: float = 0.01,
+    horizon: int = 10_000,
+    views: int = 3,
+    seed: int = 0,
+    dataset: str = DEFAULT_DATASET,
+) -> Calibrated:
+    """Calibrate the exit-sprt monitor for the DNF saved in ``model_dir`` on held-out ID data; save to ``out``.
+
+    The held-out queries are the ID validation split plus ``views`` shifted, noisy copies of it
+    (:func:`fortress.monitor.exit_sprt.light_views`); ``alpha`` is the share of ID keys flagged within
+    ``horizon`` queries (:func:`fortress.monitor.calibrate_from_defense`).
+    """
+    from fortress.bench.pipeline import id_data
+    from fortress.defenses import load_defense
+    from fortress.monitor import calibrate_from_defense
+    from fortress.monitor.exit_sprt import light_views
+
+    defense = load_defense(model_dir)
+    x = light_views(id_data(dataset).val.x, views, seed=seed)
+    cal = calibrate_from_defense(defense, x, alpha=alpha, horizon=horizon, seed=seed)
+    cal.save(out)
+    return Calibrated(cal, out, len(x))
+
+
+def _emit(event: EventFn | None, stage: str, completed: float, total: float) -> None:
+    if event is not None:
+        event(stage, completed, total)

@@ -1,0 +1,5 @@
+"""``python -m fortress.cli`` runs the CLI."""
+
+from fortress.cli import main
+
+main()

@@ -1,0 +1,82 @@
+"""The ``fortress`` Typer app and what every verb shares: the consoles, one-line errors and progress.
+
+This package is the only place that configures logging and draws progress bars.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fortress.errors import FortressError
+
+__all__ = ["app", "console", "err_console", "friendly", "progress"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+app = typer.Typer(
+    name="fortress",
+    help="Protect image classifiers against model extraction with Dynamic Neural Fortresses, and measure defenses.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# wide enough for the results table when output is piped or logged (a terminal keeps its own width)
+console = Console(width=None if Console().is_terminal else 160)
+err_console = Console(stderr=True)
+
+
+def friendly(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn library errors into one line on stderr and exit status 1; Ctrl-C into status 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except FortressError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted: finished results and checkpoints are kept", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages to stderr.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+@contextmanager
+def progress() -> Iterator[Callable[[str, float, float], None]]:
+    """A rich progress display fed by ``update(stage, completed, total)`` callbacks (one bar per stage)."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+        disable=not err_console.is_terminal,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, completed: float, total: float) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=completed, total=total)
+
+        yield update

@@ -1,0 +1,104 @@
+"""Verbs that make models: ``train-victim``, ``defend`` (any registered defense, DNF included) and
+``protect`` (DNF with its options spelled out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fortress.cli.base import app, console, friendly, progress
+
+__all__ = ["defend_cmd", "protect_cmd", "train_victim_cmd"]
+
+
+@app.command("train-victim")
+@friendly
+def train_victim_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the saved victim.")],
+    arch: Annotated[str, typer.Option(help="Model registry name.")] = "lenet5",
+    epochs: Annotated[int, typer.Option(help="Training epochs (paper: 20).")] = 20,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Train a victim on the embedded MNIST digits and save it (safetensors + JSON)."""
+    from fortress.bench.pipeline import train_victim
+    from fortress.config import VictimConfig
+
+    cfg = VictimConfig(arch=arch, epochs=epochs, lr=lr, seed=seed)
+    with progress() as update:
+        _, acc = train_victim(cfg, out, on_epoch=lambda e, _l, _a: update("train victim", e + 1, epochs))
+    console.print(f"victim {arch}: ID test accuracy {100 * acc:.2f}% — saved to {out}", highlight=False)
+
+
+@app.command("defend")
+@friendly
+def defend_cmd(
+    name: Annotated[str, typer.Argument(help="Defense registry name (see `fortress list defenses`).")],
+    victim: Annotated[Path, typer.Argument(help="Directory of a saved victim.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the saved defense.")],
+    param: Annotated[
+        list[str] | None, typer.Option(help="Defense hyper-parameter KEY=VALUE (a dotted KEY sets a nested one).")
+    ] = None,
+    fit: Annotated[
+        bool, typer.Option(help="Train the defense's own parts on the ID data (MeCo, adaptive misinformation, ...).")
+    ] = False,
+    fit_param: Annotated[list[str] | None, typer.Option(help="Training option KEY=VALUE (implies --fit).")] = None,
+) -> None:
+    """Wrap a saved victim in a defense (trained where it trains), save it and report its utility.
+
+    Built exactly as a benchmark grid builds it. For dnf the params are the protect config's
+    (e.g. --param train.epochs=1 --param ood.kind=noise); `fortress protect` has them as options.
+    """
+    from fortress.bench.steps import defend_saved
+    from fortress.config import defense_params
+
+    params = defense_params(param or [], fit_param or [], fit=fit)
+    with progress() as update:
+        made = defend_saved(name, victim, out, params, event=update)
+    console.print(
+        f"{name} saved to {out}: defended ID test accuracy {100 * made.accuracy:.2f}%",
+        highlight=False,
+    )
+
+
+@app.command("protect")
+@friendly
+def protect_cmd(
+    victim: Annotated[Path, typer.Argument(help="Directory of a saved victim.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the protected model.")],
+    config: Annotated[Path | None, typer.Option(help="ProtectConfig TOML (options below override it).")] = None,
+    head: Annotated[str | None, typer.Option(help="Exit head kind: vib (paper) or plain.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="DNF training epochs (paper: 10).")] = None,
+    ood: Annotated[str | None, typer.Option(help="OOD source: dcgan, proxy, noise or dcgan+noise.")] = None,
+    thresholds: Annotated[str | None, typer.Option(help="Comma-separated per-head thresholds.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of DNF training.")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume from checkpoints in OUT/checkpoints.")] = True,
+    search_thresholds: Annotated[
+        bool, typer.Option(help="Search exit thresholds with SMAC3 after training (paper App. H).")
+    ] = False,
+    search_trials: Annotated[int | None, typer.Option(help="Threshold-search trials (default 50).")] = None,
+) -> None:
+    """Protect a saved victim with DNF: train exit heads on ID + OOD data, then save."""
+    from fortress.bench.steps import protect_saved
+    from fortress.bench.tables import exit_hist
+    from fortress.config import ProtectConfig, load_toml, parse_floats, protect_overrides
+
+    cfg = protect_overrides(
+        load_toml(ProtectConfig, config) if config is not None else ProtectConfig(),
+        head=head,
+        epochs=epochs,
+        seed=seed,
+        ood=ood,
+        thresholds=parse_floats(thresholds, "--thresholds"),
+        search=search_thresholds,
+        search_trials=search_trials,
+    )
+    with progress() as update:
+        made = protect_saved(victim, out, cfg, resume=resume, event=update)
+    console.print(
+        f"DNF saved to {out}: defended ID accuracy {100 * made.accuracy:.2f}%, "
+        f"ID exits (%) {exit_hist(made.exit_hist)}, thresholds {made.dnf.thresholds}",
+        highlight=False,
+    )
