@@ -56,7 +56,7 @@ def centered_log_probs(p: Tensor, eps: float = 1e-8) -> Tensor:
 
     Example:
         >>> logits = torch.tensor([[1.0, 2.0, 3.0]])
-        >>> torch.allclose(centered_log_probs(logits.softmax(1)), logits - logits.mean(1, keepdim=True))
+        >>> torch.allclose(centered_log_probs(logits.softmax(1)), logits - logits.mean(1, keepdim=True), atol=1e-6)
         True
     """
     lp = safe_log(p, eps)
