@@ -15,10 +15,10 @@ import json
 
 import torch
 
-from fortress.attacks.common import DFMEGenerator, to_unit
 from fortress.bench.speed import compare_forward_speed
 from fortress.data import mnist_splits, noise_images
 from fortress.defenses import DNF, load_defense
+from fortress.generative.dfme import DFMEGenerator, to_unit
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from fortress.attacks import ATTACKS, ActiveThief
 from fortress.attacks.activethief import _softmax_outputs, deepfool_norms, k_center_greedy
-from fortress.bench.pipeline import DEFAULT_POOLS
 from fortress.defenses.undefended import Undefended
 from fortress.errors import BudgetExceeded, ConfigError
 from fortress.models import StagedBackbone, create_model
@@ -236,4 +235,4 @@ def test_bad_settings_are_rejected(victim: StagedBackbone, kwargs: dict[str, Any
 
 def test_registered_with_a_default_pool() -> None:
     assert ATTACKS.get("activethief") is ActiveThief
-    assert DEFAULT_POOLS["activethief"] == "patches"
+    assert ActiveThief.default_pool == "patches"

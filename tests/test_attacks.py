@@ -15,18 +15,17 @@ from torch import Tensor, nn
 
 from fortress.attacks import ATTACKS, DFME, EvalSet, KnockoffNets
 from fortress.attacks.common import (
-    DFMEGenerator,
     centered_log_probs,
     class_diversity_loss,
     safe_log,
     soft_cross_entropy,
-    to_unit,
     train_clone,
 )
 from fortress.attacks.dfme import _disagreement, zo_gradient
 from fortress.data.embedded import mnist_splits
 from fortress.defenses.undefended import Undefended
 from fortress.errors import BudgetExceeded, ConfigError
+from fortress.generative.dfme import DFMEGenerator, to_unit
 from fortress.models import StagedBackbone, create_model, from_sequential, train_classifier
 from fortress.oracle import LocalOracle, OutputMode
 

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from fortress.attacks import ATTACKS, DFMSHL, EvalSet
 from fortress.attacks.dfms_hl import hard_labels
-from fortress.bench.pipeline import DEFAULT_POOLS
 from fortress.data.embedded import mnist_splits
 from fortress.defenses.undefended import Undefended
 from fortress.errors import BudgetExceeded, ConfigError
@@ -75,7 +74,7 @@ def run(
 
 def test_registered_with_a_default_proxy_pool() -> None:
     assert ATTACKS.get("dfms-hl") is DFMSHL
-    assert DEFAULT_POOLS["dfms-hl"] == "patches"
+    assert DFMSHL.default_pool == "patches"
 
 
 def test_hard_labels_is_the_argmax_of_any_output_mode() -> None:

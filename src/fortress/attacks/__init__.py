@@ -1,13 +1,19 @@
-"""Extraction attacks, registered by name; each sees only an :class:`~fortress.oracle.Oracle`."""
+"""Extraction attacks, registered by name; each sees only an :class:`~fortress.oracle.Oracle`.
+
+A new attack is one file (an :class:`Attack` subclass: hyper-parameters declared with :func:`hp`,
+the extraction step written against an :class:`AttackRun`, see :mod:`fortress.attacks.base`) and
+one ``ATTACKS.add(name, cls)`` line below.
+"""
 
 from __future__ import annotations
 
 from fortress.attacks.activethief import ActiveThief
 from fortress.attacks.adaptive import AdaptiveEntropy
 from fortress.attacks.arch_steal import ArchSteal
-from fortress.attacks.base import Attack, AttackResult, Checkpoint, EvalSet, ProgressFn
+from fortress.attacks.base import Attack, AttackResult, AttackRun, Checkpoint, EvalSet, PoolKind, ProgressFn
 from fortress.attacks.dfme import DFME
 from fortress.attacks.dfms_hl import DFMSHL
+from fortress.attacks.hparams import hp
 from fortress.attacks.jbda import JBDA
 from fortress.attacks.knockoff import KnockoffNets
 from fortress.registry import Registry
@@ -22,10 +28,13 @@ __all__ = [
     "ArchSteal",
     "Attack",
     "AttackResult",
+    "AttackRun",
     "Checkpoint",
     "EvalSet",
     "KnockoffNets",
+    "PoolKind",
     "ProgressFn",
+    "hp",
 ]
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")

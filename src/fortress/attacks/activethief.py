@@ -7,20 +7,18 @@ the unlabelled pool: at random, by uncertainty (entropy), by greedy k-center cor
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from fortress.attacks.base import Attack, AttackResult, EvalSet, ProgressFn
-from fortress.attacks.common import safe_log, train_clone
+from fortress.attacks.base import AttackRun, PoolKind
+from fortress.attacks.common import safe_log
+from fortress.attacks.growing_set import GrowingSetAttack
+from fortress.attacks.hparams import hp
 from fortress.errors import ConfigError
-from fortress.oracle import Oracle, OutputMode
 
 __all__ = ["ActiveThief", "ActiveThiefStrategy", "deepfool_norms", "k_center_greedy"]
-
-log = logging.getLogger(__name__)
 
 #: Selection strategies of ActiveThief (the original's names, ``dfal+k-center`` for "DFAL + k-center").
 ActiveThiefStrategy = Literal["random", "uncertainty", "k-center", "dfal", "dfal+k-center"]
@@ -138,7 +136,7 @@ def deepfool_norms(
     return torch.cat(norms) if norms else torch.zeros(0)
 
 
-class ActiveThief(Attack):
+class ActiveThief(GrowingSetAttack):
     """ActiveThief (Pal, Gupta, Shukla, Kanade, Shevade, Ganapathy, AAAI 2020).
 
     ``seed_size`` random pool images are queried; then each of ``rounds`` rounds (1) trains the
@@ -197,82 +195,43 @@ class ActiveThief(Attack):
     """
 
     name = "activethief"
-    output_modes = (OutputMode.SOFT, OutputMode.HARD, OutputMode.TOPK)
+    pool_kind = PoolKind.NATURAL
+    default_pool = "patches"
 
-    def __init__(
-        self,
-        oracle: Oracle,
-        *,
-        budget: int,
-        seed: int = 0,
-        strategy: ActiveThiefStrategy = "uncertainty",
-        seed_size: int | None = None,
-        rounds: int = 10,
-        epochs: int = 30,
-        lr: float = 1e-3,
-        batch_size: int = 50,
-        retrain_from_scratch: bool = True,
-        deepfool_iters: int = 20,
-        overshoot: float = 0.02,
-        dfal_candidates: int | None = None,
-        dfal_shortlist: int | None = None,
-    ) -> None:
-        super().__init__(oracle, budget=budget, seed=seed)
-        if strategy not in get_args(ActiveThiefStrategy):
-            valid = ", ".join(get_args(ActiveThiefStrategy))
-            raise ConfigError(f"activethief strategy must be one of {valid}, got {strategy!r}")
-        for label, value in (
-            ("rounds", rounds),
-            ("epochs", epochs),
-            ("batch_size", batch_size),
-            ("deepfool_iters", deepfool_iters),
-        ):
-            if value < 1:
-                raise ConfigError(f"{label} must be >= 1, got {value}")
-        seed_n = max(1, self.budget // (rounds + 1)) if seed_size is None else seed_size
-        if not 1 <= seed_n <= self.budget:
-            raise ConfigError(f"seed_size must be in [1, budget={self.budget}], got {seed_n}")
-        if not lr > 0:
-            raise ConfigError(f"lr must be > 0, got {lr}")
-        if overshoot < 0:
-            raise ConfigError(f"overshoot must be >= 0, got {overshoot}")
-        for label, opt in (("dfal_candidates", dfal_candidates), ("dfal_shortlist", dfal_shortlist)):
-            if opt is not None and opt < 1:
-                raise ConfigError(f"{label} must be >= 1 or None, got {opt}")
-        self.strategy: ActiveThiefStrategy = strategy
-        self.seed_size = seed_n
-        self.rounds = rounds
-        self.epochs = epochs
-        self.lr = float(lr)
-        self.batch_size = batch_size
-        self.retrain_from_scratch = bool(retrain_from_scratch)
-        self.deepfool_iters = deepfool_iters
-        self.overshoot = float(overshoot)
-        self.dfal_candidates = dfal_candidates
-        self.dfal_shortlist = dfal_shortlist
+    strategy: ActiveThiefStrategy = hp(default="uncertainty")
+    seed_size: int | None = hp(default=None, ge=1)
+    rounds: int = hp(default=10, ge=1)
+    epochs: int = hp(default=30, ge=1)
+    batch_size: int = hp(default=50, ge=1)
+    deepfool_iters: int = hp(default=20, ge=1)
+    overshoot: float = hp(default=0.02, ge=0)
+    dfal_candidates: int | None = hp(default=None, ge=1)
+    dfal_shortlist: int | None = hp(default=None, ge=1)
 
-    def hparams(self) -> dict[str, Any]:
-        return {
-            **super().hparams(),
-            "strategy": self.strategy,
-            "seed_size": self.seed_size,
-            "rounds": self.rounds,
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "retrain_from_scratch": self.retrain_from_scratch,
-            "deepfool_iters": self.deepfool_iters,
-            "overshoot": self.overshoot,
-            "dfal_candidates": self.dfal_candidates,
-            "dfal_shortlist": self.dfal_shortlist,
-        }
+    def _validate(self) -> None:
+        if self.seed_size is None:  # the seed set and every round about the same size
+            self.seed_size = max(1, self.budget // (self.rounds + 1))
+        if not 1 <= self.seed_size <= self.budget:
+            raise ConfigError(f"seed_size must be in [1, budget={self.budget}], got {self.seed_size}")
+        self._chosen = torch.zeros(0, dtype=torch.long)
+        self._free = torch.zeros(0, dtype=torch.bool)
+
+    def _seed_count(self) -> int:
+        assert self.seed_size is not None  # derived in _validate
+        return self.seed_size
+
+    def _epochs(self) -> int:
+        return self.epochs
+
+    def _pool_minimum(self) -> tuple[int, str]:
+        return self.budget, f"the budget of {self.budget} (activethief queries each pool image at most once)"
 
     def round_sizes(self) -> list[int]:
         """Queries of each round: the seed set, then ``budget − seed_size`` split over the rounds."""
-        rest = self.budget - self.seed_size
+        rest = self.budget - self._seed_count()
         base, extra = divmod(rest, self.rounds)
         steps = [base + (1 if r < extra else 0) for r in range(self.rounds)]
-        return [self.seed_size] + [s for s in steps if s > 0]
+        return [self._seed_count()] + [s for s in steps if s > 0]
 
     def select(
         self, clone: nn.Module, labelled: Tensor, unlabelled: Tensor, k: int, generator: torch.Generator
@@ -298,93 +257,32 @@ class ActiveThief(Attack):
         picks = k_center_greedy(_softmax_outputs(clone, unlabelled[short]), _softmax_outputs(clone, labelled), k)
         return short[picks]
 
-    def run(
-        self,
-        clone: nn.Module,
-        pool: Tensor | None = None,
-        *,
-        eval_set: EvalSet | None = None,
-        eval_every: int | None = None,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
-        """Query a random seed set from ``pool``, then alternate clone training and active selection.
+    def _seeded(self, run: AttackRun, indices: Tensor) -> None:
+        self._chosen = indices
+        self._free = torch.ones(run.pool.shape[0], dtype=torch.bool)
+        self._free[indices] = False
 
-        Args:
-            clone: the clone network (trained in place).
-            pool: the attacker's unlabelled images ``(N, C, H, W)`` in [0, 1], ``N >= budget``.
-            eval_set: scored after each training whenever ``eval_every`` queries have passed since
-                the last checkpoint (never charged to the budget).
-            eval_every: queries between checkpoints (``None``: after every training).
-            progress: called after every oracle call.
+    def _grow(self, run: AttackRun, x: Tensor, y: Tensor, round_index: int) -> Tensor | None:
+        """The next round's picks among the pool images not yet queried (``None`` after the last round)."""
+        sizes = self.round_sizes()
+        if round_index + 1 >= len(sizes):
+            return None
+        free = self._free.nonzero().squeeze(1)
+        new = free[self.select(run.clone, x, run.pool[free], sizes[round_index + 1], run.rng)]
+        self._free[new] = False
+        self._chosen = torch.cat([self._chosen, new])
+        return run.pool[new]
+
+    def _extract(self, run: AttackRun) -> dict[str, Any]:
+        """Query a random seed set from the pool, then alternate clone training and active selection.
+
+        The pool holds the attacker's unlabelled images ``(N, C, H, W)`` in [0, 1], ``N >= budget``
+        (no image is queried twice). Checkpoints are scored after a training whenever
+        ``eval_every`` queries have passed since the last one (``None``: after every training).
 
         Extras of the result: ``rounds`` (selection rounds done), ``round_sizes`` (labelled-set
         size at each training), ``selected`` (pool indices in query order), ``label_hist`` (oracle
         top-1 counts over the queries) and ``train_loss`` (last epoch's loss of each training).
-
-        Raises:
-            ConfigError: ``pool`` is missing, has the wrong image shape or fewer than ``budget``
-                images (no image is queried twice); ``eval_every < 1``.
-            BudgetExceeded: the oracle's own budget is smaller than this attack's.
         """
-        pool = self._require_pool(
-            pool,
-            who="activethief",
-            min_rows=self.budget,
-            what=f"the budget of {self.budget} (activethief queries each pool image at most once)",
-        )
-        if eval_every is not None and eval_every < 1:
-            raise ConfigError(f"eval_every must be >= 1 query or None, got {eval_every}")
-        self._begin()
-        rng = torch.Generator().manual_seed(self.seed)
-        init_state = {k: v.detach().clone() for k, v in clone.state_dict().items()}
-        n_pool = pool.shape[0]
-        sizes = self.round_sizes()
-        chosen = torch.randperm(n_pool, generator=rng)[: sizes[0]]
-        unlabelled_mask = torch.ones(n_pool, dtype=torch.bool)
-        unlabelled_mask[chosen] = False
-        y = self.oracle.query(pool[chosen])
-        if progress is not None:
-            progress(self.queries_used, self.budget)
-        losses: list[float] = []
-        trained_sizes: list[int] = []
-        last_cp: int | None = None
-        for step in [*sizes[1:], 0]:
-            if self.retrain_from_scratch:
-                clone.load_state_dict(init_state)
-            losses.append(
-                train_clone(
-                    clone,
-                    pool[chosen],
-                    y,
-                    epochs=self.epochs,
-                    batch_size=self.batch_size,
-                    lr=self.lr,
-                    generator=rng,
-                )[-1]
-            )
-            trained_sizes.append(int(chosen.shape[0]))
-            if eval_every is None or last_cp is None or self.queries_used - last_cp >= eval_every:
-                self._checkpoint(clone, eval_set)
-                last_cp = self.queries_used
-            if step == 0:
-                break
-            free = unlabelled_mask.nonzero().squeeze(1)
-            new = free[self.select(clone, pool[chosen], pool[free], step, rng)]
-            answers = self.oracle.query(pool[new])
-            if progress is not None:
-                progress(self.queries_used, self.budget)
-            unlabelled_mask[new] = False
-            chosen, y = torch.cat([chosen, new]), torch.cat([y, answers])
-            log.debug(
-                "activethief round %d: %d labelled, %d queries used", len(trained_sizes), len(chosen), self.queries_used
-            )
-        hist = torch.bincount(y.argmax(dim=1), minlength=y.shape[1])
-        return self._finish(
-            clone,
-            eval_set,
-            rounds=len(trained_sizes) - 1,
-            round_sizes=trained_sizes,
-            selected=chosen.tolist(),
-            label_hist=hist.tolist(),
-            train_loss=losses,
-        )
+        extras = super()._extract(run)
+        return {**extras, "selected": self._chosen.tolist()}

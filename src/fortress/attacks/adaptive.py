@@ -20,19 +20,20 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from fortress.attacks.base import AttackResult, EvalSet, ProgressFn
-from fortress.attacks.common import OptimizerName, safe_log
-from fortress.attacks.dfme import DFME, DFMELoss, _disagreement
+from fortress.attacks.base import AttackRun
+from fortress.attacks.common import keep_requires_grad, safe_log
+from fortress.attacks.dfme import DFME, _disagreement
+from fortress.attacks.hparams import hp
 from fortress.defenses.dnf.losses import entropy
 from fortress.errors import ConfigError
 from fortress.exits.network import EarlyExitNet, select_exits
 from fortress.models.staged import StagedBackbone
-from fortress.oracle import Oracle, OutputMode
+from fortress.oracle import OutputMode
 
 __all__ = ["AdaptiveEntropy", "AdaptiveVariant", "EarlyExitClone", "QueryPush", "answer_margin"]
 
@@ -84,11 +85,11 @@ class EarlyExitClone(nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        flags = [p.requires_grad for p in backbone.parameters()]
-        # plain heads: the attacker copies the layout, not DNF's variational bottleneck
-        self.net = EarlyExitNet(backbone, exit_after=exit_after, head_kind="plain", thresholds=thresholds, seed=seed)
-        for p, flag in zip(backbone.parameters(), flags, strict=True):
-            p.requires_grad_(flag)  # EarlyExitNet freezes the backbone; the attacker trains it
+        with keep_requires_grad(backbone):  # EarlyExitNet freezes the backbone; the attacker trains it
+            # plain heads: the attacker copies the layout, not DNF's variational bottleneck
+            self.net = EarlyExitNet(
+                backbone, exit_after=exit_after, head_kind="plain", thresholds=thresholds, seed=seed
+            )
 
     def train(self, mode: bool = True) -> EarlyExitClone:
         """Heads *and* backbone follow ``mode`` (EarlyExitNet keeps a frozen backbone in eval mode)."""
@@ -182,97 +183,24 @@ class AdaptiveEntropy(DFME):
     name = "adaptive-entropy"
     output_modes = (OutputMode.SOFT,)
 
-    def __init__(
-        self,
-        oracle: Oracle,
-        *,
-        budget: int,
-        seed: int = 0,
-        variant: AdaptiveVariant = "entropy",
-        alpha: float = 0.1,
-        exit_after: Sequence[int] | None = None,
-        thresholds: Sequence[float] = MNIST_THRESHOLDS,
-        push: QueryPush = "late-exit",
-        push_weight: float = 0.0,
-        suspect_weight: float = 1.0,
-        batch_size: int = 256,
-        grad_m: int = 1,
-        grad_epsilon: float = 1e-3,
-        g_iter: int = 1,
-        d_iter: int = 5,
-        nz: int = 256,
-        ngf: int = 16,
-        loss: DFMELoss = "l1",
-        lr_s: float = 1e-3,
-        student_optimizer: OptimizerName = "adam",
-        momentum_s: float = 0.9,
-        weight_decay_s: float = 0.0,
-        lr_g: float = 5e-4,
-        lr_milestones: Sequence[float] = (),
-        lr_gamma: float = 0.3,
-        diversity_weight: float = 20.0,
-        reuse_base_queries: bool = False,
-        tail_student_steps: bool = True,
-    ) -> None:
-        super().__init__(
-            oracle,
-            budget=budget,
-            seed=seed,
-            batch_size=batch_size,
-            grad_m=grad_m,
-            grad_epsilon=grad_epsilon,
-            g_iter=g_iter,
-            d_iter=d_iter,
-            nz=nz,
-            ngf=ngf,
-            loss=loss,
-            lr_s=lr_s,
-            student_optimizer=student_optimizer,
-            momentum_s=momentum_s,
-            weight_decay_s=weight_decay_s,
-            lr_g=lr_g,
-            lr_milestones=lr_milestones,
-            lr_gamma=lr_gamma,
-            diversity_weight=diversity_weight,
-            reuse_base_queries=reuse_base_queries,
-            tail_student_steps=tail_student_steps,
-        )
-        if variant not in get_args(AdaptiveVariant):
-            raise ConfigError(f"variant must be one of {', '.join(get_args(AdaptiveVariant))}, got {variant!r}")
-        if push not in get_args(QueryPush):
-            raise ConfigError(f"push must be one of {', '.join(get_args(QueryPush))}, got {push!r}")
-        if alpha < 0 or push_weight < 0:
-            raise ConfigError(f"alpha and push_weight must be >= 0, got alpha={alpha}, push_weight={push_weight}")
-        if not 0 <= suspect_weight <= 1:
-            raise ConfigError(f"suspect_weight must be in [0, 1], got {suspect_weight}")
-        thr = tuple(float(t) for t in thresholds)
-        if not thr or any(not 0 < t < 1 for t in thr):
-            raise ConfigError(f"thresholds must be one or more probabilities in (0, 1), got {tuple(thresholds)}")
-        self.variant: AdaptiveVariant = variant
-        self.alpha = float(alpha)
-        self.exit_after = None if exit_after is None else [int(s) for s in exit_after]
-        self.thresholds = thr
-        self.push: QueryPush = push
-        self.push_weight = float(push_weight)
-        self.suspect_weight = float(suspect_weight)
+    variant: AdaptiveVariant = hp(default="entropy")
+    alpha: float = hp(default=0.1, ge=0)
+    exit_after: Sequence[int] | None = hp(default=None)
+    thresholds: Sequence[float] = hp(default=MNIST_THRESHOLDS)
+    push: QueryPush = hp(default="late-exit")
+    push_weight: float = hp(default=0.0, ge=0)
+    suspect_weight: float = hp(default=1.0, ge=0, le=1)
+
+    def _validate(self) -> None:
+        super()._validate()
+        if not self.thresholds or any(not 0 < t < 1 for t in self.thresholds):
+            raise ConfigError(f"thresholds must be one or more probabilities in (0, 1), got {self.thresholds}")
         # an answer with top probability below min(thresholds) cannot come from a head (Alg. 2)
-        self._r_min = min(thr)
+        self._r_min = min(self.thresholds)
         self._margin_at_r = math.log(self._r_min / (1.0 - self._r_min))
         self._answers = 0
         self._below = 0
         self._clone_exits = torch.zeros(0, dtype=torch.int64)
-
-    def hparams(self) -> dict[str, Any]:
-        return {
-            **super().hparams(),
-            "variant": self.variant,
-            "alpha": self.alpha,
-            "exit_after": self.exit_after,
-            "thresholds": list(self.thresholds),
-            "push": self.push,
-            "push_weight": self.push_weight,
-            "suspect_weight": self.suspect_weight,
-        }
 
     def answer_weights(self, probs: Tensor) -> Tensor:
         """Clone-loss weight per answer ``(B,)``: 1 below the smallest threshold, ``suspect_weight`` at or above it."""
@@ -295,10 +223,7 @@ class AdaptiveEntropy(DFME):
             penalty = entropy(safe_log(probs))
         return value + self.push_weight * penalty  # the generator step descends this value
 
-    def _student_step(
-        self, clone: nn.Module, opt_s: torch.optim.Optimizer, images: Tensor, probs: Tensor, hist: Tensor
-    ) -> float:
-        clone.train()
+    def _student_loss(self, clone: nn.Module, images: Tensor, probs: Tensor) -> Tensor:
         if isinstance(clone, EarlyExitClone):
             logits = clone.all_exits(images)
             answer, exits = clone.route(logits)
@@ -313,25 +238,28 @@ class AdaptiveEntropy(DFME):
         per_sample = _disagreement(answer, probs, self.loss)
         weights = self.answer_weights(probs)
         fit = (weights * per_sample).sum() / weights.sum().clamp_min(1e-12)
-        loss = fit + self.alpha * ent if self.alpha > 0 else fit
-        opt_s.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss)
-        opt_s.step()
-        hist += torch.bincount(probs.argmax(dim=1).cpu(), minlength=hist.numel())
         self._answers += probs.shape[0]
         self._below += int((probs.amax(dim=1) < self._r_min).sum())
-        return loss.item()
+        return fit + self.alpha * ent if self.alpha > 0 else fit
 
     # -- the attack ------------------------------------------------------------------------------
-    def run(
-        self,
-        clone: nn.Module,
-        pool: Tensor | None = None,
-        *,
-        eval_set: EvalSet | None = None,
-        eval_every: int | None = None,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
+    def _check_clone(self, clone: nn.Module) -> None:
+        """The ``"ee-entropy"`` variant needs a staged clone with one threshold per head."""
+        if self.variant != "ee-entropy":
+            return
+        if not isinstance(clone, StagedBackbone):
+            raise ConfigError(
+                f"the ee-entropy variant needs a staged clone (fortress.models.StagedBackbone) to attach "
+                f"exit heads to, got {type(clone).__name__}"
+            )
+        stages = clone.num_stages if self.exit_after is None else len(self.exit_after)
+        if len(self.thresholds) != stages:
+            raise ConfigError(
+                f"thresholds has {len(self.thresholds)} entries for {stages} exit heads "
+                f"(exit_after={self.exit_after}); give one threshold per head"
+            )
+
+    def _extract(self, run: AttackRun) -> dict[str, Any]:
         """Run the adaptive attack; ``clone`` must be a :class:`~fortress.models.StagedBackbone` for ``"ee-entropy"``.
 
         The clone is trained in place and returned; for ``"ee-entropy"`` its exit heads are
@@ -341,28 +269,16 @@ class AdaptiveEntropy(DFME):
         ``"ee-entropy"``, ``clone_exit_hist`` (where the clone's own routing sent those queries).
         """
         self._answers = self._below = 0
-        trained: nn.Module = clone
+        clone = run.clone
         if self.variant == "ee-entropy":
-            if not isinstance(clone, StagedBackbone):
-                raise ConfigError(
-                    f"the ee-entropy variant needs a staged clone (fortress.models.StagedBackbone) to attach "
-                    f"exit heads to, got {type(clone).__name__}"
-                )
-            stages = clone.num_stages if self.exit_after is None else len(self.exit_after)
-            if len(self.thresholds) != stages:
-                raise ConfigError(
-                    f"thresholds has {len(self.thresholds)} entries for {stages} exit heads "
-                    f"(exit_after={self.exit_after}); give one threshold per head"
-                )
-            device = next(clone.parameters()).device
-            trained = EarlyExitClone(clone, exit_after=self.exit_after, thresholds=self.thresholds, seed=self.seed)
-            trained = trained.to(device)
-            self._clone_exits = torch.zeros(stages + 1, dtype=torch.int64)
-        result = super().run(trained, pool, eval_set=eval_set, eval_every=eval_every, progress=progress)
-        clone.eval()
-        result.clone = clone
-        result.extras["answers_below_threshold"] = self._below / self._answers if self._answers else 0.0
+            assert isinstance(clone, StagedBackbone)  # checked by _check_clone
+            ee = EarlyExitClone(clone, exit_after=self.exit_after, thresholds=self.thresholds, seed=self.seed)
+            run.clone = ee.to(run.device)
+            self._clone_exits = torch.zeros(len(self.thresholds) + 1, dtype=torch.int64)
+        extras = super()._extract(run)
+        run.clone = clone
+        extras["answers_below_threshold"] = self._below / self._answers if self._answers else 0.0
         if self.variant == "ee-entropy":
             total = int(self._clone_exits.sum())
-            result.extras["clone_exit_hist"] = [int(c) / total if total else 0.0 for c in self._clone_exits.tolist()]
-        return result
+            extras["clone_exit_hist"] = [int(c) / total if total else 0.0 for c in self._clone_exits.tolist()]
+        return extras

@@ -10,15 +10,15 @@ lies in an affine subspace of dimension at most ``h``, the width of the last hid
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from fortress.attacks.base import Attack, AttackResult, EvalSet, ProgressFn
+from fortress.attacks.base import Attack, AttackRun, PoolKind
+from fortress.attacks.hparams import hp
 from fortress.errors import ConfigError
-from fortress.oracle import Oracle, OutputMode
+from fortress.oracle import OutputMode
 
 __all__ = ["ArchSteal", "QuerySource", "estimate_hidden_width"]
 
@@ -101,7 +101,7 @@ class ArchSteal(Attack):
     passed ``min_prob=1e-6``. Uniform-noise queries are rarely saturated.
 
     This attack steals architecture, not function: ``clone`` is not trained and is returned
-    unchanged (only set to eval mode by the shared ``_finish``); with an ``eval_set`` its (untrained)
+    unchanged (only set to eval mode at the end of the run); with an ``eval_set`` its (untrained)
     accuracy is scored once, for the record.
 
     Args:
@@ -131,137 +131,88 @@ class ArchSteal(Attack):
 
     name = "arch-steal"
     output_modes = (OutputMode.SOFT,)
+    pool_kind = PoolKind.NATURAL  # only with query_source="pool"
 
-    def __init__(
-        self,
-        oracle: Oracle,
-        *,
-        budget: int,
-        seed: int = 0,
-        num_queries: int | None = None,
-        query_source: QuerySource = "noise",
-        center_rows: bool = True,
-        center_columns: bool = True,
-        eps: float = 1e-8,
-        min_prob: float | None = 1e-6,
-        query_batch_size: int = 256,
-    ) -> None:
-        super().__init__(oracle, budget=budget, seed=seed)
-        num_classes = int(oracle.num_classes)
-        n = min(self.budget, 4 * num_classes + _EXTRA_QUERIES) if num_queries is None else int(num_queries)
+    num_queries: int | None = hp(default=None, ge=1)
+    query_source: QuerySource = hp(default="noise")
+    center_rows: bool = hp(default=True)
+    center_columns: bool = hp(default=True)
+    eps: float = hp(default=1e-8, gt=0)
+    min_prob: float | None = hp(default=1e-6, ge=0)
+    query_batch_size: int = hp(default=256, ge=1)
+
+    def _validate(self) -> None:
+        k = int(self.oracle.num_classes)
+        if self.num_queries is None:
+            self.num_queries = min(self.budget, 4 * k + _EXTRA_QUERIES)
+        n = self.num_queries
         if n > self.budget:
             raise ConfigError(f"num_queries={n} exceeds the budget of {self.budget} queries")
-        if query_source not in ("pool", "noise"):
-            raise ConfigError(f"query_source must be 'pool' or 'noise', got {query_source!r}")
-        if not (eps > 0 and math.isfinite(eps)):
-            raise ConfigError(f"eps must be a finite number > 0, got {eps}")
-        if query_batch_size < 1:
-            raise ConfigError(f"query_batch_size must be >= 1, got {query_batch_size}")
-        if min_prob is not None and not 0 <= min_prob < 1 / num_classes:
-            raise ConfigError(
-                f"min_prob must be in [0, 1/num_classes) = [0, {1 / num_classes:.3g}) or None, got {min_prob}"
-            )
-        ceiling = min(num_classes - int(center_rows), n - int(center_columns))
+        if self.min_prob is not None and not self.min_prob < 1 / k:
+            raise ConfigError(f"min_prob must be in [0, 1/num_classes) = [0, {1 / k:.3g}) or None, got {self.min_prob}")
+        ceiling = min(k - int(self.center_rows), n - int(self.center_columns))
         if ceiling < 2:
             raise ConfigError(
-                f"num_queries={n} with {num_classes} classes leaves a rank ceiling of {ceiling}; "
+                f"num_queries={n} with {k} classes leaves a rank ceiling of {ceiling}; "
                 "at least 2 is needed to locate a gap (query more, or use an oracle with more classes)"
             )
-        self.num_queries = n
-        self.query_source: QuerySource = query_source
-        self.center_rows = bool(center_rows)
-        self.center_columns = bool(center_columns)
-        self.eps = float(eps)
-        self.min_prob = None if min_prob is None else float(min_prob)
-        self.query_batch_size = int(query_batch_size)
 
-    def hparams(self) -> dict[str, Any]:
-        return {
-            **super().hparams(),
-            "num_queries": self.num_queries,
-            "query_source": self.query_source,
-            "center_rows": self.center_rows,
-            "center_columns": self.center_columns,
-            "eps": self.eps,
-            "min_prob": self.min_prob,
-            "query_batch_size": self.query_batch_size,
-        }
+    @property
+    def _n(self) -> int:
+        assert self.num_queries is not None  # derived in _validate
+        return self.num_queries
 
-    def _images(self, pool: Tensor | None, rng: torch.Generator) -> Tensor:
-        shape = tuple(self.oracle.input_shape)
-        if self.query_source == "noise":
-            if pool is not None:
-                log.info("arch-steal queries uniform noise: the given pool is ignored")
-            return torch.rand((self.num_queries, *shape), generator=rng)
-        pool = self._require_pool(
-            pool, who="query_source='pool'", min_rows=self.num_queries, what=f"num_queries={self.num_queries}"
-        )
-        return pool[torch.randperm(pool.shape[0], generator=rng)[: self.num_queries]]
+    def uses_pool(self) -> bool:
+        return self.query_source == "pool"
 
-    def run(
-        self,
-        clone: nn.Module,
-        pool: Tensor | None = None,
-        *,
-        eval_set: EvalSet | None = None,
-        eval_every: int | None = None,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
+    def _pool_minimum(self) -> tuple[int, str]:
+        return self._n, f"num_queries={self._n}"
+
+    def _extract(self, run: AttackRun) -> dict[str, Any]:
         """Query, centre the log-probabilities, and estimate the hidden width from the spectrum.
 
-        Args:
-            clone: returned unchanged (this attack does not train a clone).
-            pool: attacker images ``(N, C, H, W)`` in [0, 1]; required for ``query_source="pool"``,
-                ignored for ``"noise"``.
-            eval_set: scores the untrained clone once (for the record).
-            eval_every: ignored (nothing is trained).
-            progress: called after every oracle call.
+        The clone is returned unchanged (this attack does not train one); with an eval set its
+        (untrained) accuracy is scored once, for the record. The pool (``query_source="pool"``)
+        holds attacker images ``(N, C, H, W)`` in [0, 1], ``N >= num_queries``.
 
         Extras of the result: ``hidden_width_estimate`` (int; ``None`` when fewer than 3 answers are
         unsaturated), ``rows_used`` (answers kept after the ``min_prob`` filter), ``singular_values``
         (all ``min(rows_used, C)``, descending), ``log_gaps`` (the ``max_recoverable − 1`` candidate gaps, nats),
         ``num_queries``, ``max_recoverable`` (rank ceiling; the estimate is trustworthy only for a true
-        width below it), ``query_source``, ``center_rows``, ``center_columns``.
-
-        Raises:
-            ConfigError: a pool is needed and missing, of the wrong shape, or too small.
+        width below it), ``query_source``, ``center_rows``, ``center_columns``, ``label_hist``.
         """
-        if eval_every is not None:
-            log.info("arch-steal trains nothing: eval_every=%d is ignored", eval_every)
-        self._begin()
-        rng = torch.Generator().manual_seed(self.seed)
-        images = self._images(pool, rng)
-        answers: list[Tensor] = []
-        for i in range(0, self.num_queries, self.query_batch_size):
-            answers.append(self.oracle.query(images[i : i + self.query_batch_size]))
-            if progress is not None:
-                progress(self.queries_used, self.budget)
-        probs = torch.cat(answers).to(torch.float64)
+        shape = tuple(self.oracle.input_shape)
+        if self.query_source == "noise":
+            images = torch.rand((self._n, *shape), generator=run.rng)
+        else:
+            images = run.pool[torch.randperm(run.pool.shape[0], generator=run.rng)[: self._n]]
+        probs = run.query_batches(images, self.query_batch_size).to(torch.float64)
         if self.min_prob is not None:
             probs = probs[probs.amin(dim=1) >= self.min_prob]
         rows_used = int(probs.shape[0])
         num_classes = int(self.oracle.num_classes)
         ceiling = min(num_classes - int(self.center_rows), rows_used - int(self.center_columns))
+        facts = {
+            "num_queries": self._n,
+            "rows_used": rows_used,
+            "query_source": self.query_source,
+            "center_rows": self.center_rows,
+            "center_columns": self.center_columns,
+        }
         if ceiling < 2:
             log.warning(
                 "arch-steal: only %d of %d answers are unsaturated (min_prob=%s); no width can be estimated",
                 rows_used,
-                self.num_queries,
+                self._n,
                 self.min_prob,
             )
-            return self._finish(
-                clone,
-                eval_set,
-                hidden_width_estimate=None,
-                singular_values=[],
-                log_gaps=[],
-                num_queries=self.num_queries,
-                rows_used=rows_used,
-                max_recoverable=max(ceiling, 0),
-                query_source=self.query_source,
-                center_rows=self.center_rows,
-                center_columns=self.center_columns,
-            )
+            return {
+                **facts,
+                "hidden_width_estimate": None,
+                "singular_values": [],
+                "log_gaps": [],
+                "max_recoverable": max(ceiling, 0),
+            }
         q = torch.log(probs.clamp_min(self.eps))
         if self.center_rows:
             q = q - q.mean(dim=1, keepdim=True)
@@ -269,19 +220,11 @@ class ArchSteal(Attack):
             q = q - q.mean(dim=0, keepdim=True)
         s = torch.linalg.svdvals(q)
         estimate, gaps = estimate_hidden_width(s, ceiling)
-        log.info(
-            "arch-steal: %d queries, hidden width estimate %d (rank ceiling %d)", self.num_queries, estimate, ceiling
-        )
-        return self._finish(
-            clone,
-            eval_set,
-            hidden_width_estimate=estimate,
-            singular_values=[float(v) for v in s],
-            log_gaps=gaps,
-            num_queries=self.num_queries,
-            rows_used=rows_used,
-            max_recoverable=ceiling,
-            query_source=self.query_source,
-            center_rows=self.center_rows,
-            center_columns=self.center_columns,
-        )
+        log.info("arch-steal: %d queries, hidden width estimate %d (rank ceiling %d)", self._n, estimate, ceiling)
+        return {
+            **facts,
+            "hidden_width_estimate": estimate,
+            "singular_values": [float(v) for v in s],
+            "log_gaps": gaps,
+            "max_recoverable": ceiling,
+        }

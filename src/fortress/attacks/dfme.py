@@ -10,25 +10,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fortress.attacks.base import Attack, AttackResult, EvalSet, ProgressFn
+from fortress.attacks.base import Attack, AttackRun, count_labels
 from fortress.attacks.common import (
-    DFMEGenerator,
     OptimizerName,
     centered_log_probs,
-    check_optimizer,
     class_diversity_loss,
+    keep_requires_grad,
     make_optimizer,
     safe_log,
-    to_unit,
 )
+from fortress.attacks.hparams import hp
 from fortress.errors import ConfigError
-from fortress.oracle import Oracle, OutputMode
+from fortress.generative.dfme import DFMEGenerator, to_unit
+from fortress.oracle import OutputMode
 
 __all__ = ["DFME", "PAPER_MILESTONES", "DFMELoss", "zo_gradient"]
 
@@ -112,7 +112,7 @@ class DFME(Attack):
     values stay available as options:
 
     * generator images are mapped from [-1, 1] to [0, 1] before querying (the oracle contract;
-      models normalise inside), see :class:`~fortress.attacks.common.DFMEGenerator`;
+      models normalise inside), see :class:`~fortress.generative.dfme.DFMEGenerator`;
     * ``ngf=16`` (paper 64): the generator dominates the cost of an iteration and the 16-channel
       one is about 7× faster at 28×28; it still reaches 94.6 % at 1M queries, so its capacity is
       not the bottleneck on MNIST;
@@ -172,82 +172,34 @@ class DFME(Attack):
 
     name = "dfme"
     output_modes = (OutputMode.SOFT,)
+    cadence = "budget"
 
-    def __init__(
-        self,
-        oracle: Oracle,
-        *,
-        budget: int,
-        seed: int = 0,
-        batch_size: int = 256,
-        grad_m: int = 1,
-        grad_epsilon: float = 1e-3,
-        g_iter: int = 1,
-        d_iter: int = 5,
-        nz: int = 256,
-        ngf: int = 16,
-        loss: DFMELoss = "l1",
-        lr_s: float = 1e-3,
-        student_optimizer: OptimizerName = "adam",
-        momentum_s: float = 0.9,
-        weight_decay_s: float = 0.0,
-        lr_g: float = 5e-4,
-        lr_milestones: Sequence[float] = (),
-        lr_gamma: float = 0.3,
-        diversity_weight: float = 20.0,
-        reuse_base_queries: bool = False,
-        tail_student_steps: bool = True,
-    ) -> None:
-        super().__init__(oracle, budget=budget, seed=seed)
-        for label, value in (("batch_size", batch_size), ("grad_m", grad_m), ("g_iter", g_iter)):
-            if value < 1:
-                raise ConfigError(f"{label} must be >= 1, got {value}")
-        if batch_size < 2:
-            raise ConfigError(f"batch_size must be >= 2 (BatchNorm needs two samples), got {batch_size}")
-        if d_iter < 1:
-            raise ConfigError(f"d_iter must be >= 1, got {d_iter}")
-        if nz < 1 or ngf < 1:
-            raise ConfigError(f"nz and ngf must be >= 1, got nz={nz}, ngf={ngf}")
-        if not grad_epsilon > 0:
-            raise ConfigError(f"grad_epsilon must be > 0, got {grad_epsilon}")
-        if loss not in get_args(DFMELoss):
-            raise ConfigError(f"loss must be one of {', '.join(get_args(DFMELoss))}, got {loss!r}")
-        if not lr_s > 0 or not lr_g > 0:
-            raise ConfigError(f"learning rates must be > 0, got lr_s={lr_s}, lr_g={lr_g}")
-        check_optimizer(student_optimizer, "student_optimizer")
-        if not 0 <= momentum_s < 1:
-            raise ConfigError(f"momentum_s must be in [0, 1), got {momentum_s}")
-        if weight_decay_s < 0:
-            raise ConfigError(f"weight_decay_s must be >= 0, got {weight_decay_s}")
-        milestones = tuple(float(f) for f in lr_milestones)
+    batch_size: int = hp(default=256, ge=2, why="BatchNorm needs two samples")
+    grad_m: int = hp(default=1, ge=1)
+    grad_epsilon: float = hp(default=1e-3, gt=0)
+    g_iter: int = hp(default=1, ge=1)
+    d_iter: int = hp(default=5, ge=1)
+    nz: int = hp(default=256, ge=1)
+    ngf: int = hp(default=16, ge=1)
+    loss: DFMELoss = hp(default="l1")
+    lr_s: float = hp(default=1e-3, gt=0)
+    student_optimizer: OptimizerName = hp(default="adam")
+    momentum_s: float = hp(default=0.9, ge=0, lt=1)
+    weight_decay_s: float = hp(default=0.0, ge=0)
+    lr_g: float = hp(default=5e-4, gt=0)
+    lr_milestones: Sequence[float] = hp(default=())
+    lr_gamma: float = hp(default=0.3, gt=0, le=1)
+    diversity_weight: float = hp(default=20.0, ge=0)
+    reuse_base_queries: bool = hp(default=False)
+    tail_student_steps: bool = hp(default=True)
+
+    def _validate(self) -> None:
+        milestones = self.lr_milestones
         if any(not 0 < f < 1 for f in milestones) or list(milestones) != sorted(set(milestones)):
-            raise ConfigError(f"lr_milestones must be increasing fractions in (0, 1), got {tuple(lr_milestones)}")
-        if not 0 < lr_gamma <= 1:
-            raise ConfigError(f"lr_gamma must be in (0, 1], got {lr_gamma}")
-        if diversity_weight < 0:
-            raise ConfigError(f"diversity_weight must be >= 0, got {diversity_weight}")
-        _, h, w = oracle.input_shape
+            raise ConfigError(f"lr_milestones must be increasing fractions in (0, 1), got {milestones}")
+        _, h, w = self.oracle.input_shape
         if h != w or h % 4:
             raise ConfigError(f"DFME's generator needs square images with a side divisible by 4, got {h}×{w}")
-        self.batch_size = batch_size
-        self.grad_m = grad_m
-        self.grad_epsilon = float(grad_epsilon)
-        self.g_iter = g_iter
-        self.d_iter = d_iter
-        self.nz = nz
-        self.ngf = ngf
-        self.loss: DFMELoss = loss
-        self.lr_s = float(lr_s)
-        self.student_optimizer: OptimizerName = student_optimizer
-        self.momentum_s = float(momentum_s)
-        self.weight_decay_s = float(weight_decay_s)
-        self.lr_g = float(lr_g)
-        self.lr_milestones = milestones
-        self.lr_gamma = float(lr_gamma)
-        self.diversity_weight = float(diversity_weight)
-        self.reuse_base_queries = bool(reuse_base_queries)
-        self.tail_student_steps = bool(tail_student_steps)
-        self._device = torch.device("cpu")
         if self.budget < self.cost_per_iteration:
             raise ConfigError(
                 f"budget {self.budget} is below the cost of one DFME iteration "
@@ -266,41 +218,15 @@ class DFME(Attack):
         """Full iterations the budget pays for."""
         return self.budget // self.cost_per_iteration
 
-    def hparams(self) -> dict[str, Any]:
-        return {
-            **super().hparams(),
-            "batch_size": self.batch_size,
-            "grad_m": self.grad_m,
-            "grad_epsilon": self.grad_epsilon,
-            "g_iter": self.g_iter,
-            "d_iter": self.d_iter,
-            "nz": self.nz,
-            "ngf": self.ngf,
-            "loss": self.loss,
-            "lr_s": self.lr_s,
-            "student_optimizer": self.student_optimizer,
-            "momentum_s": self.momentum_s,
-            "weight_decay_s": self.weight_decay_s,
-            "lr_g": self.lr_g,
-            "lr_milestones": list(self.lr_milestones),
-            "lr_gamma": self.lr_gamma,
-            "diversity_weight": self.diversity_weight,
-            "reuse_base_queries": self.reuse_base_queries,
-            "tail_student_steps": self.tail_student_steps,
-        }
-
     # -- the two steps ---------------------------------------------------------------------------
     def _generator_step(
-        self,
-        generator: DFMEGenerator,
-        clone: nn.Module,
-        opt_g: torch.optim.Optimizer,
-        rng: torch.Generator,
+        self, run: AttackRun, generator: DFMEGenerator, opt_g: torch.optim.Optimizer
     ) -> tuple[Tensor, Tensor]:
         """One generator update; returns the base images and the victim's answers on them."""
+        clone = run.clone
         clone.eval()
         generator.train()
-        z = torch.randn(self.batch_size, self.nz, generator=rng).to(self._device)
+        z = torch.randn(self.batch_size, self.nz, generator=run.rng).to(run.device)
         opt_g.zero_grad(set_to_none=True)
         x_pre = generator(z, pre_x=True)
         base_probs: list[Tensor] = []
@@ -308,20 +234,16 @@ class DFME(Attack):
         @torch.no_grad()
         def objective(points: Tensor) -> Tensor:
             images = to_unit(torch.tanh(points))
-            probs = self.oracle.query(images).to(images.device)
+            probs = run.query(images, count=False)  # the label histogram covers the student steps
             base_probs.append(probs.view(self.batch_size, self.grad_m + 1, -1)[:, 0])
             return self._point_objective(self._clone_logits(clone, images), probs)
 
-        grad, _ = zo_gradient(x_pre, objective, m=self.grad_m, epsilon=self.grad_epsilon, generator=rng)
+        grad, _ = zo_gradient(x_pre, objective, m=self.grad_m, epsilon=self.grad_epsilon, generator=run.rng)
         surrogate = (x_pre * grad).sum()  # d surrogate / d x_pre = grad, i.e. fake.backward(grad)
         if self.diversity_weight > 0:
-            flags = [p.requires_grad for p in clone.parameters()]
-            clone.requires_grad_(False)  # white-box through the clone, but only G learns here
-            try:
+            with keep_requires_grad(clone):
+                clone.requires_grad_(False)  # white-box through the clone, but only G learns here
                 div = class_diversity_loss(self._clone_logits(clone, to_unit(torch.tanh(x_pre))))
-            finally:
-                for p, flag in zip(clone.parameters(), flags, strict=True):
-                    p.requires_grad_(flag)
             surrogate = surrogate + self.diversity_weight * div
         torch.autograd.backward(surrogate)
         opt_g.step()
@@ -339,66 +261,47 @@ class DFME(Attack):
     def _student_step(
         self, clone: nn.Module, opt_s: torch.optim.Optimizer, images: Tensor, probs: Tensor, hist: Tensor
     ) -> float:
+        """One student update on the victim's answers ``probs``; their labels are counted into ``hist``."""
         clone.train()
-        loss = self._student_loss(clone(images), probs)
+        loss = self._student_loss(clone, images, probs)
         opt_s.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)
         opt_s.step()
-        hist += torch.bincount(probs.argmax(dim=1).cpu(), minlength=hist.numel())
+        count_labels(hist, probs)
         return loss.item()
 
-    def _student_loss(self, logits: Tensor, probs: Tensor) -> Tensor:
+    def _student_loss(self, clone: nn.Module, images: Tensor, probs: Tensor) -> Tensor:
+        """The student's loss on one batch (a hook for subclasses)."""
+        logits = clone(images)
         if self.loss == "l1":
             return F.l1_loss(logits, centered_log_probs(probs))
         return F.kl_div(F.log_softmax(logits, dim=1), safe_log(probs), log_target=True, reduction="batchmean")
 
     @torch.no_grad()
-    def _sample(self, generator: DFMEGenerator, rng: torch.Generator) -> Tensor:
+    def _sample(self, run: AttackRun, generator: DFMEGenerator) -> Tensor:
         # G stays in train mode (batch statistics), as in the original student step.
         generator.train()
-        return to_unit(generator(torch.randn(self.batch_size, self.nz, generator=rng).to(self._device)))
+        return to_unit(generator(torch.randn(self.batch_size, self.nz, generator=run.rng).to(run.device)))
 
     # -- the attack ------------------------------------------------------------------------------
-    def run(
-        self,
-        clone: nn.Module,
-        pool: Tensor | None = None,
-        *,
-        eval_set: EvalSet | None = None,
-        eval_every: int | None = None,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
-        """Extract ``clone`` from the oracle (``pool`` is ignored: the attack is data-free).
+    def _extract(self, run: AttackRun) -> dict[str, Any]:
+        """Extract ``run.clone`` from the oracle (data-free: no pool).
 
         Extras of the result: ``iterations``, ``tail_student_steps`` (student-only steps after the
         last iteration), ``cost_per_iteration``, ``label_hist`` (victim top-1 counts over the
         student-step queries: class coverage), ``final_student_loss``, ``generator_s`` and
         ``student_s`` (wall time of each part, victim included).
         """
-        if eval_every is not None and eval_every < 1:
-            raise ConfigError(f"eval_every must be >= 1 query, got {eval_every}")
-        if pool is not None:
-            log.info("DFME is data-free: the pool of %d images is ignored", pool.shape[0])
-        self._begin()
-        every = eval_every if eval_every is not None else max(1, self.budget // 10)
-        next_eval = every
         c, s, _ = self.oracle.input_shape
-        # randomness is drawn on the CPU (reproducible on any device), computation runs where the clone is
-        rng = torch.Generator().manual_seed(self.seed)
-        self._device = next(clone.parameters()).device
-        generator = DFMEGenerator(nz=self.nz, ngf=self.ngf, out_channels=c, image_size=s).to(self._device)
+        clone = run.clone
+        generator = DFMEGenerator(nz=self.nz, ngf=self.ngf, out_channels=c, image_size=s).to(run.device)
         opt_s = make_optimizer(
-            clone,
-            self.student_optimizer,
-            lr=self.lr_s,
-            momentum=self.momentum_s,
-            weight_decay=self.weight_decay_s,
+            clone, self.student_optimizer, lr=self.lr_s, momentum=self.momentum_s, weight_decay=self.weight_decay_s
         )
         opt_g = torch.optim.Adam(generator.parameters(), lr=self.lr_g)
         n_iter = self.iterations
         steps = sorted({max(1, round(f * n_iter)) for f in self.lr_milestones})
         scheds = [torch.optim.lr_scheduler.MultiStepLR(o, steps, gamma=self.lr_gamma) for o in (opt_s, opt_g)]
-        hist = torch.zeros(self.oracle.num_classes, dtype=torch.int64)
         t_gen = t_stu = 0.0
         last_loss = float("nan")
         log.info("DFME: %d iterations of %d queries (budget %d)", n_iter, self.cost_per_iteration, self.budget)
@@ -406,56 +309,35 @@ class DFME(Attack):
         for _ in range(n_iter):
             t0 = time.perf_counter()
             for _ in range(self.g_iter):
-                base_x, base_p = self._generator_step(generator, clone, opt_g, rng)
+                base_x, base_p = self._generator_step(run, generator, opt_g)
             t1 = time.perf_counter()
             for j in range(self.d_iter):
                 if j == 0 and self.reuse_base_queries:
                     x, p = base_x, base_p
                 else:
-                    x = self._sample(generator, rng)
-                    p = self.oracle.query(x).to(x.device)
-                last_loss = self._student_step(clone, opt_s, x, p, hist)
+                    x = self._sample(run, generator)
+                    p = run.query(x, count=False)
+                last_loss = self._student_step(clone, opt_s, x, p, run.label_hist)
             for sched in scheds:
                 sched.step()
             t_gen += t1 - t0
             t_stu += time.perf_counter() - t1
-            next_eval = self._after_step(clone, eval_set, every, next_eval, progress)
+            run.step_done()
 
         tail = 0
-        while self.tail_student_steps and self.queries_left >= self.batch_size:
+        while self.tail_student_steps and run.queries_left >= self.batch_size:
             t1 = time.perf_counter()
-            x = self._sample(generator, rng)
-            last_loss = self._student_step(clone, opt_s, x, self.oracle.query(x).to(x.device), hist)
+            x = self._sample(run, generator)
+            last_loss = self._student_step(clone, opt_s, x, run.query(x, count=False), run.label_hist)
             t_stu += time.perf_counter() - t1
             tail += 1
-            next_eval = self._after_step(clone, eval_set, every, next_eval, progress)
+            run.step_done()
 
-        return self._finish(
-            clone,
-            eval_set,
-            iterations=n_iter,
-            tail_student_steps=tail,
-            cost_per_iteration=self.cost_per_iteration,
-            label_hist=hist.tolist(),
-            final_student_loss=last_loss,
-            generator_s=t_gen,
-            student_s=t_stu,
-        )
-
-    def _after_step(
-        self,
-        clone: nn.Module,
-        eval_set: EvalSet | None,
-        every: int,
-        next_eval: int,
-        progress: ProgressFn | None,
-    ) -> int:
-        """Report progress and score a checkpoint once ``every`` more queries have been spent."""
-        if progress is not None:
-            progress(self.queries_used, self.budget)
-        if self.queries_used < next_eval:
-            return next_eval
-        cp = self._checkpoint(clone, eval_set)
-        if cp is not None:
-            log.info("DFME %d queries: clone acc %.4f", cp.queries, cp.clone_acc)
-        return (self.queries_used // every + 1) * every
+        return {
+            "iterations": n_iter,
+            "tail_student_steps": tail,
+            "cost_per_iteration": self.cost_per_iteration,
+            "final_student_loss": last_loss,
+            "generator_s": t_gen,
+            "student_s": t_stu,
+        }

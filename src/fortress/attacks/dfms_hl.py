@@ -15,14 +15,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from fortress.attacks.base import Attack, AttackResult, EvalSet, ProgressFn
-from fortress.attacks.common import OptimizerName, check_optimizer, class_diversity_loss, make_optimizer, train_clone
+from fortress.attacks.base import Attack, AttackRun, PoolKind
+from fortress.attacks.common import (
+    OptimizerName,
+    class_diversity_loss,
+    keep_requires_grad,
+    make_optimizer,
+    train_clone,
+)
+from fortress.attacks.hparams import hp
 from fortress.data.transforms import random_shift
 from fortress.defenses.dnf.generator import DCGANDiscriminator, DCGANGenerator, train_dcgan
 from fortress.errors import ConfigError
-from fortress.oracle import Oracle, OutputMode
+from fortress.oracle import OutputMode
 
 __all__ = ["DFMSHL", "hard_labels"]
 
@@ -106,92 +113,33 @@ class DFMSHL(Attack):
 
     name = "dfms-hl"
     output_modes = (OutputMode.HARD, OutputMode.SOFT, OutputMode.TOPK)
+    pool_kind = PoolKind.NATURAL
+    default_pool = "patches"
+    cadence = "budget"
 
-    def __init__(
-        self,
-        oracle: Oracle,
-        *,
-        budget: int,
-        seed: int = 0,
-        batch_size: int = 64,
-        nz: int = 100,
-        dcgan_ngf: int = 32,
-        dcgan_epochs: int = 10,
-        dcgan_images: int | None = 2000,
-        lr_gan: float = 2e-4,
-        warmup_fraction: float = 0.1,
-        proxy_ratio: float = 0.5,
-        warmup_epochs: int = 10,
-        diversity_weight: float = 500.0,
-        lr_s: float = 1e-3,
-        student_optimizer: OptimizerName = "adam",
-        momentum_s: float = 0.9,
-        weight_decay_s: float = 5e-4,
-        max_shift: int = 2,
-    ) -> None:
-        super().__init__(oracle, budget=budget, seed=seed)
-        if batch_size < 2:
-            raise ConfigError(f"batch_size must be >= 2 (BatchNorm needs two samples), got {batch_size}")
-        for label, value in (("nz", nz), ("dcgan_ngf", dcgan_ngf), ("dcgan_epochs", dcgan_epochs)):
-            if value < 1:
-                raise ConfigError(f"{label} must be >= 1, got {value}")
-        if dcgan_images is not None and dcgan_images < 2:
-            raise ConfigError(f"dcgan_images must be >= 2 or None, got {dcgan_images}")
-        if not lr_gan > 0 or not lr_s > 0:
-            raise ConfigError(f"learning rates must be > 0, got lr_gan={lr_gan}, lr_s={lr_s}")
-        if not 0 <= warmup_fraction <= 1:
-            raise ConfigError(f"warmup_fraction must be in [0, 1], got {warmup_fraction}")
-        if not 0 <= proxy_ratio <= 1:
-            raise ConfigError(f"proxy_ratio must be in [0, 1], got {proxy_ratio}")
-        if warmup_epochs < 1:
-            raise ConfigError(f"warmup_epochs must be >= 1, got {warmup_epochs}")
-        if diversity_weight < 0:
-            raise ConfigError(f"diversity_weight must be >= 0, got {diversity_weight}")
-        check_optimizer(student_optimizer, "student_optimizer")
-        if not 0 <= momentum_s < 1:
-            raise ConfigError(f"momentum_s must be in [0, 1), got {momentum_s}")
-        if weight_decay_s < 0:
-            raise ConfigError(f"weight_decay_s must be >= 0, got {weight_decay_s}")
-        if max_shift < 0:
-            raise ConfigError(f"max_shift must be >= 0 pixels, got {max_shift}")
-        _, h, w = oracle.input_shape
+    batch_size: int = hp(default=64, ge=2, why="BatchNorm needs two samples")
+    nz: int = hp(default=100, ge=1)
+    dcgan_ngf: int = hp(default=32, ge=1)
+    dcgan_epochs: int = hp(default=10, ge=1)
+    dcgan_images: int | None = hp(default=2000, ge=2)
+    lr_gan: float = hp(default=2e-4, gt=0)
+    warmup_fraction: float = hp(default=0.1, ge=0, le=1)
+    proxy_ratio: float = hp(default=0.5, ge=0, le=1)
+    warmup_epochs: int = hp(default=10, ge=1)
+    diversity_weight: float = hp(default=500.0, ge=0)
+    lr_s: float = hp(default=1e-3, gt=0)
+    student_optimizer: OptimizerName = hp(default="adam")
+    momentum_s: float = hp(default=0.9, ge=0, lt=1)
+    weight_decay_s: float = hp(default=5e-4, ge=0)
+    max_shift: int = hp(default=2, ge=0, unit="pixels")
+
+    def _validate(self) -> None:
+        _, h, w = self.oracle.input_shape
         if h != w or h % 4 or h < 8:
             raise ConfigError(f"the DCGAN needs square images with a side divisible by 4 (>= 8), got {h}×{w}")
-        self.batch_size = batch_size
-        self.nz = nz
-        self.dcgan_ngf = dcgan_ngf
-        self.dcgan_epochs = dcgan_epochs
-        self.dcgan_images = dcgan_images
-        self.lr_gan = float(lr_gan)
-        self.warmup_fraction = float(warmup_fraction)
-        self.proxy_ratio = float(proxy_ratio)
-        self.warmup_epochs = warmup_epochs
-        self.diversity_weight = float(diversity_weight)
-        self.lr_s = float(lr_s)
-        self.student_optimizer: OptimizerName = student_optimizer
-        self.momentum_s = float(momentum_s)
-        self.weight_decay_s = float(weight_decay_s)
-        self.max_shift = max_shift
 
-    def hparams(self) -> dict[str, Any]:
-        return {
-            **super().hparams(),
-            "batch_size": self.batch_size,
-            "nz": self.nz,
-            "dcgan_ngf": self.dcgan_ngf,
-            "dcgan_epochs": self.dcgan_epochs,
-            "dcgan_images": self.dcgan_images,
-            "lr_gan": self.lr_gan,
-            "warmup_fraction": self.warmup_fraction,
-            "proxy_ratio": self.proxy_ratio,
-            "warmup_epochs": self.warmup_epochs,
-            "diversity_weight": self.diversity_weight,
-            "lr_s": self.lr_s,
-            "student_optimizer": self.student_optimizer,
-            "momentum_s": self.momentum_s,
-            "weight_decay_s": self.weight_decay_s,
-            "max_shift": self.max_shift,
-        }
+    def _pool_minimum(self) -> tuple[int, str]:
+        return 2, "2 (the GAN needs a batch)"
 
     def warmup_split(self, pool_size: int) -> tuple[int, int]:
         """Queries of the warm-up: ``(proxy images, generated images)`` for a pool of ``pool_size``."""
@@ -199,37 +147,16 @@ class DFMSHL(Attack):
         proxy = min(round(total * self.proxy_ratio), pool_size)
         return proxy, total - proxy
 
-    def _label(self, x: Tensor) -> Tensor:
-        """Victim top-1 labels of ``x``, queried in batches no larger than the step batch."""
-        return torch.cat(
-            [hard_labels(self.oracle.query(x[i : i + self.batch_size])) for i in range(0, x.shape[0], self.batch_size)]
-        ).to(x.device)
-
     # -- the attack ------------------------------------------------------------------------------
-    def run(
-        self,
-        clone: nn.Module,
-        pool: Tensor | None = None,
-        *,
-        eval_set: EvalSet | None = None,
-        eval_every: int | None = None,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
-        """Steal ``clone`` with the proxy ``pool`` (required: the attacker's unlabelled images).
+    def _extract(self, run: AttackRun) -> dict[str, Any]:
+        """Steal ``run.clone`` with the proxy pool (the attacker's unlabelled images).
 
         Extras of the result: ``warmup_proxy_queries``, ``warmup_generated_queries``,
         ``alternating_steps``, ``label_hist`` (victim top-1 counts over every query),
         ``dcgan_s``, ``warmup_s``, ``alternating_s`` (wall time of each stage, victim included).
         """
-        if eval_every is not None and eval_every < 1:
-            raise ConfigError(f"eval_every must be >= 1 query, got {eval_every}")
-        proxy = self._require_pool(pool, who="dfms-hl", min_rows=2, what="2 (the GAN needs a batch)")
-        self._begin()
-        every = eval_every if eval_every is not None else max(1, self.budget // 10)
-        rng = torch.Generator().manual_seed(self.seed)
-        device = next(clone.parameters()).device
+        proxy, rng, device, clone = run.pool, run.rng, run.device, run.clone
         k = self.oracle.num_classes
-        hist = torch.zeros(k, dtype=torch.int64)
         shape = self.oracle.input_shape
 
         # 1. DCGAN on the proxy pool (no queries)
@@ -256,8 +183,7 @@ class DFMSHL(Attack):
             parts.append(self._sample(gen, n_gen, rng, device))
         warm_x = torch.cat(parts)
         if warm_x.shape[0] >= 2:
-            warm_y = self._label(warm_x)
-            hist += torch.bincount(warm_y.cpu(), minlength=k)
+            warm_y = hard_labels(run.query_batches(warm_x, self.batch_size))
             train_clone(
                 clone,
                 warm_x,
@@ -271,9 +197,7 @@ class DFMSHL(Attack):
                 max_shift=self.max_shift,
                 generator=rng,
             )
-        if progress is not None:
-            progress(self.queries_used, self.budget)
-        next_eval = self._maybe_checkpoint(clone, eval_set, every, every)
+        run.step_done()
         t_warm = time.perf_counter() - t0
 
         # 3. alternating clone / generator / discriminator steps until the budget is spent
@@ -284,14 +208,13 @@ class DFMSHL(Attack):
         opt_g = torch.optim.Adam(gen.parameters(), lr=self.lr_gan, betas=(0.5, 0.999))
         opt_d = torch.optim.Adam(disc.parameters(), lr=self.lr_gan, betas=(0.5, 0.999))
         steps = 0
-        while self.queries_left > 0:
-            n = min(self.batch_size, self.queries_left)
+        while run.queries_left > 0:
+            n = min(self.batch_size, run.queries_left)
             gen.train()
             fake = gen(torch.randn(self.batch_size, self.nz, generator=rng).to(device))
             # (a) clone step on victim labels of augmented samples (the last batch is truncated)
             queried = random_shift(fake[:n].detach(), self.max_shift, rng)
-            y = hard_labels(self.oracle.query(queried)).to(device)
-            hist += torch.bincount(y.cpu(), minlength=k)
+            y = hard_labels(run.query(queried))
             if n >= 2:  # a one-row batch would break BatchNorm clones; its label is still paid for
                 clone.train()
                 loss_s = F.cross_entropy(clone(queried), y)
@@ -302,16 +225,12 @@ class DFMSHL(Attack):
             clone.eval()
             d_fake = disc(fake)
             loss_g = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
-            flags = [p.requires_grad for p in clone.parameters()]
-            clone.requires_grad_(False)  # white-box through the clone, but only G learns here
-            try:
+            with keep_requires_grad(clone):
+                clone.requires_grad_(False)  # white-box through the clone, but only G learns here
                 if self.diversity_weight > 0:
                     loss_g = loss_g + self.diversity_weight * class_diversity_loss(clone(fake))
                 opt_g.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss_g)
-            finally:
-                for p, flag in zip(clone.parameters(), flags, strict=True):
-                    p.requires_grad_(flag)
             opt_g.step()
             # (c) discriminator step: real proxy batch against the generated one
             real = gan_x[torch.randint(0, gan_x.shape[0], (self.batch_size,), generator=rng)].to(device)
@@ -323,22 +242,18 @@ class DFMSHL(Attack):
             torch.autograd.backward(loss_d)
             opt_d.step()
             steps += 1
-            if progress is not None:
-                progress(self.queries_used, self.budget)
-            next_eval = self._maybe_checkpoint(clone, eval_set, every, next_eval)
+            run.step_done()
         t_alt = time.perf_counter() - t0
 
-        return self._finish(
-            clone,
-            eval_set,
-            warmup_proxy_queries=n_proxy if warm_x.shape[0] >= 2 else 0,
-            warmup_generated_queries=n_gen if warm_x.shape[0] >= 2 else 0,
-            alternating_steps=steps,
-            label_hist=hist.tolist(),
-            dcgan_s=t_gan,
-            warmup_s=t_warm,
-            alternating_s=t_alt,
-        )
+        warmed = warm_x.shape[0] >= 2
+        return {
+            "warmup_proxy_queries": n_proxy if warmed else 0,
+            "warmup_generated_queries": n_gen if warmed else 0,
+            "alternating_steps": steps,
+            "dcgan_s": t_gan,
+            "warmup_s": t_warm,
+            "alternating_s": t_alt,
+        }
 
     @torch.no_grad()
     def _sample(self, gen: DCGANGenerator, n: int, rng: torch.Generator, device: torch.device) -> Tensor:
@@ -346,12 +261,3 @@ class DFMSHL(Attack):
         gen.eval()
         out: Tensor = gen(torch.randn(n, self.nz, generator=rng).to(device))
         return out
-
-    def _maybe_checkpoint(self, clone: nn.Module, eval_set: EvalSet | None, every: int, next_eval: int) -> int:
-        """Score a checkpoint once ``every`` more queries have been spent; return the next threshold."""
-        if self.queries_used < next_eval:
-            return next_eval
-        cp = self._checkpoint(clone, eval_set)
-        if cp is not None:
-            log.info("DFMS-HL %d queries: clone acc %.4f", cp.queries, cp.clone_acc)
-        return (self.queries_used // every + 1) * every

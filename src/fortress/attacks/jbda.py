@@ -7,22 +7,19 @@ spent. Sign conventions follow the ModelGuard / prediction-poisoning code (see t
 
 from __future__ import annotations
 
-import logging
 import math
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fortress.attacks.base import Attack, AttackResult, EvalSet, ProgressFn
-from fortress.attacks.common import train_clone
+from fortress.attacks.base import AttackRun, PoolKind
+from fortress.attacks.growing_set import GrowingSetAttack
+from fortress.attacks.hparams import hp
 from fortress.errors import ConfigError
-from fortress.oracle import Oracle, OutputMode
 
 __all__ = ["JBDA", "JBDAVariant"]
-
-log = logging.getLogger(__name__)
 
 #: Augmentation policies: Papernot's step, its mirror image, PRADA's targeted top-k PGD and the
 #: targeted-random PGD (JBDA-TR) of the ModelGuard lineage.
@@ -32,7 +29,7 @@ JBDAVariant = Literal["jbda", "jbself", "jbtop", "jbtr"]
 _GRAD_CHUNK = 1024
 
 
-class JBDA(Attack):
+class JBDA(GrowingSetAttack):
     """JBDA (Papernot et al., AsiaCCS 2017) with the JB-self and JB-top-k variants of PRADA (Juuti et al. 2019).
 
     ``seed_size`` random pool images are queried; then every round (1) trains the clone on the whole
@@ -93,93 +90,31 @@ class JBDA(Attack):
     """
 
     name = "jbda"
-    output_modes = (OutputMode.SOFT, OutputMode.HARD, OutputMode.TOPK)
+    pool_kind = PoolKind.ID_SEEDS
+    default_pool = "mnist-attacker"
 
-    def __init__(
-        self,
-        oracle: Oracle,
-        *,
-        budget: int,
-        seed: int = 0,
-        variant: JBDAVariant = "jbda",
-        seed_size: int = 150,
-        step: float = 0.1,
-        rounds: int | None = None,
-        top_k: int = 1,
-        pgd_steps: int = 8,
-        epochs_per_round: int = 10,
-        lr: float = 1e-3,
-        batch_size: int = 64,
-        retrain_from_scratch: bool = True,
-        tau: int | None = None,
-        kappa: int | None = None,
-        sigma: int = 3,
-    ) -> None:
-        super().__init__(oracle, budget=budget, seed=seed)
-        valid = get_args(JBDAVariant)
-        if variant not in valid:
-            raise ConfigError(f"variant must be one of {', '.join(valid)}, got {variant!r}")
-        for label, value in (
-            ("seed_size", seed_size),
-            ("top_k", top_k),
-            ("pgd_steps", pgd_steps),
-            ("epochs_per_round", epochs_per_round),
-            ("batch_size", batch_size),
-        ):
-            if value < 1:
-                raise ConfigError(f"{label} must be >= 1, got {value}")
-        if seed_size > self.budget:
-            raise ConfigError(f"seed_size ({seed_size}) must not exceed the budget ({self.budget})")
-        if not 0 < step <= 1:
-            raise ConfigError(f"step (λ) must be in (0, 1] pixel units, got {step}")
-        if rounds is not None and rounds < 0:
-            raise ConfigError(f"rounds must be >= 0 or None, got {rounds}")
-        if top_k > oracle.num_classes - 1:
-            raise ConfigError(f"top_k must be at most num_classes - 1 = {oracle.num_classes - 1}, got {top_k}")
-        if not lr > 0:
-            raise ConfigError(f"lr must be > 0, got {lr}")
-        if tau is not None and tau < 1:
-            raise ConfigError(f"tau must be >= 1 round or None, got {tau}")
-        if kappa is not None and kappa < 1:
-            raise ConfigError(f"kappa must be >= 1 point or None, got {kappa}")
-        if sigma < 0:
-            raise ConfigError(f"sigma must be >= 0 rounds, got {sigma}")
-        self.tau = tau
-        self.kappa = kappa
-        self.sigma = sigma
-        self.variant: JBDAVariant = variant
-        self.seed_size = seed_size
-        self.step = float(step)
-        self.rounds = rounds
-        self.top_k = top_k
-        self.pgd_steps = pgd_steps
-        self.epochs_per_round = epochs_per_round
-        self.lr = float(lr)
-        self.batch_size = batch_size
-        self.retrain_from_scratch = bool(retrain_from_scratch)
+    variant: JBDAVariant = hp(default="jbda")
+    seed_size: int = hp(default=150, ge=1)
+    step: float = hp(default=0.1, gt=0, le=1, unit="pixel units")
+    rounds: int | None = hp(default=None, ge=0)
+    top_k: int = hp(default=1, ge=1)
+    pgd_steps: int = hp(default=8, ge=1)
+    epochs_per_round: int = hp(default=10, ge=1)
+    tau: int | None = hp(default=None, ge=1, unit="round")
+    kappa: int | None = hp(default=None, ge=1, unit="point")
+    sigma: int = hp(default=3, ge=0, unit="rounds")
+
+    def _validate(self) -> None:
+        if self.seed_size > self.budget:
+            raise ConfigError(f"seed_size ({self.seed_size}) must not exceed the budget ({self.budget})")
+        k = self.oracle.num_classes
+        if self.top_k > k - 1:
+            raise ConfigError(f"top_k must be at most num_classes - 1 = {k - 1}, got {self.top_k}")
 
     @property
     def _per_point(self) -> int:
         """New queries per augmented point."""
         return self.top_k if self.variant in ("jbtop", "jbtr") else 1
-
-    def hparams(self) -> dict[str, Any]:
-        return {
-            **super().hparams(),
-            "variant": self.variant,
-            "seed_size": self.seed_size,
-            "step": self.step,
-            "rounds": self.rounds,
-            "top_k": self.top_k,
-            "pgd_steps": self.pgd_steps,
-            "epochs_per_round": self.epochs_per_round,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "retrain_from_scratch": self.retrain_from_scratch,
-            "tau": self.tau,
-            "kappa": self.kappa,
-            "sigma": self.sigma,
-        }
 
     def step_sign(self, round_index: int) -> float:
         """Papernot's periodic step sign ``(−1)^⌊ρ/τ⌋`` for augmentation round ``ρ`` (``+1`` without τ)."""
@@ -256,94 +191,41 @@ class JBDA(Attack):
         return adv
 
     # -- the attack -----------------------------------------------------------------------------
-    def run(
-        self,
-        clone: nn.Module,
-        pool: Tensor | None = None,
-        *,
-        eval_set: EvalSet | None = None,
-        eval_every: int | None = None,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
-        """Query a seed set from ``pool``, then alternate clone training and Jacobian augmentation.
+    def _epochs(self) -> int:
+        return self.epochs_per_round
 
-        Args:
-            clone: the clone network (trained in place).
-            pool: the attacker's in-distribution images ``(N, C, H, W)`` in [0, 1] (required;
-                ``N >= seed_size``).
-            eval_set: scored after each round's training whenever ``eval_every`` queries have passed
-                since the last checkpoint (never charged to the budget).
-            eval_every: queries between checkpoints (``None``: after every round).
-            progress: called after every oracle call.
+    def _seed_count(self) -> int:
+        return self.seed_size
+
+    def _pool_minimum(self) -> tuple[int, str]:
+        return self.seed_size, f"seed_size={self.seed_size}"
+
+    def _grow(self, run: AttackRun, x: Tensor, y: Tensor, round_index: int) -> Tensor | None:
+        """Augment ``D`` (a seeded subset of it in the last round, or from round ``sigma`` with ``kappa``)."""
+        left = run.queries_left
+        if left <= 0 or (self.rounds is not None and round_index >= self.rounds):
+            return None
+        n_points = x.shape[0]
+        take = n_points
+        if self.kappa is not None and round_index >= self.sigma:
+            take = min(take, self.kappa)  # reservoir sampling: κ random points of D
+        take = min(take, math.ceil(left / self._per_point))  # cut the last round to the budget
+        if take < n_points:
+            idx = torch.randperm(n_points, generator=run.rng)[:take]
+            x, y = x[idx], y[idx]
+        sign = self.step_sign(round_index)
+        return self.augment(run.clone, x, y.argmax(dim=1), sign=sign, generator=run.rng)[:left]
+
+    def _extract(self, run: AttackRun) -> dict[str, Any]:
+        """Query a seed set from the pool, then alternate clone training and Jacobian augmentation.
+
+        The pool holds the attacker's in-distribution images ``(N, C, H, W)`` in [0, 1], ``N >=
+        seed_size``. Checkpoints are scored after a round's training whenever ``eval_every`` queries
+        have passed since the last one (``None``: after every round).
 
         Extras of the result: ``rounds`` (augmentation rounds done), ``set_size`` (final ``|D|``),
         ``round_sizes`` (``|D|`` at each training), ``label_hist`` (oracle top-1 counts over ``D``)
         and ``train_loss`` (last epoch's loss of each training).
-
-        Raises:
-            ConfigError: ``pool`` is missing, has the wrong image shape or fewer than ``seed_size``
-                images; ``eval_every < 1``.
-            BudgetExceeded: the oracle's own budget is smaller than this attack's.
         """
-        pool = self._require_pool(
-            pool, who="jbda (in-distribution images)", min_rows=self.seed_size, what=f"seed_size={self.seed_size}"
-        )
-        if eval_every is not None and eval_every < 1:
-            raise ConfigError(f"eval_every must be >= 1 query or None, got {eval_every}")
-        self._begin()
-        rng = torch.Generator().manual_seed(self.seed)
-        init_state = {k: v.detach().clone() for k, v in clone.state_dict().items()}
-
-        x = pool[torch.randperm(pool.shape[0], generator=rng)[: self.seed_size]]
-        y = self.oracle.query(x)
-        if progress is not None:
-            progress(self.queries_used, self.budget)
-
-        rounds_done = 0
-        round_sizes: list[int] = []
-        losses: list[float] = []
-        last_cp: int | None = None
-        while True:
-            if self.retrain_from_scratch:
-                clone.load_state_dict(init_state)
-            losses.append(
-                train_clone(
-                    clone, x, y, epochs=self.epochs_per_round, batch_size=self.batch_size, lr=self.lr, generator=rng
-                )[-1]
-            )
-            round_sizes.append(int(x.shape[0]))
-            if eval_every is None or last_cp is None or self.queries_used - last_cp >= eval_every:
-                self._checkpoint(clone, eval_set)
-                last_cp = self.queries_used
-            left = self.queries_left
-            if left <= 0 or (self.rounds is not None and rounds_done >= self.rounds):
-                break
-            k = self._per_point
-            n_points = x.shape[0]
-            take = n_points
-            if self.kappa is not None and rounds_done >= self.sigma:
-                take = min(take, self.kappa)  # reservoir sampling: κ random points of D
-            take = min(take, math.ceil(left / k))  # cut the last round to the budget
-            if take < n_points:
-                idx = torch.randperm(n_points, generator=rng)[:take]
-                src_x, src_y = x[idx], y[idx]
-            else:
-                src_x, src_y = x, y
-            sign = self.step_sign(rounds_done)
-            new = self.augment(clone, src_x, src_y.argmax(dim=1), sign=sign, generator=rng)[:left]
-            answers = self.oracle.query(new)
-            if progress is not None:
-                progress(self.queries_used, self.budget)
-            x, y = torch.cat([x, new]), torch.cat([y, answers])
-            rounds_done += 1
-            log.debug("jbda round %d: |D| = %d, %d queries used", rounds_done, x.shape[0], self.queries_used)
-        hist = torch.bincount(y.argmax(dim=1), minlength=y.shape[1])
-        return self._finish(
-            clone,
-            eval_set,
-            rounds=rounds_done,
-            set_size=int(x.shape[0]),
-            round_sizes=round_sizes,
-            label_hist=hist.tolist(),
-            train_loss=losses,
-        )
+        extras = super()._extract(run)
+        return {**extras, "set_size": extras["round_sizes"][-1]}

@@ -9,17 +9,17 @@ taxonomy get their actions from a seeded k-means of the pool (:func:`kmeans`).
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortress.attacks.bandit import BanditPolicy, check_ids, kmeans, rank_within
-from fortress.attacks.base import Attack, AttackResult, EvalSet, ProgressFn
-from fortress.attacks.common import OptimizerName, check_optimizer, make_optimizer, soft_cross_entropy, train_clone
-from fortress.errors import ConfigError
-from fortress.oracle import Oracle, OutputMode
+from fortress.attacks.base import Attack, AttackResult, AttackRun, EvalSet, PoolKind, ProgressFn
+from fortress.attacks.common import OptimizerName, make_optimizer, soft_cross_entropy, train_clone
+from fortress.attacks.hparams import hp
+from fortress.oracle import OutputMode
 
 __all__ = ["KnockoffNets", "KnockoffReward", "KnockoffStrategy", "kmeans"]
 
@@ -119,104 +119,26 @@ class KnockoffNets(Attack):
 
     name = "knockoff"
     output_modes = (OutputMode.SOFT, OutputMode.HARD, OutputMode.TOPK)
+    pool_kind = PoolKind.NATURAL
+    default_pool = "patches"
 
-    def __init__(
-        self,
-        oracle: Oracle,
-        *,
-        budget: int,
-        seed: int = 0,
-        strategy: KnockoffStrategy = "random",
-        query_batch_size: int = 64,
-        epochs: int = 30,
-        batch_size: int = 64,
-        optimizer: OptimizerName = "adam",
-        lr: float = 1e-3,
-        momentum: float = 0.5,
-        weight_decay: float = 0.0,
-        lr_step: int | None = None,
-        lr_gamma: float = 0.1,
-        max_shift: int = 0,
-        reward: KnockoffReward = "all",
-        num_actions: int = 30,
-        bandit_lr: float = 0.1,
-        bandit_batch_size: int = 8,
-        online_steps: int = 1,
-        diversity_window: int = 25,
-    ) -> None:
-        super().__init__(oracle, budget=budget, seed=seed)
-        if strategy not in get_args(KnockoffStrategy):
-            raise ConfigError(
-                f"knockoff strategy must be one of {', '.join(get_args(KnockoffStrategy))}, got {strategy!r}"
-            )
-        if reward not in get_args(KnockoffReward):
-            raise ConfigError(f"knockoff reward must be one of {', '.join(get_args(KnockoffReward))}, got {reward!r}")
-        for label, value in (
-            ("query_batch_size", query_batch_size),
-            ("epochs", epochs),
-            ("batch_size", batch_size),
-            ("num_actions", num_actions),
-            ("bandit_batch_size", bandit_batch_size),
-            ("diversity_window", diversity_window),
-        ):
-            if value < 1:
-                raise ConfigError(f"{label} must be >= 1, got {value}")
-        if online_steps < 0:
-            raise ConfigError(f"online_steps must be >= 0, got {online_steps}")
-        check_optimizer(optimizer, "optimizer")
-        if not lr > 0:
-            raise ConfigError(f"lr must be > 0, got {lr}")
-        if not bandit_lr > 0:
-            raise ConfigError(f"bandit_lr must be > 0, got {bandit_lr}")
-        if not 0 <= momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
-        if weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
-        if lr_step is not None and lr_step < 1:
-            raise ConfigError(f"lr_step must be >= 1 epoch or None, got {lr_step}")
-        if not 0 < lr_gamma <= 1:
-            raise ConfigError(f"lr_gamma must be in (0, 1], got {lr_gamma}")
-        if max_shift < 0:
-            raise ConfigError(f"max_shift must be >= 0 pixels, got {max_shift}")
-        self.strategy: KnockoffStrategy = strategy
-        self.query_batch_size = query_batch_size
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.optimizer: OptimizerName = optimizer
-        self.lr = float(lr)
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.lr_step = lr_step
-        self.lr_gamma = float(lr_gamma)
-        self.max_shift = max_shift
-        self.reward: KnockoffReward = reward
-        self.num_actions = num_actions
-        self.bandit_lr = float(bandit_lr)
-        self.bandit_batch_size = bandit_batch_size
-        self.online_steps = online_steps
-        self.diversity_window = diversity_window
-
-    def hparams(self) -> dict[str, Any]:
-        return {
-            **super().hparams(),
-            "strategy": self.strategy,
-            "query_batch_size": self.query_batch_size,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "optimizer": self.optimizer,
-            "lr": self.lr,
-            "momentum": self.momentum,
-            "weight_decay": self.weight_decay,
-            "lr_step": self.lr_step,
-            "lr_gamma": self.lr_gamma,
-            "max_shift": self.max_shift,
-            "reward": self.reward,
-            "num_actions": self.num_actions,
-            "bandit_lr": self.bandit_lr,
-            "bandit_batch_size": self.bandit_batch_size,
-            "online_steps": self.online_steps,
-            "diversity_window": self.diversity_window,
-        }
+    strategy: KnockoffStrategy = hp(default="random")
+    query_batch_size: int = hp(default=64, ge=1)
+    epochs: int = hp(default=30, ge=1)
+    batch_size: int = hp(default=64, ge=1)
+    optimizer: OptimizerName = hp(default="adam")
+    lr: float = hp(default=1e-3, gt=0)
+    momentum: float = hp(default=0.5, ge=0, lt=1)
+    weight_decay: float = hp(default=0.0, ge=0)
+    lr_step: int | None = hp(default=None, ge=1, unit="epoch")
+    lr_gamma: float = hp(default=0.1, gt=0, le=1)
+    max_shift: int = hp(default=0, ge=0, unit="pixels")
+    reward: KnockoffReward = hp(default="all")
+    num_actions: int = hp(default=30, ge=1)
+    bandit_lr: float = hp(default=0.1, gt=0)
+    bandit_batch_size: int = hp(default=8, ge=1)
+    online_steps: int = hp(default=1, ge=0)
+    diversity_window: int = hp(default=25, ge=1)
 
     def run(
         self,
@@ -252,35 +174,27 @@ class KnockoffNets(Attack):
             ConfigError: ``pool`` is missing or its images do not have the oracle's input shape.
             InvalidInput: ``pool_labels`` or ``pool_groups`` is not one integer per pool image.
         """
-        pool = self._require_pool(pool, who="knockoff")
-        n_pool = pool.shape[0]
-        labels = check_ids(pool_labels, n_pool, "pool_labels")
-        groups = check_ids(pool_groups, n_pool, "pool_groups")
+        self._action_ids = (pool_labels, pool_groups)
+        return super().run(clone, pool, eval_set=eval_set, eval_every=eval_every, progress=progress)
+
+    def _extract(self, run: AttackRun) -> dict[str, Any]:
+        pool, n_pool = run.pool, run.pool.shape[0]
+        labels = check_ids(self._action_ids[0], n_pool, "pool_labels")
+        groups = check_ids(self._action_ids[1], n_pool, "pool_groups")
         if self.strategy == "random" and (labels is not None or groups is not None):
             log.info("pool_labels and pool_groups are only used by the adaptive strategy")
-        if eval_every is not None:
-            log.info("knockoff trains after every query: eval_every=%d is ignored", eval_every)
-        self._begin()
-        rng = torch.Generator().manual_seed(self.seed)
         n = min(self.budget, n_pool)
         stopped_at_pool = self.budget > n_pool
         if stopped_at_pool:
             log.info("budget %d exceeds the pool of %d images; querying the pool once", self.budget, n)
         extras: dict[str, Any] = {}
         if self.strategy == "random":
-            order = torch.randperm(n_pool, generator=rng)[:n]
-            images = pool[order]
-            answers: list[Tensor] = []
-            for i in range(0, n, self.query_batch_size):
-                answers.append(self.oracle.query(images[i : i + self.query_batch_size]))
-                if progress is not None:
-                    progress(self.queries_used, self.budget)
-            targets = torch.cat(answers)
+            images = pool[torch.randperm(n_pool, generator=run.rng)[:n]]
+            targets = run.query_batches(images, self.query_batch_size)
         else:
-            images, targets, extras = self._adaptive(clone, pool, n, labels, groups, rng, progress)
-        hist = torch.bincount(targets.argmax(dim=1), minlength=targets.shape[1])
+            images, targets, extras = self._adaptive(run, n, labels, groups)
         losses = train_clone(
-            clone,
+            run.clone,
             images,
             targets,
             epochs=self.epochs,
@@ -292,18 +206,15 @@ class KnockoffNets(Attack):
             lr_step=self.lr_step,
             lr_gamma=self.lr_gamma,
             max_shift=self.max_shift,
-            generator=rng,
+            generator=run.rng,
         )
-        return self._finish(
-            clone,
-            eval_set,
-            transfer_set_size=n,
-            pool_size=n_pool,
-            stopped_at_pool=stopped_at_pool,
-            label_hist=hist.tolist(),
-            train_loss=losses,
+        return {
+            "transfer_set_size": n,
+            "pool_size": n_pool,
+            "stopped_at_pool": stopped_at_pool,
+            "train_loss": losses,
             **extras,
-        )
+        }
 
     # -- adaptive strategy ----------------------------------------------------------------------
     def actions(
@@ -347,16 +258,10 @@ class KnockoffNets(Attack):
         return torch.stack([cert, div, loss], dim=1)
 
     def _adaptive(
-        self,
-        clone: nn.Module,
-        pool: Tensor,
-        n: int,
-        labels: Tensor | None,
-        groups: Tensor | None,
-        rng: torch.Generator,
-        progress: ProgressFn | None,
+        self, run: AttackRun, n: int, labels: Tensor | None, groups: Tensor | None
     ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        """Spend ``n`` queries with the gradient-bandit policy, training ``clone`` online."""
+        """Spend ``n`` queries with the gradient-bandit policy, training the clone online."""
+        clone, pool, rng = run.clone, run.pool, run.rng
         leaf, parent = self.actions(pool, labels, groups, rng)
         n_leaves, n_groups = parent.shape[0], int(parent.max()) + 1
         # each leaf's images in a seeded random order, leaves stored contiguously
@@ -367,7 +272,7 @@ class KnockoffNets(Attack):
         taken = torch.zeros(n_leaves, dtype=torch.long)
         policy = BanditPolicy(parent, n_groups, self.bandit_lr)
         opt = make_optimizer(clone, self.optimizer, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        device = next(clone.parameters()).device
+        device = run.device
         term = {"cert": 0, "div": 1, "loss": 2}
         lo, hi = torch.full((3,), float("inf")), torch.full((3,), float("-inf"))
         reward_sum, reward_count = 0.0, 0
@@ -384,9 +289,7 @@ class KnockoffNets(Attack):
             g, a, rank = g[keep], a[keep], rank[keep]
             idx = members[start[a] + taken[a] + rank]
             x = pool[idx]
-            y = self.oracle.query(x).float()
-            if progress is not None:
-                progress(self.queries_used, self.budget)
+            y = run.query(x).float()
             clone.eval()
             with torch.no_grad():
                 logits = clone(x.to(device)).float().cpu()

@@ -45,7 +45,6 @@ from fortress.models import (
 from fortress.oracle import HttpOracle, LocalOracle, Oracle
 
 __all__ = [
-    "DEFAULT_POOLS",
     "build_ood",
     "defended_accuracy",
     "id_data",
@@ -57,14 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Attacker pools used when an attack needs one and the config names none.
-DEFAULT_POOLS: dict[str, str] = {
-    "knockoff": "patches",
-    "jbda": "mnist-attacker",
-    "activethief": "patches",
-    "dfms-hl": "patches",
-}
 
 #: The defender's proxy crops are drawn with this seed offset, so they are never the very crops an
 #: attacker's ``patches`` pool (seed 0) holds; both come from the same two photographs.
@@ -321,7 +312,7 @@ def run_attack(
     defended_acc, hist_id = defended_accuracy(defense, data.test)
     eval_set = EvalSet(data.test.x, data.test.targets, victim_labels)
     attack = attack_cls(oracle, budget=cfg.budget, seed=cfg.seed, **cfg.params)
-    pool_name = cfg.pool or DEFAULT_POOLS.get(cfg.name)
+    pool_name = cfg.pool or attack_cls.default_pool
     pool = None if pool_name is None else load_dataset(pool_name).x
     torch.manual_seed(cfg.seed)
     c, h, _ = victim.input_shape

@@ -135,8 +135,8 @@ def speed_traffic(input_shape: tuple[int, int, int], n: int, *, seed: int = 0) -
     is absent); synthetic queries come from a randomly initialised DFME generator (what DFME sends early
     on); noise is uniform.
     """
-    from fortress.attacks.common import DFMEGenerator, to_unit
     from fortress.data.embedded import mnist_splits, noise_images
+    from fortress.generative.dfme import DFMEGenerator, to_unit
 
     c, h, _ = input_shape
     out: dict[str, Tensor] = {}
