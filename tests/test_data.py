@@ -516,7 +516,7 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     _make_tree(tmp_path)
     bad = tmp_path / "dog" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    with pytest.raises(ArtifactError, match=r"cannot decode image .*broken\.png"):
+    with pytest.raises(ArtifactError, match=r"image .*broken\.png is not a readable image"):
         load_image_folder(tmp_path)
     bad.unlink()
     (tmp_path / "empty_class").mkdir()
