@@ -9,6 +9,7 @@ what its header declares (a decompression bomb).
 
 from __future__ import annotations
 
+import base64
 import colorsys
 import io
 import struct
@@ -495,3 +496,39 @@ def test_server_answers_sixteen_bit_faithfully_and_refuses_bombs_free(
         assert r.status_code == status and fragment in r.json()["message"], r.text
         assert "file 1 ('bad.png')" in r.json()["message"]
     assert store.authenticate(key).used == 1  # only the answered ramp was charged
+
+
+# --------------------------------------------------------------------------------------------------
+# The .npy body: header and dtype limits answered with our own messages
+
+
+def _npy_v2(header: str, payload: bytes = b"") -> str:
+    raw = b"\x93NUMPY\x02\x00" + struct.pack("<I", len(header)) + header.encode("latin1") + payload
+    return base64.b64encode(raw).decode()
+
+
+def _npy(arr: Arr) -> str:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=arr.dtype.hasobject)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_npy_header_and_dtype_limits_are_ours_and_free(app_client: tuple[TestClient, KeyStore]) -> None:
+    client, store = app_client
+    key = store.add("t", budget=100)[1]
+    zeros = np.zeros((1, 1, 28, 28), np.float32)
+    huge = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 28, 28), }" + " " * 2**20 + "\n"
+    cases = [
+        (_npy_v2(huge, zeros.tobytes()), 413, "npy header is 1,048,644 bytes, over the limit of 4,096 bytes"),
+        (_npy(np.array([{"a": 1}], dtype=object)), 422, "npy has dtype object, expected a float array"),
+        (_npy(np.zeros((1, 1, 28, 28), dtype=[("a", "<f4")])), 422, "expected a float array"),
+        (_npy(np.zeros((1, 1, 28, 28), np.complex64)), 422, "expected a float array"),
+        (_npy(np.zeros((0, 1, 28, 28), np.float32)), 422, "npy has shape (0, 1, 28, 28)"),
+        (_npy_v2("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 28, 28), }\n")[:12], 422, "ends inside"),
+    ]
+    for body, status, fragment in cases:
+        r = client.post("/v1/predict", json={"npy": body}, headers={"X-API-Key": key})
+        assert r.status_code == status and fragment in r.json()["message"], r.text
+        assert "allow_pickle" not in r.text
+    ok = client.post("/v1/predict", json={"npy": _npy(zeros)}, headers={"X-API-Key": key})
+    assert ok.status_code == 200 and ok.json()["queries_used"] == 1  # nothing refused was charged
