@@ -34,6 +34,7 @@ from fortress.data._common import DIGIT_NAMES, IMAGE_EXTENSIONS, check_labels, r
 from fortress.data.base import ImageSet
 from fortress.data.images import DEFAULT_IMAGE_LIMITS, ImageLimits, decode_image, resize_bilinear
 from fortress.errors import ArtifactError, ConfigError, InvalidInput
+from fortress.tensors import check_labels as check_label_tensor
 
 __all__ = [
     "DATASETS",
@@ -312,14 +313,15 @@ def load_npz(path: Path | str, *, x_key: str = "x", y_key: str | None = "y") -> 
         y: Tensor | None = None
         if y_key is not None:
             raw = get(y_key)
-            if not np.issubdtype(raw.dtype, np.integer) or raw.shape != (x.shape[0],):
+            if not np.issubdtype(raw.dtype, np.integer):
                 raise ArtifactError(
-                    f"{path} array {y_key!r} is {raw.dtype} of shape {raw.shape}; expected integer labels "
-                    f"of shape ({x.shape[0]},)"
+                    f"{path} array {y_key!r} has dtype {raw.dtype}; labels must have an integer dtype "
+                    f"(class indices), shape ({x.shape[0]},)"
                 )
-            if raw.size and int(raw.min()) < 0:
-                raise ArtifactError(f"{path} array {y_key!r} has negative label {int(raw.min())}")
-            y = torch.from_numpy(raw.astype(np.int64))
+            try:  # the label contract: (N,) or (N, 1) integers, non-negative
+                y = check_label_tensor(torch.from_numpy(raw.astype(np.int64)), len(x), name=f"{path} array {y_key!r}")
+            except InvalidInput as exc:
+                raise ArtifactError(str(exc)) from None
     return ImageSet(x, y, None, f"npz-{path.stem}")
 
 

@@ -43,6 +43,7 @@ from torch import Tensor
 from fortress.errors import ConfigError, InvalidInput
 from fortress.exits.network import EarlyExitNet, default_thresholds
 from fortress.models import create_model
+from fortress.tensors import check_labels
 
 __all__ = [
     "ExitTable",
@@ -302,6 +303,7 @@ def search_thresholds(
 
     cfg = config or ThresholdSearchConfig()
     x_val, y_val = val
+    y_val = check_labels(y_val, len(x_val), net.num_classes, name="validation labels")
     _check_inputs(x_val, y_val, "validation data")
     x_query = default_query_set(cfg) if query is None else query
     heads = net.num_exits - 1
