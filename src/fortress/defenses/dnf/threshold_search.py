@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fortress.defenses.dnf.smac_order import ordered_acquisition_maximizer
 from fortress.errors import ConfigError, InvalidInput
 from fortress.exits.network import EarlyExitNet, default_thresholds
 from fortress.models import create_model
@@ -368,7 +369,12 @@ def search_thresholds(
             additional_configs=[Configuration(space, values=v) for v in starts],
         )
         smac = HyperparameterOptimizationFacade(
-            scenario, target, initial_design=design, logging_level=False, overwrite=True
+            scenario,
+            target,
+            initial_design=design,
+            acquisition_maximizer=ordered_acquisition_maximizer(scenario),  # same seed, same trials in any process
+            logging_level=False,
+            overwrite=True,
         )
         smac.optimize()
     baseline_trial = evaluate(base, -1)
