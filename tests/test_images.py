@@ -442,6 +442,39 @@ def test_pixel_data_inflating_past_its_header_is_refused(tmp_path: Path) -> None
         load_image_folder(tmp_path, channels=1)
 
 
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _stored_png(pix: Arr, color_type: int, interlace: bool) -> bytes:
+    """An 8-bit PNG whose deflate stream is stored (level 0): the largest a legitimate encoder writes."""
+    h, w = pix.shape[:2]
+    passes = ADAM7 if interlace else ((0, 0, 1, 1),)
+    rows = b"".join(
+        b"\x00" + np.ascontiguousarray(pix[y, x0::dx]).tobytes()
+        for x0, y0, dx, dy in passes
+        if x0 < w
+        for y in range(y0, h, dy)
+    )
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, int(interlace))
+    body = png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(rows, 0)) + png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+@pytest.mark.parametrize(("color_type", "bands"), [(0, 1), (6, 4)])
+@pytest.mark.parametrize(("h", "w"), [(7, 13), (1, 1), (300, 257)])
+def test_the_bomb_bound_accepts_every_legitimate_png(
+    interlace: bool, color_type: int, bands: int, h: int, w: int
+) -> None:
+    """Incompressible pixels in stored deflate blocks, interlaced or not, stay within the bound."""
+    pix = RNG.integers(0, 256, (h, w, bands), dtype=np.uint8)
+    if bands == 4:
+        pix[..., 3] = 255
+    x = decode_image(_stored_png(pix.squeeze(2) if bands == 1 else pix, color_type, interlace), 3, name="p")
+    expected = np.repeat(pix, 3, 2) if bands == 1 else pix[..., :3]
+    assert np.array_equal(np.rint(x * 255).astype(np.uint8), expected.transpose(2, 0, 1))
+
+
 def test_compressed_text_chunks_are_never_inflated() -> None:
     """Sixty zTXt chunks of 1 MiB each (60 KiB on the wire): dropped unread, the pixels still decode."""
     g = RNG.integers(0, 256, (28, 28), dtype=np.uint8)
