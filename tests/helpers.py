@@ -22,3 +22,15 @@ def sharp_random_dnf() -> DNF:
     """An untrained LeNet-5 (seed 0) DNF with sharpened heads and thresholds 0.5/0.7/0.9."""
     torch.manual_seed(0)
     return sharpen_heads(DNF(create_model("lenet5").eval(), thresholds=[0.5, 0.7, 0.9], seed=0))
+
+
+def spend_over_budget(rows: int, budget: int) -> int:
+    """Query ``rows`` images from a fresh LocalOracle with ``budget`` (for worker processes); return queries used."""
+    from fortress.defenses import Undefended
+    from fortress.oracle import LocalOracle
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    oracle = LocalOracle(Undefended(create_model("lenet5").eval()), budget=budget)
+    oracle.query(torch.rand(rows, 1, 28, 28))
+    return oracle.queries_used

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fortress.data.transforms import random_shift
-from fortress.errors import ArtifactError, ConfigError, UnknownComponent
+from fortress.errors import ArtifactError, ConfigError, InvalidInput, UnknownComponent
 from fortress.models import (
     MODELS,
     StagedBackbone,
@@ -422,7 +422,7 @@ def test_train_classifier_rejects_bad_arguments() -> None:
     net = nn.Sequential(nn.Flatten(), nn.Linear(144, 2))
     with pytest.raises(ConfigError):
         train_classifier(net, x, y, epochs=0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(InvalidInput, match="4 entries for 8 images"):
         train_classifier(net, x, y[:4])
 
 

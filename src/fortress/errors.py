@@ -7,6 +7,8 @@ name the bad value and what was expected.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ArtifactError",
     "BudgetExceeded",
@@ -14,17 +16,43 @@ __all__ = [
     "FortressError",
     "InvalidInput",
     "OracleUnavailable",
+    "TooLarge",
     "TrainingDiverged",
     "UnknownComponent",
 ]
 
 
+def _restore_error(cls: type[FortressError], args: tuple[Any, ...], state: dict[str, Any]) -> FortressError:
+    """Rebuild a pickled :class:`FortressError` without calling its ``__init__`` (see ``__reduce__``)."""
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 class FortressError(Exception):
-    """Base class of every error fortress raises on purpose."""
+    """Base class of every error fortress raises on purpose.
+
+    Every subclass round-trips through :mod:`pickle` with its message and its fields, whatever its
+    ``__init__`` takes, so an error raised in a worker process (``ProcessPoolExecutor``, Ray)
+    arrives in the parent as itself.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce calls ``cls(*self.args)``, which fails for subclasses whose
+        # ``__init__`` takes fields rather than the message (BudgetExceeded(8, 0, 5)).
+        return (_restore_error, (type(self), self.args, dict(self.__dict__)))
 
 
 class InvalidInput(FortressError, ValueError):
     """Input tensors violate the contract (shape, dtype, range, NaN/Inf, empty batch)."""
+
+
+class TooLarge(InvalidInput):
+    """An input passes a size limit (batch, body, image pixels, decoded bytes, header); HTTP 413.
+
+    The message names the limit and its value.
+    """
 
 
 class ConfigError(FortressError, ValueError):

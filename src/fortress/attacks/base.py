@@ -46,6 +46,7 @@ from fortress.attacks.hparams import hp, plain, settle
 from fortress.errors import ConfigError
 from fortress.models.train import predict_logits
 from fortress.oracle import Oracle, OutputMode
+from fortress.tensors import check_labels
 
 if sys.version_info >= (3, 11):
     from typing import dataclass_transform
@@ -103,9 +104,20 @@ class EvalSet:
     y: Tensor
     victim_labels: Tensor | None = None
 
+    def __post_init__(self) -> None:  # the label contract: (N,) or (N, 1) integers, flattened, never broadcast
+        object.__setattr__(self, "y", check_labels(self.y, len(self.x), name="EvalSet labels"))
+        if self.victim_labels is not None:
+            object.__setattr__(
+                self, "victim_labels", check_labels(self.victim_labels, len(self.x), name="victim_labels")
+            )
+
     def score(self, clone: nn.Module) -> tuple[float, float | None]:
         """Return ``(accuracy, fidelity)`` of ``clone`` on this set (fidelity ``None`` without victim labels)."""
-        pred = predict_logits(clone, self.x).argmax(1)
+        logits = predict_logits(clone, self.x)
+        check_labels(self.y, num_classes=logits.shape[1], name="EvalSet labels")
+        if self.victim_labels is not None:
+            check_labels(self.victim_labels, num_classes=logits.shape[1], name="victim_labels")
+        pred = logits.argmax(1)
         acc = float((pred == self.y).float().mean())
         fid = None if self.victim_labels is None else float((pred == self.victim_labels).float().mean())
         return acc, fid

@@ -43,6 +43,7 @@ from fortress.models import (
     train_classifier,
 )
 from fortress.oracle import HttpOracle, LocalOracle, Oracle
+from fortress.tensors import check_labels
 
 __all__ = [
     "build_ood",
@@ -224,8 +225,9 @@ def defended_accuracy(defense: Defense, data: ImageSet) -> tuple[float, list[flo
 
     Called directly on the defense, so it never spends an oracle's budget.
     """
+    y = check_labels(data.targets, len(data), defense.num_classes, name=f"{data.name} labels")
     out = defense.respond(data.x)
-    acc = float((out.probs.argmax(1) == data.targets).float().mean())
+    acc = float((out.probs.argmax(1) == y).float().mean())
     hist: list[float] = []
     if out.exits is not None and defense.num_exits:
         counts = torch.bincount(out.exits, minlength=defense.num_exits).float()

@@ -175,7 +175,9 @@ def run_cell(cell: Cell, out: Path | str, threads: int | None = None, after: obj
 
     Returns:
         :meth:`ResultRecord.to_json` as a dict; the record's ``defense`` is the spec's label, its
-        ``config`` holds the full cell and ``cell_key``, its ``extra`` the defense's time per 1,000 ID queries.
+        ``config`` holds the full cell and ``cell_key``, its ``extra`` the defense's time per 1,000 ID
+        queries and the torch threads and version (results are bit-identical across processes at the
+        same thread count).
     """
     from fortress.bench.pipeline import id_data, run_attack
 
@@ -198,7 +200,8 @@ def run_cell(cell: Cell, out: Path | str, threads: int | None = None, after: obj
             "defense_artifact": cell.defense_key,
         },
     )
-    rec = replace(rec, defense=cell.defense.display, extra={**rec.extra, "id_s_per_1k_queries": id_s})
+    facts = {"id_s_per_1k_queries": id_s, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
+    rec = replace(rec, defense=cell.defense.display, extra={**rec.extra, **facts})
     data: dict[str, Any] = json.loads(rec.to_json())
     return data
 

@@ -11,6 +11,7 @@ from fortress.data.embedded import (
     natural_patches,
     noise_images,
 )
+from fortress.data.images import MODE_TABLE, ImageLimits, decode_image
 from fortress.data.loaders import (
     DATASETS,
     DatasetInfo,
@@ -23,9 +24,12 @@ from fortress.data.loaders import (
 
 __all__ = [
     "DATASETS",
+    "MODE_TABLE",
     "DatasetInfo",
+    "ImageLimits",
     "ImageSet",
     "MnistSplits",
+    "decode_image",
     "digits28",
     "load_cifar",
     "load_dataset",

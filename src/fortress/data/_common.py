@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fortress.errors import ArtifactError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DIGIT_NAMES = tuple(str(i) for i in range(10))
 
 

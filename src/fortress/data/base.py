@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from fortress.errors import InvalidInput
-from fortress.tensors import check_images
+from fortress.tensors import check_images, check_labels
 
 __all__ = ["ImageSet"]
 
@@ -19,7 +18,8 @@ class ImageSet:
 
     Attributes:
         x: ``(N, C, H, W)`` float32 images in [0, 1].
-        y: ``(N,)`` int64 labels, or ``None`` for unlabelled pools.
+        y: class labels, or ``None`` for unlabelled pools: any integer dtype, ``(N,)`` or ``(N, 1)``,
+            in ``[0, len(classes))``; stored as int64 ``(N,)`` (:func:`~fortress.tensors.check_labels`).
         classes: class names, or ``None``.
         name: where the images came from.
     """
@@ -31,14 +31,9 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         check_images(self.x, name=f"{self.name} images")
-        if self.y is not None:
-            if self.y.dtype != torch.int64 or self.y.dim() != 1 or self.y.shape[0] != self.x.shape[0]:
-                raise InvalidInput(
-                    f"{self.name} labels must be int64 of shape ({self.x.shape[0]},), "
-                    f"got {self.y.dtype} {tuple(self.y.shape)}"
-                )
-            if self.classes is not None and self.y.numel() and int(self.y.max()) >= len(self.classes):
-                raise InvalidInput(f"{self.name} has label {int(self.y.max())} but only {len(self.classes)} classes")
+        if self.y is not None:  # the label contract: stored as int64 (N,), never broadcast
+            k = None if self.classes is None else len(self.classes)
+            object.__setattr__(self, "y", check_labels(self.y, len(self.x), k, name=f"{self.name} labels"))
 
     @property
     def targets(self) -> Tensor:

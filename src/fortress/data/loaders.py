@@ -32,7 +32,9 @@ from torch import Tensor
 
 from fortress.data._common import DIGIT_NAMES, IMAGE_EXTENSIONS, check_labels, require_exists, u8_to_images
 from fortress.data.base import ImageSet
-from fortress.errors import ArtifactError, ConfigError
+from fortress.data.images import DEFAULT_IMAGE_LIMITS, ImageLimits, decode_image, resize_bilinear
+from fortress.errors import ArtifactError, ConfigError, InvalidInput
+from fortress.tensors import check_labels as check_label_tensor
 
 __all__ = [
     "DATASETS",
@@ -139,20 +141,15 @@ def load_mnist_idx(root: Path | str, split: Literal["train", "test"] = "train") 
 # -------------------------------------------------------------------------------------- ImageFolder
 
 
-def _decode_image(path: Path, mode: str, size: int | None) -> npt.NDArray[np.uint8]:
-    """Decode one image file to a uint8 ``(H, W, C)`` array."""
-    from PIL import Image
-
+def _decode_file(path: Path, channels: Literal[1, 3], size: int | None, limits: ImageLimits) -> npt.NDArray[np.float32]:
+    """Decode one image file to float32 ``(C, H, W)`` with the shared decoder (resized if asked)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            out = im.convert(mode)
-        if size is not None and out.size != (size, size):
-            out = out.resize((size, size), Image.Resampling.BILINEAR)
-        arr = np.asarray(out, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        raise ArtifactError(f"cannot decode image {path}: {exc}") from exc
-    return arr.reshape(arr.shape[0], arr.shape[1], -1)
+        arr = decode_image(path.read_bytes(), channels, name=f"image {path}", limits=limits)
+    except OSError as exc:
+        raise ArtifactError(f"cannot read image {path}: {exc}") from exc
+    except InvalidInput as exc:  # refused mode, over a limit, unreadable: same message as the server's
+        raise ArtifactError(str(exc)) from exc
+    return arr if size is None else resize_bilinear(arr, size)
 
 
 def load_image_folder(
@@ -161,12 +158,15 @@ def load_image_folder(
     size: int | None = None,
     channels: Literal[1, 3] = 3,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
 ) -> ImageSet:
     """Load a ``root/<class>/<image>`` tree (the torchvision ``ImageFolder`` layout).
 
     Classes are the sub-folder names sorted alphabetically (label ``i`` is the ``i``-th name);
-    images are found recursively in each class folder, decoded with Pillow and converted to
-    grey-scale (``channels=1``) or RGB. Hidden files and folders are skipped.
+    images are found recursively in each class folder and decoded by
+    :func:`fortress.data.images.decode_image` (the server's decoder: 16-bit images faithfully,
+    transparency composited onto black, every Pillow mode by :data:`~fortress.data.images.MODE_TABLE`),
+    to grey-scale (``channels=1``) or RGB. Hidden files and folders are skipped.
 
     Args:
         root: the tree's root folder.
@@ -174,14 +174,16 @@ def load_image_folder(
             which must then be the same for every image.
         channels: 1 (grey-scale) or 3 (RGB).
         extensions: file suffixes to load (case-insensitive).
+        limits: per-image pixel and decoded-byte limits, checked before each image is decoded.
 
     Returns:
         ``(N, channels, H, W)`` images in [0, 1], int64 labels, and the class names.
 
     Raises:
         ConfigError: a bad ``size`` or ``channels``.
-        ArtifactError: no classes or images, a class folder without images, an undecodable image
-            (named), or images of different sizes without ``size``.
+        ArtifactError: no classes or images, a class folder without images, an undecodable or
+            refused image or one over ``limits`` (named, with the mode or the limit), or images of
+            different sizes without ``size``.
     """
     root = Path(root)
     if channels not in (1, 3):
@@ -213,16 +215,19 @@ def load_image_folder(
             f"image folder {root} has class folders without images ({', '.join(empty)}); "
             f"expected files ending in {', '.join(sorted(suffixes))}"
         )
-    mode = "L" if channels == 1 else "RGB"
-    arrays = [_decode_image(path, mode, size) for path, _ in files]
-    first = arrays[0].shape
-    for (path, _), arr in zip(files, arrays, strict=True):
-        if arr.shape != first:
+    out: npt.NDArray[np.float32] | None = None
+    for i, (path, _) in enumerate(files):  # filled in place: peak memory is the set plus one image
+        arr = _decode_file(path, channels, size, limits)
+        if out is None:
+            out = np.empty((len(files), *arr.shape), dtype=np.float32)
+        elif arr.shape != out.shape[1:]:
             raise ArtifactError(
-                f"images differ in size: {files[0][0]} is {first[1]}x{first[0]} but {path} is "
-                f"{arr.shape[1]}x{arr.shape[0]}; pass size= to resize every image to the same square size"
+                f"images differ in size: {files[0][0]} is {out.shape[3]}x{out.shape[2]} but {path} is "
+                f"{arr.shape[2]}x{arr.shape[1]}; pass size= to resize every image to the same square size"
             )
-    x = u8_to_images(np.stack(arrays).transpose(0, 3, 1, 2))
+        out[i] = arr
+    assert out is not None
+    x = torch.from_numpy(out)
     y = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageSet(x, y, tuple(classes), f"imagefolder-{root.name}")
 
@@ -308,14 +313,15 @@ def load_npz(path: Path | str, *, x_key: str = "x", y_key: str | None = "y") -> 
         y: Tensor | None = None
         if y_key is not None:
             raw = get(y_key)
-            if not np.issubdtype(raw.dtype, np.integer) or raw.shape != (x.shape[0],):
+            if not np.issubdtype(raw.dtype, np.integer):
                 raise ArtifactError(
-                    f"{path} array {y_key!r} is {raw.dtype} of shape {raw.shape}; expected integer labels "
-                    f"of shape ({x.shape[0]},)"
+                    f"{path} array {y_key!r} has dtype {raw.dtype}; labels must have an integer dtype "
+                    f"(class indices), shape ({x.shape[0]},)"
                 )
-            if raw.size and int(raw.min()) < 0:
-                raise ArtifactError(f"{path} array {y_key!r} has negative label {int(raw.min())}")
-            y = torch.from_numpy(raw.astype(np.int64))
+            try:  # the label contract: (N,) or (N, 1) integers, non-negative
+                y = check_label_tensor(torch.from_numpy(raw.astype(np.int64)), len(x), name=f"{path} array {y_key!r}")
+            except InvalidInput as exc:
+                raise ArtifactError(str(exc)) from None
     return ImageSet(x, y, None, f"npz-{path.stem}")
 
 

@@ -32,6 +32,7 @@ from fortress.defenses.base import Defense, DefenseOutput, read_defense_meta
 from fortress.errors import ArtifactError, ConfigError, UnknownComponent
 from fortress.models.io import atomic_write_text, load_model, save_model
 from fortress.models.staged import StagedBackbone
+from fortress.tensors import check_labels
 
 __all__ = ["AdaptiveMisinformation", "build_adaptive_misinformation", "misinformation_loss"]
 
@@ -163,6 +164,7 @@ class AdaptiveMisinformation(Defense):
         """
         if epochs < 1 or batch_size < 1 or not lr > 0:
             raise ConfigError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+        y = check_labels(y, len(x), self.num_classes, name="labels")
         if x.dim() != 4 or x.shape[0] == 0 or x.shape[0] != y.shape[0]:
             raise ConfigError(f"need matching non-empty images and labels, got {tuple(x.shape)} and {tuple(y.shape)}")
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.misinfo_epochs)

@@ -36,6 +36,7 @@ from fortress.models.io import (
     save_state,
 )
 from fortress.models.staged import StagedBackbone
+from fortress.tensors import check_labels
 
 __all__ = ["MeCo", "MeCoTrainConfig", "MeCoTrainReport", "PerturbationGenerator", "build_meco"]
 
@@ -317,6 +318,8 @@ class MeCo(Defense):
             TrainingDiverged: weights became non-finite.
         """
         cfg = config or MeCoTrainConfig()
+        y_id = check_labels(y_id, len(x_id), self.num_classes, name="y_id")
+        val = None if val is None else (val[0], check_labels(val[1], len(val[0]), self.num_classes, name="val labels"))
         if x_id.dim() != 4 or x_id.shape[0] == 0 or x_id.shape[0] != y_id.shape[0]:
             raise ConfigError(
                 f"need matching non-empty images and labels, got {tuple(x_id.shape)} and {tuple(y_id.shape)}"

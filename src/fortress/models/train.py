@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from fortress.data.transforms import random_shift
 from fortress.errors import ConfigError
+from fortress.tensors import check_labels
 
 __all__ = ["TrainReport", "evaluate_accuracy", "predict_logits", "train_classifier"]
 
@@ -46,8 +47,14 @@ def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tenso
 
 
 def evaluate_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` on ``(x, y)`` as a fraction in [0, 1]."""
-    return float((predict_logits(model, x, batch_size).argmax(1) == y).float().mean())
+    """Top-1 accuracy of ``model`` on ``(x, y)`` as a fraction in [0, 1].
+
+    Raises:
+        InvalidInput: ``y`` breaks the label contract (:func:`~fortress.tensors.check_labels`).
+    """
+    y = check_labels(y, len(x))
+    logits = predict_logits(model, x, batch_size)
+    return float((logits.argmax(1) == check_labels(y, num_classes=logits.shape[1])).float().mean())
 
 
 def train_classifier(
@@ -81,11 +88,20 @@ def train_classifier(
 
     Returns:
         A :class:`TrainReport`.
+
+    Raises:
+        ConfigError: bad hyper-parameters or no images.
+        InvalidInput: ``y`` (or ``val``'s labels) breaks the label contract: integer class indices
+            ``(N,)`` or ``(N, 1)``, one per image, in ``[0, K)``.
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ConfigError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ConfigError(f"{x.shape[0]} images but {y.shape[0]} labels")
+    if x.shape[0] == 0:
+        raise ConfigError("no training images (x is empty)")
+    k = int(predict_logits(model, x[:1]).shape[1])  # the model's class count, for the label range
+    y = check_labels(y, len(x), k, name="training labels")
+    if val is not None:
+        val = (val[0], check_labels(val[1], len(val[0]), k, name="validation labels"))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * ((x.shape[0] + batch_size - 1) // batch_size)

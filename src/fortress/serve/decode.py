@@ -18,15 +18,15 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from fortress.errors import InvalidInput
+from fortress.data.images import ImageLimits, decode_image
+from fortress.errors import InvalidInput, TooLarge
 from fortress.serve.schemas import PredictRequest
 from fortress.tensors import check_images
 
-__all__ = ["TooLarge", "decode_json_body", "decode_npy", "decode_pngs", "validation_message"]
+__all__ = ["NPY_MAX_HEADER_BYTES", "TooLarge", "decode_json_body", "decode_npy", "decode_pngs", "validation_message"]
 
-
-class TooLarge(InvalidInput):
-    """The batch or body passes the server's limits (HTTP 413)."""
+#: Largest ``.npy`` header read (numpy writes about 128 bytes for an (N, C, H, W) float array).
+NPY_MAX_HEADER_BYTES = 4096
 
 
 def validation_message(exc: ValidationError, limit: int = 3) -> str:
@@ -70,7 +70,12 @@ def decode_json_body(body: bytes, shape: Sequence[int], max_batch: int) -> Tenso
 
 
 def decode_npy(data: str, shape: Sequence[int], max_batch: int) -> Tensor:
-    """Decode base64 of a ``.npy`` file into a checked batch (header checked before the data is read)."""
+    """Decode base64 of a ``.npy`` file into a checked batch (header checked before the data is read).
+
+    The header may be at most :data:`NPY_MAX_HEADER_BYTES` (413 otherwise; numpy's own refusal,
+    which suggests ``allow_pickle=True``, is never shown), its dtype must be a float (object and
+    structured dtypes are refused with our message, nothing is unpickled), its shape ``(N, C, H, W)``.
+    """
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
@@ -78,18 +83,28 @@ def decode_npy(data: str, shape: Sequence[int], max_batch: int) -> Tensor:
     buf = io.BytesIO(raw)
     try:
         version = np.lib.format.read_magic(buf)
-        if version == (1, 0):
-            dshape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-        elif version == (2, 0):
-            dshape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, OSError, SyntaxError, TypeError) as exc:
+    except (ValueError, OSError, EOFError) as exc:
         raise InvalidInput(f"npy is not a readable .npy file: {exc}") from None
+    if version not in ((1, 0), (2, 0)):
+        raise InvalidInput(f"npy has .npy format version {version[0]}.{version[1]}, expected 1.0 or 2.0")
+    size_field = raw[8:10] if version == (1, 0) else raw[8:12]
+    if len(size_field) < (2 if version == (1, 0) else 4):
+        raise InvalidInput("npy is not a readable .npy file: it ends inside the header")
+    header_len = int.from_bytes(size_field, "little")
+    if header_len > NPY_MAX_HEADER_BYTES:
+        raise TooLarge(
+            f"npy header is {header_len:,} bytes, over the limit of {NPY_MAX_HEADER_BYTES:,} bytes "
+            "(a (N, C, H, W) float array needs about 128)"
+        )
+    try:
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        dshape, fortran, dtype = read_header(buf, max_header_size=NPY_MAX_HEADER_BYTES)
+    except (ValueError, OSError, SyntaxError, TypeError, EOFError) as exc:
+        raise InvalidInput(f"npy is not a readable .npy file: {str(exc)[:200]}") from None
     if dtype.hasobject or dtype.kind != "f":
         hint = " (scale integer images by 1/255 and send float32)" if dtype.kind in "iu" else ""
         raise InvalidInput(f"npy has dtype {dtype}, expected a float array (float32){hint}")
-    if len(dshape) != 4:
+    if len(dshape) != 4 or int(dshape[0]) < 1:
         raise InvalidInput(f"npy has shape {tuple(dshape)}, expected 4-d (N, C, H, W) with (C, H, W) = {tuple(shape)}")
     _check_batch(int(dshape[0]), max_batch)
     if tuple(dshape[1:]) != tuple(shape):
@@ -107,33 +122,25 @@ def decode_npy(data: str, shape: Sequence[int], max_batch: int) -> Tensor:
 
 
 def decode_pngs(files: Sequence[tuple[str, bytes]], shape: Sequence[int], max_batch: int) -> Tensor:
-    """Decode PNG uploads ``(filename, bytes)`` into a checked batch (8-bit pixels scaled by 1/255).
+    """Decode PNG uploads ``(filename, bytes)`` into a checked batch with the loaders' decoder.
 
-    Images are converted to the model's channel count (``L`` for 1 channel, ``RGB`` for 3) and must
-    already have its height and width: nothing is resized behind the client's back.
+    Every file goes through :func:`fortress.data.images.decode_image`: converted to the model's
+    channel count by :data:`~fortress.data.images.MODE_TABLE` (16-bit grey faithfully, transparency
+    composited onto black, refused modes named), its size read from the header and checked before
+    any pixel is decoded (nothing is resized behind the client's back), ancillary chunks dropped
+    unread, and compressed pixel data larger than its header allows refused as a decompression
+    bomb (413). One image therefore costs at most 4·H·W decoded bytes.
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not files:
         raise InvalidInput('no images: upload one or more PNG files in the "files" field')
     _check_batch(len(files), max_batch)
     c, h, w = (int(v) for v in shape)
     if c not in (1, 3):
         raise InvalidInput(f"PNG uploads serve 1- or 3-channel models; this one takes {c} channels (send npy)")
-    mode = "L" if c == 1 else "RGB"
-    out = np.empty((len(files), c, h, w), dtype=np.uint8)  # NCHW with standard strides, like every other path
+    limits = ImageLimits(max_pixels=h * w, max_bytes=4 * h * w)
+    out = np.empty((len(files), c, h, w), dtype=np.float32)
     for i, (fname, data) in enumerate(files):
-        try:
-            img = Image.open(io.BytesIO(data), formats=["PNG"])
-            if img.size != (w, h):  # read from the header, before any pixel is decoded
-                raise InvalidInput(f"file {i} ({fname!r}) is {img.size[0]}x{img.size[1]}, expected {w}x{h} (WxH)")
-            pix = np.asarray(img.convert(mode), dtype=np.uint8)
-        except InvalidInput:
-            raise
-        except UnidentifiedImageError:
-            raise InvalidInput(f"file {i} ({fname!r}) is not a PNG image") from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise InvalidInput(f"file {i} ({fname!r}) is not a readable PNG: {exc}") from None
-        out[i] = pix.reshape(h, w, c).transpose(2, 0, 1)
-    x = torch.from_numpy(out).float().div_(255.0)
-    return check_images(x, shape, name="PNG images")
+        out[i] = decode_image(
+            data, 1 if c == 1 else 3, name=f"file {i} ({fname!r})", limits=limits, formats=["PNG"], expected_size=(w, h)
+        )
+    return check_images(torch.from_numpy(out), shape, name="PNG images")

@@ -25,6 +25,7 @@ from fortress.exits.heads import HeadKind, PoolKind
 from fortress.exits.network import EarlyExitNet
 from fortress.models.io import atomic_write_text, load_model, load_state, read_json, save_model, save_state
 from fortress.models.staged import StagedBackbone
+from fortress.tensors import check_labels
 
 __all__ = ["DNF"]
 
@@ -167,6 +168,7 @@ class DNF(Defense):
         Returns:
             The new thresholds (also set on the network).
         """
+        y_val = check_labels(y_val, len(x_val), self.num_classes, name="y_val")
         allx = self.net.forward_all(x_val)
         conf = torch.softmax(allx.logits, dim=2).amax(dim=2)  # (E, N)
         pred = allx.logits.argmax(dim=2)

@@ -40,9 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fortress.defenses.dnf.smac_order import ordered_acquisition_maximizer
 from fortress.errors import ConfigError, InvalidInput
 from fortress.exits.network import EarlyExitNet, default_thresholds
 from fortress.models import create_model
+from fortress.tensors import check_labels
 
 __all__ = [
     "ExitTable",
@@ -302,6 +304,7 @@ def search_thresholds(
 
     cfg = config or ThresholdSearchConfig()
     x_val, y_val = val
+    y_val = check_labels(y_val, len(x_val), net.num_classes, name="validation labels")
     _check_inputs(x_val, y_val, "validation data")
     x_query = default_query_set(cfg) if query is None else query
     heads = net.num_exits - 1
@@ -366,7 +369,12 @@ def search_thresholds(
             additional_configs=[Configuration(space, values=v) for v in starts],
         )
         smac = HyperparameterOptimizationFacade(
-            scenario, target, initial_design=design, logging_level=False, overwrite=True
+            scenario,
+            target,
+            initial_design=design,
+            acquisition_maximizer=ordered_acquisition_maximizer(scenario),  # same seed, same trials in any process
+            logging_level=False,
+            overwrite=True,
         )
         smac.optimize()
     baseline_trial = evaluate(base, -1)

@@ -25,6 +25,7 @@ from fortress.defenses.dnf.ood import OODSource
 from fortress.errors import ArtifactError, ConfigError, TrainingDiverged
 from fortress.exits.network import EarlyExitNet
 from fortress.models.io import atomic_write_text, copy_state_checked, load_state, read_json, save_state
+from fortress.tensors import check_labels
 
 __all__ = [
     "DNFTrainConfig",
@@ -219,7 +220,10 @@ def train_dnf(
 
     Raises:
         ArtifactError: the checkpoint is corrupt, or was written with a different configuration.
+        InvalidInput: labels break the contract (:func:`~fortress.tensors.check_labels`).
     """
+    y_id = check_labels(y_id, len(x_id), net.num_classes, name="y_id")
+    val = None if val is None else (val[0], check_labels(val[1], len(val[0]), net.num_classes, name="val labels"))
     cfg = config or DNFTrainConfig()
     params = net.trainable_parameters()
     if not params:
