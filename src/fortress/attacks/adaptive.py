@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from fortress.attacks.base import AttackResult, EvalSet, ProgressFn
 from fortress.attacks.common import OptimizerName, safe_log
 from fortress.attacks.dfme import DFME, DFMELoss, _disagreement
-from fortress.defenses.dnf.losses import entropy
 from fortress.errors import ConfigError
 from fortress.exits.network import EarlyExitNet, select_exits
+from fortress.functional import entropy
 from fortress.models.staged import StagedBackbone
 from fortress.oracle import Oracle, OutputMode
 

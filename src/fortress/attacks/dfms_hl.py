@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from fortress.attacks.base import Attack, AttackResult, EvalSet, ProgressFn
 from fortress.attacks.common import OptimizerName, check_optimizer, class_diversity_loss, make_optimizer, train_clone
 from fortress.data.transforms import random_shift
-from fortress.defenses.dnf.generator import DCGANDiscriminator, DCGANGenerator, train_dcgan
 from fortress.errors import ConfigError
+from fortress.generative.dcgan import DCGANDiscriminator, DCGANGenerator, train_dcgan
 from fortress.oracle import Oracle, OutputMode
 
 __all__ = ["DFMSHL", "hard_labels"]

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from fortress.data.transforms import random_shift
 from fortress.defenses.base import Defense, DefenseOutput, read_defense_meta
-from fortress.defenses.dnf.ood import NoiseOOD, OODSource
 from fortress.defenses.dnf.training import optimizer_state_tensors, restore_optimizer_state
 from fortress.errors import ArtifactError, ConfigError, TrainingDiverged
+from fortress.generative.ood import NoiseOOD, OODSource
 from fortress.models.io import (
     atomic_write_text,
     copy_state_checked,

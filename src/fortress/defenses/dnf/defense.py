@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from fortress.defenses.base import Defense, DefenseOutput
-from fortress.defenses.dnf.ood import OODSource
 from fortress.defenses.dnf.training import (
     DNFTrainConfig,
     DNFTrainReport,
@@ -23,6 +22,7 @@ from fortress.defenses.dnf.training import (
 from fortress.errors import ArtifactError, ConfigError
 from fortress.exits.heads import HeadKind, PoolKind
 from fortress.exits.network import EarlyExitNet
+from fortress.generative.ood import OODSource
 from fortress.models.io import atomic_write_text, load_model, load_state, read_json, save_model, save_state
 from fortress.models.staged import StagedBackbone
 

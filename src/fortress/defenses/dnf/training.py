@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from fortress.defenses.dnf.losses import DNFLossWeights, LossTerms, id_loss, ood_loss, pseudo_labels
-from fortress.defenses.dnf.ood import OODSource
 from fortress.errors import ArtifactError, ConfigError, TrainingDiverged
 from fortress.exits.network import EarlyExitNet
+from fortress.generative.ood import OODSource
 from fortress.models.io import atomic_write_text, copy_state_checked, load_state, read_json, save_state
 
 __all__ = [
