@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from fortress.data.transforms import random_shift
 from fortress.defenses.base import DefenseOutput
-from fortress.defenses.trainable import DefenderData, TrainableDefense
+from fortress.defenses.trainable import DefenderData, NetworkFitConfig, TrainableDefense
 from fortress.errors import ConfigError, UnknownComponent
 from fortress.models.staged import StagedBackbone
 from fortress.tensors import PROB_EPS
@@ -100,27 +100,10 @@ def random_surrogate(victim: StagedBackbone, seed: int) -> StagedBackbone:
 
 
 @dataclass(frozen=True)
-class SurrogateFitConfig:
-    """How :meth:`SurrogateDefense.fit` distils the surrogate (GRAD²: 10 epochs).
-
-    Attributes:
-        epochs: passes over the defender's images.
-        lr: Adam learning rate.
-        batch_size: images per step.
-        max_shift: random translation of the images in pixels.
-    """
+class SurrogateFitConfig(NetworkFitConfig):
+    """How :meth:`SurrogateDefense.fit` distils the surrogate (GRAD²: 10 epochs)."""
 
     epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 128
-    max_shift: int = 2
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.max_shift < 0:
-            raise ConfigError(
-                f"need epochs >= 1, batch_size >= 1, lr > 0, max_shift >= 0; got epochs={self.epochs}, "
-                f"batch_size={self.batch_size}, lr={self.lr}, max_shift={self.max_shift}"
-            )
 
 
 def distill_surrogate(

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fortress.data.transforms import random_shift
 from fortress.defenses.base import DefenseOutput
-from fortress.defenses.trainable import DefenderData, TrainableDefense
+from fortress.defenses.trainable import DefenderData, NetworkFitConfig, TrainableDefense
 from fortress.errors import ConfigError, UnknownComponent
 from fortress.models.staged import StagedBackbone
 from fortress.training import EpochLoop, History, RunOptions
@@ -66,27 +66,8 @@ def _fresh_network(victim: StagedBackbone, seed: int) -> StagedBackbone:
 
 
 @dataclass(frozen=True)
-class MisinformationFitConfig:
-    """How :meth:`AdaptiveMisinformation.fit` trains the misinformation model.
-
-    Attributes:
-        epochs: passes over the defender's labelled images.
-        lr: Adam learning rate.
-        batch_size: images per step.
-        max_shift: random translation in pixels (as in the victim's training).
-    """
-
-    epochs: int = 5
-    lr: float = 1e-3
-    batch_size: int = 128
-    max_shift: int = 2
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.max_shift < 0:
-            raise ConfigError(
-                f"need epochs >= 1, batch_size >= 1, lr > 0, max_shift >= 0; got epochs={self.epochs}, "
-                f"batch_size={self.batch_size}, lr={self.lr}, max_shift={self.max_shift}"
-            )
+class MisinformationFitConfig(NetworkFitConfig):
+    """How :meth:`AdaptiveMisinformation.fit` trains the misinformation model (5 epochs)."""
 
 
 class AdaptiveMisinformation(TrainableDefense[MisinformationFitConfig]):

@@ -23,9 +23,33 @@ from fortress.errors import ConfigError, InvalidInput
 from fortress.tensors import check_images, check_labels
 from fortress.training import EpochCallback, History, RunOptions
 
-__all__ = ["DefenderData", "TrainableDefense"]
+__all__ = ["DefenderData", "NetworkFitConfig", "TrainableDefense"]
 
 C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class NetworkFitConfig:
+    """Adam training of one of a defense's own networks on the defender's images.
+
+    Attributes:
+        epochs: passes over the images.
+        lr: Adam learning rate.
+        batch_size: images per step.
+        max_shift: random translation of the images in pixels (as in the victim's training).
+    """
+
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 128
+    max_shift: int = 2
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.max_shift < 0:
+            raise ConfigError(
+                f"need epochs >= 1, batch_size >= 1, lr > 0, max_shift >= 0; got epochs={self.epochs}, "
+                f"batch_size={self.batch_size}, lr={self.lr}, max_shift={self.max_shift}"
+            )
 
 
 @dataclass(frozen=True)
