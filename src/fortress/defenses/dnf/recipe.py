@@ -79,9 +79,8 @@ class OODConfig:
             images themselves) or ``"noise"``. The paper finds the OOD set matters little (Table 3);
             measured against a 1M-query DFME on LeNet-5/MNIST (seed 0), the mixture cut the clone to
             18.4 % with 77.5 % of DFME queries at exit 0, against 33.1 % and 42.6 % for the DCGAN alone.
-        proxy: registered data set used as proxy (default: natural-photo patches). The ``patches``
-            crops are drawn with ``seed``; at the default seed 0 they are the crops of the attacker
-            pool ``patches`` (seed 0) as well.
+        proxy: registered data set used as proxy (default: natural-photo patches; ``patches`` crops
+            are drawn with ``seed``).
         proxy_size: proxy images used.
         dcgan_epochs: DCGAN training epochs (paper: 30).
         dcgan_ngf: DCGAN width.
