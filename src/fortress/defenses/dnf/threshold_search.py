@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 Objective = Literal["clone", "agreement"]
 #: Seed of the proxy-photo crops in the default third set: never the attacker's ``patches`` crops
-#: (seed 0) nor the defender's OOD-training crops (drawn with the OOD seed, 0 by default, and another count).
+#: (seed 0) nor the defender's OOD-training crops (drawn with the OOD seed, 0 by default).
 QUERY_PATCH_SEED = 30_000
 TRIALS_FILE = "threshold_trials.jsonl"
 #: Threshold vectors every search evaluates first (the baseline and the all-``high`` vector), so
