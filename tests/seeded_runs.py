@@ -27,7 +27,8 @@ from fortress.bench.grid import AttackSpec, DefenseSpec, GridConfig, expand_grid
 from fortress.bench.runner import run_cell
 from fortress.config import VictimConfig
 from fortress.data import mnist_splits, natural_patches
-from fortress.defenses import DNF, AdaptiveMisinformation, MeCo
+from fortress.defenses import DNF, AdaptiveMisinformation, DefenderData, MeCo
+from fortress.defenses.adaptive_misinfo import MisinformationFitConfig
 from fortress.defenses.dnf import (
     GeneratorOOD,
     MixtureOOD,
@@ -93,7 +94,8 @@ def _dnf(victim: nn.Module) -> tuple[DNF, Any]:
     dnf = DNF(victim, seed=0)  # type: ignore[arg-type]
     cfg = DNFTrainConfig(epochs=1, batch_size=32, ood_batch_size=32)
     ood = MixtureOOD([GeneratorOOD(gen), NoiseOOD((1, 28, 28))])
-    report = dnf.fit(data.train.x[:128], data.train.targets[:128], ood, config=cfg)
+    bundle = DefenderData(data.train.x[:128], data.train.targets[:128], data.val.x[:64], data.val.targets[:64], 10)
+    report = dnf.fit(bundle, cfg, ood=ood)
     return dnf, report
 
 
@@ -125,9 +127,10 @@ def baseline_defense_training(out: Path) -> str:
     data = mnist_splits()
     x, y = data.train.x[:64], data.train.targets[:64]
     meco = MeCo(_victim(), seed=0)  # type: ignore[arg-type]
-    meco_report = meco.fit(x, y, config=MeCoTrainConfig(epochs=1, batch_size=32, ood_batch_size=32, dro_steps=1))
+    bundle = DefenderData(x, y, data.val.x[:64], data.val.targets[:64], 10)
+    meco_report = meco.fit(bundle, MeCoTrainConfig(epochs=1, batch_size=32, ood_batch_size=32, dro_steps=1))
     am = AdaptiveMisinformation(_victim(), seed=0)  # type: ignore[arg-type]
-    am_losses = am.fit(x, y, x_val=data.val.x[:64], epochs=1, batch_size=32)
+    am_losses = am.fit(bundle, MisinformationFitConfig(epochs=1, batch_size=32))
     return digest(meco.model, meco.generator, meco_report, am.misinfo, am_losses, am.tau)
 
 

@@ -19,7 +19,7 @@ from fortress.attacks.adaptive import EarlyExitClone, answer_margin
 from fortress.attacks.dfme import _disagreement
 from fortress.data.embedded import mnist_splits
 from fortress.defenses.dnf import DNF
-from fortress.defenses.dnf.losses import entropy
+from fortress.functional import entropy
 from fortress.defenses.undefended import Undefended
 from fortress.errors import ConfigError
 from fortress.exits import EarlyExitNet

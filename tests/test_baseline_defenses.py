@@ -18,6 +18,7 @@ from fortress.data.embedded import noise_images
 from fortress.defenses import (
     DEFENSES,
     AdaptiveMisinformation,
+    DefenderData,
     Defense,
     MeCo,
     Rounding,
@@ -25,7 +26,7 @@ from fortress.defenses import (
     TopK,
     load_defense,
 )
-from fortress.defenses.adaptive_misinfo import misinformation_loss
+from fortress.defenses.adaptive_misinfo import MisinformationFitConfig, misinformation_loss
 from fortress.defenses.meco import CKPT_STATE, MeCoTrainConfig, PerturbationGenerator
 from fortress.errors import ArtifactError, ConfigError
 from fortress.models import StagedBackbone, create_model, train_classifier
@@ -55,19 +56,23 @@ def victim() -> StagedBackbone:
     return net.eval()
 
 
+def defender(n: int) -> DefenderData:
+    """The first ``n`` training digits and the validation split."""
+    d = splits()
+    return DefenderData(d.train.x[:n], d.train.targets[:n], d.val.x, d.val.targets, 10)
+
+
 @lru_cache(maxsize=1)
 def trained_am() -> AdaptiveMisinformation:
-    d = splits()
     am = AdaptiveMisinformation(victim(), fpr=0.25, seed=0)  # a tiny victim: flag a quarter of ID
-    am.fit(d.train.x[:1500], d.train.targets[:1500], x_val=d.val.x, epochs=2)
+    am.fit(defender(1500), MisinformationFitConfig(epochs=2))
     return am
 
 
 @lru_cache(maxsize=1)
 def trained_meco() -> MeCo:
-    d = splits()
     meco = MeCo(victim(), seed=0)
-    meco.fit(d.train.x[:1000], d.train.targets[:1000], config=TINY_MECO)
+    meco.fit(defender(1000), TINY_MECO)
     return meco
 
 
@@ -146,14 +151,13 @@ def test_stochastic_meco_is_deterministic_under_its_seed() -> None:
 
 
 def test_training_is_reproducible_under_a_seed() -> None:
-    d = splits()
     cfg = dataclasses.replace(TINY_MECO, epochs=1)
     states = []
     for _ in range(2):
         m = MeCo(victim(), seed=4)
-        m.fit(d.train.x[:200], d.train.targets[:200], config=cfg)
+        m.fit(defender(200), cfg)
         a = AdaptiveMisinformation(victim(), seed=4)
-        a.fit(d.train.x[:200], d.train.targets[:200], epochs=1)
+        a.fit(defender(200), MisinformationFitConfig(epochs=1))
         states.append((m.generator.state_dict(), m.model.state_dict(), a.misinfo.state_dict()))
     for s1, s2 in zip(states[0], states[1], strict=True):
         assert all(torch.equal(s1[k], s2[k]) for k in s1)
@@ -335,22 +339,18 @@ def test_meco_training_misleads_ood_queries_and_keeps_id_accuracy() -> None:
 
 
 def test_meco_without_finetuning_trains_only_the_generator() -> None:
-    d = splits()
     meco = MeCo(victim(), seed=5)
-    meco.fit(
-        d.train.x[:128], d.train.targets[:128], config=dataclasses.replace(TINY_MECO, epochs=1, finetune_victim=False)
-    )
+    meco.fit(defender(128), dataclasses.replace(TINY_MECO, epochs=1, finetune_victim=False))
     ref = trained_victim().state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in meco.model.state_dict().items())
     assert float(meco.generator.conv2.weight.detach().abs().max()) > 0
 
 
 def test_meco_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    d = splits()
-    x, y = d.train.x[:256], d.train.targets[:256]
+    data = defender(256)
     cfg = dataclasses.replace(TINY_MECO, epochs=2)
     straight = MeCo(victim(), seed=2)
-    straight.fit(x, y, config=cfg)
+    straight.fit(data, cfg)
     interrupted = MeCo(victim(), seed=2)
 
     class Stop(Exception):
@@ -361,12 +361,12 @@ def test_meco_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
             raise Stop
 
     with pytest.raises(Stop):
-        interrupted.fit(x, y, config=cfg, checkpoint_dir=tmp_path, on_epoch=stop_after_first)
+        interrupted.fit(data, cfg, checkpoint_dir=tmp_path, on_epoch=stop_after_first)
     assert (tmp_path / CKPT_STATE).exists()
     with pytest.raises(ArtifactError, match="different MeCo configuration"):
-        MeCo(victim(), seed=2).fit(x, y, config=dataclasses.replace(cfg, lr=0.5), checkpoint_dir=tmp_path)
+        MeCo(victim(), seed=2).fit(data, dataclasses.replace(cfg, lr=0.5), checkpoint_dir=tmp_path)
     resumed = MeCo(victim(), seed=2)
-    report = resumed.fit(x, y, config=cfg, checkpoint_dir=tmp_path)
+    report = resumed.fit(data, cfg, checkpoint_dir=tmp_path)
     assert report.resumed_from == 1 and report.epochs_done == 2
     for a, b in ((straight.generator, resumed.generator), (straight.model, resumed.model)):
         sa, sb = a.state_dict(), b.state_dict()

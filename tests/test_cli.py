@@ -147,7 +147,7 @@ def test_protect_resumes_from_checkpoint(victim_dir: Path, tmp_path: Path) -> No
     for p, st in before.items():
         assert json.loads(p.read_text())["report"]["loss"] == st["report"]["loss"]
     meta = json.loads((out / "defense.json").read_text())
-    assert 1 <= len(meta["attempts"]) <= 3
+    assert 1 <= len(meta["provenance"]["attempts"]) <= 3
 
 
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:

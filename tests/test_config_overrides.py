@@ -179,7 +179,7 @@ def test_protect_overrides_mean_what_each_option_says(
     [
         ({"head": "deep"}, "head_kind must be one of"),
         ({"ood": "moon"}, "ood.kind must be one of"),
-        ({"search_trials": 0}, "n_trials must be >= 1, got 0"),
+        ({"search_trials": 0}, "n_trials must be >= 2, got 0"),
         ({"epochs": 0}, "epochs must be >= 1, got 0"),
     ],
 )

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from fortress.data import MnistSplits, mnist_splits
-from fortress.defenses import DNF, Undefended, load_defense
+from fortress.defenses import DNF, DefenderData, Undefended, load_defense
 from fortress.defenses.dnf import (
     DCGANGenerator,
     DNFLossWeights,
@@ -579,12 +579,11 @@ def test_dnf_thresholds_roundtrip_and_validation() -> None:
 def fitted_dnf() -> DNF:
     """A DNF fitted for one short epoch (so its training config is saved), heads then scrambled."""
     dnf = DNF(lenet(7), head_kind="vib", dataset="mnist")
-    s = splits().train
+    s, v = splits().train, splits().val
     dnf.fit(
-        s.x[:128],
-        s.y[:128],
-        NoiseOOD((1, 28, 28)),
-        config=DNFTrainConfig(epochs=1, batch_size=64, ood_batch_size=32),
+        DefenderData(s.x[:128], s.targets[:128], v.x, v.targets, 10),
+        DNFTrainConfig(epochs=1, batch_size=64, ood_batch_size=32),
+        ood=NoiseOOD((1, 28, 28)),
     )
     sharpen_heads(dnf)
     dnf.set_thresholds([0.5, 0.7, 0.9])

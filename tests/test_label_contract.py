@@ -20,8 +20,9 @@ from torch import Tensor
 from fortress.attacks import EvalSet
 from fortress.bench.pipeline import defended_accuracy
 from fortress.data import ImageSet, load_npz, mnist_splits
-from fortress.defenses import DNF, AdaptiveMisinformation, MeCo, Undefended
-from fortress.defenses.dnf import NoiseOOD, ThresholdSearchConfig, search_thresholds
+from fortress.defenses import DNF, AdaptiveMisinformation, DefenderData, MeCo, Undefended
+from fortress.defenses.adaptive_misinfo import MisinformationFitConfig
+from fortress.defenses.dnf import NoiseOOD, ThresholdSearchConfig, guard_utility, search_thresholds
 from fortress.defenses.dnf.threshold_search import default_query_set
 from fortress.defenses.dnf.training import DNFTrainConfig
 from fortress.defenses.meco import MeCoTrainConfig
@@ -61,6 +62,12 @@ _MECO_CFG = MeCoTrainConfig(epochs=1, batch_size=20, ood_batch_size=20, dro_step
 _SEARCH_CFG = ThresholdSearchConfig(n_trials=3, clone_epochs=1, clone_repeats=1, patches=60)
 
 
+def _bundle(y: Tensor | None = None, *, y_val: Tensor | None = None) -> DefenderData:
+    """The defender's data with ``y`` as training labels (or ``y_val`` as validation labels)."""
+    x, good = _data()
+    return DefenderData(x, good if y is None else y, x, good if y_val is None else y_val, K)
+
+
 def _losses(report: Any) -> list[float]:
     """The per-epoch losses of a training report (what identical labels must reproduce exactly)."""
     return list(report.train_loss if hasattr(report, "train_loss") else report.loss)
@@ -92,12 +99,12 @@ ENTRY_POINTS: dict[str, tuple[Callable[[Tensor, Path], object], type[Exception]]
         lambda y, _: train_classifier(_fresh_lenet(), *_data(), epochs=1, val=(_data()[0], y)).val_acc,
         InvalidInput,
     ),
-    "DNF.fit": (lambda y, _: _losses(_dnf().fit(_data()[0], y, NoiseOOD((1, 28, 28)), config=_DNF_CFG)), InvalidInput),
+    "DNF.fit": (lambda y, _: _losses(_dnf().fit(_bundle(y), _DNF_CFG, ood=NoiseOOD((1, 28, 28)))), InvalidInput),
     "DNF.fit val": (
-        lambda y, _: _dnf().fit(*_data(), NoiseOOD((1, 28, 28)), config=_DNF_CFG, val=(_data()[0], y)).val_acc,
+        lambda y, _: _dnf().fit(_bundle(y_val=y), _DNF_CFG, ood=NoiseOOD((1, 28, 28))).val_acc,
         InvalidInput,
     ),
-    "DNF.guard_utility": (lambda y, _: _dnf().guard_utility(_data()[0], y), InvalidInput),
+    "guard_utility": (lambda y, _: guard_utility(_dnf(), _data()[0], y).after, InvalidInput),
     "search_thresholds": (
         lambda y, _: (
             search_thresholds(
@@ -106,13 +113,15 @@ ENTRY_POINTS: dict[str, tuple[Callable[[Tensor, Path], object], type[Exception]]
         ),
         InvalidInput,
     ),
-    "MeCo.fit": (lambda y, _: _losses(MeCo(_victim(), seed=0).fit(_data()[0], y, config=_MECO_CFG)), InvalidInput),
+    "MeCo.fit": (lambda y, _: _losses(MeCo(_victim(), seed=0).fit(_bundle(y), _MECO_CFG)), InvalidInput),
     "MeCo.fit val": (
-        lambda y, _: MeCo(_victim(), seed=0).fit(*_data(), config=_MECO_CFG, val=(_data()[0], y)).val_acc,
+        lambda y, _: MeCo(_victim(), seed=0).fit(_bundle(y_val=y), _MECO_CFG).val_acc,
         InvalidInput,
     ),
     "AdaptiveMisinformation.fit": (
-        lambda y, _: AdaptiveMisinformation(_victim(), seed=0).fit(_data()[0], y, epochs=1, batch_size=20),
+        lambda y, _: _losses(
+            AdaptiveMisinformation(_victim(), seed=0).fit(_bundle(y), MisinformationFitConfig(epochs=1, batch_size=20))
+        ),
         InvalidInput,
     ),
     "defended_accuracy": (

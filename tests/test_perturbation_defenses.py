@@ -15,8 +15,18 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from fortress.defenses import DEFENSES, MAD, Defense, Grad2, MADArgmax, RandP, ReverseSigmoid, load_defense
-from fortress.defenses._perturb import finish, l1_ball_project
+from fortress.defenses import (
+    DEFENSES,
+    MAD,
+    DefenderData,
+    Defense,
+    Grad2,
+    MADArgmax,
+    RandP,
+    ReverseSigmoid,
+    load_defense,
+)
+from fortress.defenses._perturb import SurrogateFitConfig, finish, l1_ball_project
 from fortress.defenses.grad2 import grad2_coefficients, redirect
 from fortress.defenses.mad import mad_target
 from fortress.errors import ConfigError, InvalidInput
@@ -405,7 +415,8 @@ def test_grad2_fit_distils_the_surrogate(victim) -> None:
     d = Grad2(victim, seed=0)
     x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(13))
     before = [q.clone() for q in d.surrogate.parameters()]
-    losses = d.fit(x, epochs=2, batch_size=32)
+    labels = torch.zeros(64, dtype=torch.int64)  # distillation uses the victim's answers, not labels
+    losses = d.fit(DefenderData(x, labels, x, labels, 10), SurrogateFitConfig(epochs=2, batch_size=32)).loss
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert d.hparams()["surrogate_epochs"] == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, d.surrogate.parameters(), strict=True))

@@ -104,7 +104,7 @@ def test_search_is_within_bounds_feasible_and_no_worse_than_the_defaults(tmp_pat
 @pytest.mark.parametrize(
     ("kwargs", "shown"),
     [
-        ({"n_trials": 0}, "n_trials must be >= 1, got 0"),
+        ({"n_trials": 0}, "n_trials must be >= 2, got 0"),
         ({"low": -0.1}, "low=-0.1"),
         ({"high": 1.5}, "high=1.5"),
         ({"low": 0.95, "high": 0.9}, "low=0.95"),
@@ -123,7 +123,7 @@ def test_cli_rejects_bad_trial_count_in_one_line(tmp_path: Path) -> None:
         app, ["protect", str(tmp_path / "victim"), "--out", str(tmp_path / "dnf"), "--search-trials", "0"]
     )
     assert res.exit_code == 1
-    assert "n_trials must be >= 1, got 0" in res.output
+    assert "n_trials must be >= 2, got 0" in res.output
 
 
 def test_baseline_of_wrong_length_is_rejected() -> None:

@@ -2,6 +2,8 @@
 
 Every run (victim training, protection, attack, demo) is described by one of these dataclasses; the
 full config is written next to every result record so a number can always be traced to its run.
+The protection settings (:class:`ProtectConfig`, :class:`OODConfig`) live next to their recipe in
+:mod:`fortress.defenses.dnf.recipe` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import tomli_w
 
 from fortress.defenses.dnf.losses import DNFLossWeights
-from fortress.defenses.dnf.threshold_search import ThresholdSearchConfig
-from fortress.defenses.dnf.training import DNFTrainConfig
+from fortress.defenses.dnf.recipe import OODConfig, ProtectConfig
 from fortress.errors import ArtifactError, ConfigError
 
 __all__ = [
@@ -62,69 +63,6 @@ class VictimConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.max_shift < 0:
             raise ConfigError(f"invalid victim training settings: {self}")
-
-
-@dataclass(frozen=True)
-class OODConfig:
-    """Where DNF's OOD training data come from (paper §4.1, App. F, Table 3).
-
-    Attributes:
-        kind: ``"dcgan+noise"`` (default: half DCGAN samples, half uniform/Gaussian/smooth noise),
-            ``"dcgan"`` (a DCGAN trained on the proxy set; the paper's choice), ``"proxy"`` (the proxy
-            images themselves) or ``"noise"``. The paper finds the OOD set matters little (Table 3);
-            measured against a 1M-query DFME on LeNet-5/MNIST (seed 0), the mixture cut the clone to
-            18.4 % with 77.5 % of DFME queries at exit 0, against 33.1 % and 42.6 % for the DCGAN alone.
-        proxy: registered data set used as proxy (default: natural-photo patches).
-        proxy_size: proxy images used.
-        dcgan_epochs: DCGAN training epochs (paper: 30).
-        dcgan_ngf: DCGAN width.
-        seed: seeds the proxy sample and the DCGAN.
-    """
-
-    kind: Literal["dcgan", "proxy", "noise", "dcgan+noise"] = "dcgan+noise"
-    proxy: str = "patches"
-    proxy_size: int = 2000
-    dcgan_epochs: int = 30
-    dcgan_ngf: int = 32
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("dcgan", "proxy", "noise", "dcgan+noise"):
-            raise ConfigError(f"unknown OOD kind {self.kind!r}; valid kinds: dcgan, proxy, noise, dcgan+noise")
-        if self.proxy_size < 2 or self.dcgan_epochs < 1 or self.dcgan_ngf < 1:
-            raise ConfigError(f"invalid OOD settings: {self}")
-
-
-@dataclass(frozen=True)
-class ProtectConfig:
-    """How to build and train DNF on a victim.
-
-    Attributes:
-        head_kind: ``"vib"`` (paper Eq. 5) or ``"plain"``.
-        hidden: head hidden width (``None``: one linear layer, paper Table 6).
-        thresholds: per-head thresholds (``None``: the paper's defaults for the data set).
-        train_final_exit: train a copy of the final classifier too.
-        utility_guard: after training, raise thresholds so no head answers a held-out ID
-            validation image wrongly that the victim answers rightly (``DNF.guard_utility``).
-        min_ood_exit0: acceptance check on the defender's own data: after training, at least this
-            share of fresh samples from the OOD source must leave at exit 0, else the heads are
-            re-initialised with the next seed and retrained (0 turns the check off).
-        max_attempts: trainings tried before giving up on the acceptance check (the best is kept).
-        train: DNF training hyper-parameters.
-        ood: OOD data source.
-        search: SMAC3 threshold search after training (paper App. H; ``None``: keep the thresholds).
-    """
-
-    head_kind: Literal["vib", "plain"] = "vib"
-    hidden: int | None = None
-    thresholds: tuple[float, ...] | None = None
-    train_final_exit: bool = False
-    utility_guard: bool = True
-    min_ood_exit0: float = 0.5
-    max_attempts: int = 3
-    train: DNFTrainConfig = field(default_factory=DNFTrainConfig)
-    ood: OODConfig = field(default_factory=OODConfig)
-    search: ThresholdSearchConfig | None = None
 
 
 @dataclass(frozen=True)

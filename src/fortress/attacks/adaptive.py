@@ -29,9 +29,9 @@ from fortress.attacks.base import AttackRun
 from fortress.attacks.common import keep_requires_grad, safe_log
 from fortress.attacks.dfme import DFME, _disagreement
 from fortress.attacks.hparams import hp
-from fortress.defenses.dnf.losses import entropy
 from fortress.errors import ConfigError
 from fortress.exits.network import EarlyExitNet, select_exits
+from fortress.functional import entropy
 from fortress.models.staged import StagedBackbone
 from fortress.oracle import OutputMode
 

@@ -27,8 +27,8 @@ from fortress.attacks.common import (
 )
 from fortress.attacks.hparams import hp
 from fortress.data.transforms import random_shift
-from fortress.defenses.dnf.generator import DCGANDiscriminator, DCGANGenerator, train_dcgan
 from fortress.errors import ConfigError
+from fortress.generative.dcgan import DCGANDiscriminator, DCGANGenerator, train_dcgan
 from fortress.oracle import OutputMode
 
 __all__ = ["DFMSHL", "hard_labels"]

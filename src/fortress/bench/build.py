@@ -1,18 +1,19 @@
 """The build step of a grid: victim + defense name + TOML parameters → a ready :class:`Defense`.
 
 Most defenses are built by their constructor, ``DEFENSES.get(name)(victim, **params)``. A ``fit``
-table in ``params`` also trains the defense: ``defense.fit(<ID data>, **fit)``, where the ID data are
-bound by the parameter names of ``fit`` (``x``/``x_id``: training images, ``y``/``y_id``: their
-labels, ``x_val``: validation images, ``val``: validation images and labels) and a ``fit`` option typed
-as a config dataclass is read from its TOML table. For example, MeCo's generator, the misinformation
-network of adaptive misinformation and GRAD²'s distilled surrogate::
+table in ``params`` also trains a defense that trains (a
+:class:`~fortress.defenses.trainable.TrainableDefense`): the table is read into the defense's
+``fit_config`` dataclass and the defense is fitted on the defender's data,
+``defense.fit(DefenderData, config, checkpoint_dir=OUT/checkpoints)``. For example, MeCo's generator,
+the misinformation network of adaptive misinformation and GRAD²'s distilled surrogate::
 
     [[defenses]]
     name = "adaptive-misinformation"
     params = { tau = 0.5, fit = { epochs = 5 } }
 
 A defense whose build needs more registers a :class:`DefenseBuilder` in :data:`BUILDERS` under its
-registry name. DNF's builder runs :func:`fortress.bench.pipeline.protect` with ``params`` read as a
+registry name. DNF's builder runs the protection recipe (:func:`fortress.defenses.dnf.recipe.protect`,
+through :func:`fortress.bench.pipeline.protect`) with ``params`` read as a
 :class:`~fortress.config.ProtectConfig`.
 
 Builds are seeded, so a built defense that is saved and loaded again equals a fresh build; the grid
@@ -26,10 +27,10 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 from fortress.config import ProtectConfig, from_dict
-from fortress.defenses import DEFENSES, Defense, Undefended
+from fortress.defenses import DEFENSES, Defense, TrainableDefense, Undefended
 from fortress.errors import ConfigError
 from fortress.models.staged import StagedBackbone
 from fortress.registry import Registry
@@ -91,10 +92,6 @@ BUILDERS.add("dnf", DefenseBuilder(_build_dnf, _check_dnf))
 BUILDERS.add("undefended", DefenseBuilder(lambda victim, _p, _c: Undefended(victim), _check_none))
 
 
-#: ``fit`` parameter names the build step fills with the defender's data.
-_DATA_ARGS = {"x", "x_id", "y", "y_id", "x_val", "val"}
-
-
 def _split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     ctor = {k: v for k, v in params.items() if k != "fit"}
     fit = params.get("fit")
@@ -103,27 +100,15 @@ def _split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | Non
     return ctor, fit
 
 
-def _fit_kwargs(cls: type, fit: dict[str, Any], name: str) -> dict[str, Any]:
-    """``fit`` options with config-dataclass tables converted; unknown or data-bound names are errors."""
-    method = getattr(cls, "fit", None)
-    if method is None:
+def _fit_config(cls: type[Defense], fit: dict[str, Any], name: str) -> Any:
+    """The ``fit`` table read into the defense's ``fit_config`` dataclass; unknown options are errors."""
+    if not issubclass(cls, TrainableDefense):
         raise ConfigError(f"defense {name!r} has no fit step, but its params hold a 'fit' table")
-    sig = inspect.signature(method)
-    options = [p for p in sig.parameters if p not in _DATA_ARGS and p != "self"]
+    options = [f.name for f in dataclasses.fields(cls.fit_config)]
     bad = sorted(set(fit) - set(options))
     if bad:
         raise ConfigError(f"defense {name!r} fit options {bad} are unknown; valid: {options}")
-    hints = get_type_hints(method)
-    out: dict[str, Any] = {}
-    for key, value in fit.items():
-        tp = hints.get(key)
-        dc = next(
-            (a for a in getattr(tp, "__args__", (tp,)) if isinstance(a, type) and dataclasses.is_dataclass(a)), None
-        )
-        out[key] = (
-            from_dict(dc, value, where=f"defense {name!r} fit.{key}") if dc and isinstance(value, dict) else value
-        )
-    return out
+    return from_dict(cls.fit_config, fit, where=f"defense {name!r} fit")
 
 
 def _constructor_check(name: str, params: dict[str, Any]) -> None:
@@ -137,26 +122,7 @@ def _constructor_check(name: str, params: dict[str, Any]) -> None:
             f"{cls.__name__}{inspect.signature(cls)}: {exc}"
         ) from None
     if fit is not None:
-        _fit_kwargs(cls, fit, name)
-
-
-def _fit(defense: Defense, fit: dict[str, Any], dataset: str, out: Path | None) -> None:
-    from fortress.bench.pipeline import id_data
-
-    data = id_data(dataset)
-    sources: dict[str, Any] = {
-        "x": data.train.x,
-        "x_id": data.train.x,
-        "y": data.train.targets,
-        "y_id": data.train.targets,
-        "x_val": data.val.x,
-        "val": (data.val.x, data.val.targets),
-    }
-    params = inspect.signature(defense.fit).parameters  # type: ignore[attr-defined]
-    given = {k: v for k, v in sources.items() if k in params}
-    if out is not None and "checkpoint_dir" in params and "checkpoint_dir" not in fit:
-        given["checkpoint_dir"] = Path(out) / "checkpoints"  # an interrupted build resumes
-    defense.fit(**given, **_fit_kwargs(type(defense), fit, defense.name))  # type: ignore[attr-defined]
+        _fit_config(cls, fit, name)
 
 
 def check_defense_params(name: str, params: dict[str, Any]) -> None:
@@ -190,5 +156,12 @@ def build_defense(name: str, victim: StagedBackbone, params: dict[str, Any], ctx
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build defense {name!r} with params {ctor}: {exc}") from exc
     if fit is not None:
-        _fit(defense, fit, ctx.dataset, ctx.out)
+        from fortress.bench.pipeline import defender_data
+
+        assert isinstance(defense, TrainableDefense)  # checked with the params above
+        defense.fit(
+            defender_data(ctx.dataset),
+            _fit_config(type(defense), fit, name),
+            checkpoint_dir=None if ctx.out is None else Path(ctx.out) / "checkpoints",  # an interrupted build resumes
+        )
     return defense

@@ -17,22 +17,14 @@ import torch
 
 from fortress.attacks import ATTACKS, EvalSet, ProgressFn
 from fortress.bench.records import ResultRecord
-from fortress.config import AttackConfig, OODConfig, ProtectConfig, VictimConfig, to_dict
+from fortress.config import AttackConfig, ProtectConfig, VictimConfig, to_dict
 from fortress.data.base import ImageSet
 from fortress.data.embedded import MnistSplits, mnist_splits
 from fortress.data.registry import load_dataset
 from fortress.defenses.base import Defense
-from fortress.defenses.dnf import (
-    DNF,
-    GeneratorOOD,
-    MixtureOOD,
-    NoiseOOD,
-    OODSource,
-    PoolOOD,
-    StepInfo,
-    train_dcgan,
-)
-from fortress.defenses.dnf.threshold_search import ThresholdSearchConfig, ThresholdSearchResult
+from fortress.defenses.dnf import DNF, StepInfo
+from fortress.defenses.dnf.recipe import protect as protect_recipe
+from fortress.defenses.trainable import DefenderData
 from fortress.errors import ConfigError
 from fortress.models import (
     StagedBackbone,
@@ -46,23 +38,16 @@ from fortress.oracle import HttpOracle, LocalOracle, Oracle
 from fortress.tensors import check_labels
 
 __all__ = [
-    "build_ood",
     "defended_accuracy",
+    "defender_data",
     "id_data",
     "protect",
     "resolve_target",
     "run_attack",
-    "search_dnf_thresholds",
     "train_victim",
 ]
 
 log = logging.getLogger(__name__)
-
-#: The defender's proxy crops are drawn with this seed offset, so they are never the very crops an
-#: attacker's ``patches`` pool (seed 0) holds; both come from the same two photographs.
-PROXY_SEED_OFFSET = 10_000
-#: Seed offset of the OOD probes used by the acceptance check in :func:`protect`.
-PROBE_SEED = 20_000
 
 
 def id_data(dataset: str) -> MnistSplits:
@@ -107,27 +92,13 @@ def train_victim(
     return model, acc
 
 
-def build_ood(
-    cfg: OODConfig,
-    image_shape: tuple[int, int, int],
-    *,
-    on_epoch: Callable[[int, float, float], None] | None = None,
-) -> OODSource:
-    """Build DNF's OOD source (training the DCGAN on the proxy set when ``kind`` needs it)."""
-    noise = NoiseOOD(image_shape)
-    if cfg.kind == "noise":
-        return noise
-    proxy = (
-        load_dataset(cfg.proxy, n=cfg.proxy_size, seed=cfg.seed) if cfg.proxy == "patches" else load_dataset(cfg.proxy)
-    )
-    x = proxy.x[: cfg.proxy_size]
-    if tuple(x.shape[1:]) != image_shape:
-        raise ConfigError(f"proxy set {cfg.proxy!r} has images {tuple(x.shape[1:])}, the victim takes {image_shape}")
-    if cfg.kind == "proxy":
-        return PoolOOD(x, name=cfg.proxy)
-    gen, _ = train_dcgan(x, epochs=cfg.dcgan_epochs, ngf=cfg.dcgan_ngf, seed=cfg.seed, on_epoch=on_epoch)
-    dcgan = GeneratorOOD(gen, proxy=cfg.proxy)
-    return dcgan if cfg.kind == "dcgan" else MixtureOOD([dcgan, noise])
+def defender_data(dataset: str) -> DefenderData:
+    """The defender's data for ``dataset`` as the bundle every ``fit`` takes (training and validation splits)."""
+    data = id_data(dataset)
+    k = data.train.num_classes
+    if k is None:
+        raise ConfigError(f"data set {dataset!r} does not name its classes")
+    return DefenderData.from_splits(data.train, data.val, num_classes=k, dataset=dataset)
 
 
 def protect(
@@ -140,83 +111,26 @@ def protect(
     on_step: Callable[[StepInfo], None] | None = None,
     on_dcgan_epoch: Callable[[int, float, float], None] | None = None,
 ) -> DNF:
-    """Wrap ``victim`` in DNF and train its exits (paper Alg. 1); save to ``out`` if given.
+    """Protect ``victim`` with the DNF recipe (:func:`fortress.defenses.dnf.recipe.protect`) on ``dataset``.
 
-    Checkpoints go to ``out/checkpoints`` each epoch, so an interrupted run resumes.
+    Saves to ``out`` (checkpoints in ``out/checkpoints``, so an interrupted run resumes) and, after a
+    threshold search, plots its trials to ``out/threshold_search.png``.
     """
-    data = id_data(dataset)
-    ood = build_ood(cfg.ood, victim.input_shape, on_epoch=on_dcgan_epoch)
-    # acceptance probe: fresh draws from the defender's own OOD source (never seen in training)
-    probe = ood.sample(1024, torch.Generator().manual_seed(PROBE_SEED + cfg.train.seed))
-    attempts: list[dict[str, float]] = []
-    best: tuple[float, DNF] | None = None
-    for attempt in range(max(1, cfg.max_attempts)):
-        head_seed = cfg.train.seed + attempt
-        dnf = DNF(
-            victim,
-            head_kind=cfg.head_kind,
-            hidden=cfg.hidden,
-            thresholds=cfg.thresholds,
-            dataset=dataset,
-            train_final_exit=cfg.train_final_exit,
-            seed=head_seed,
-        )
-        ckpt = None if out is None else Path(out) / "checkpoints" / f"attempt-{attempt}"
-        dnf.fit(
-            data.train.x,
-            data.train.targets,
-            ood,
-            config=cfg.train,
-            val=(data.val.x, data.val.targets),
-            checkpoint_dir=ckpt,
-            resume=resume,
-            on_step=on_step,
-        )
-        share = dnf.exit_share(probe, 0)
-        attempts.append({"head_seed": head_seed, "ood_exit0": share})
-        log.info("DNF attempt %d (head seed %d): %.1f%% of OOD probes leave at exit 0", attempt, head_seed, 100 * share)
-        if best is None or share > best[0]:
-            best = (share, dnf)
-        if share >= cfg.min_ood_exit0:
-            break
-    assert best is not None
-    dnf = best[1]
-    dnf.attempts = attempts
-    if cfg.utility_guard:
-        dnf.guard_utility(data.val.x, data.val.targets)
-    if cfg.search is not None:
-        search_dnf_thresholds(dnf, cfg.search, dataset=dataset, out=out)
-    if out is not None:
-        dnf.save(out)
-    return dnf
-
-
-def search_dnf_thresholds(
-    dnf: DNF, cfg: ThresholdSearchConfig, *, dataset: str = "mnist", out: Path | None = None
-) -> ThresholdSearchResult:
-    """Search ``dnf``'s thresholds with SMAC3 (paper App. H) on ID validation data and apply the best.
-
-    With ``out``, the trials go to ``out/threshold_trials.jsonl`` and their plot to
-    ``out/threshold_search.png``.
-    """
-    from fortress.bench.threshold_plot import plot_threshold_search
-    from fortress.defenses.dnf.threshold_search import search_thresholds
-
-    val = id_data(dataset).val
-    result = search_thresholds(dnf.net, (val.x, val.targets), config=cfg, dataset=dataset, out_dir=out)
-    dnf.set_thresholds(result.best.thresholds)
-    log.info(
-        "threshold search: %s (surrogate %.4f, val acc %.4f) vs paper defaults %s (surrogate %.4f, val acc %.4f)",
-        result.best.thresholds,
-        result.best.surrogate,
-        result.best.val_acc,
-        result.baseline.thresholds,
-        result.baseline.surrogate,
-        result.baseline.val_acc,
+    dnf = protect_recipe(
+        victim,
+        defender_data(dataset),
+        cfg,
+        out=out,
+        resume=resume,
+        on_step=on_step,
+        on_dcgan_epoch=on_dcgan_epoch,
     )
-    if result.trials_path is not None:
-        plot_threshold_search(result.trials_path)
-    return result
+    search = None if dnf.provenance is None else dnf.provenance.search
+    if out is not None and search is not None and search.trials_file is not None:
+        from fortress.bench.threshold_plot import plot_threshold_search
+
+        plot_threshold_search(Path(out) / search.trials_file)
+    return dnf
 
 
 @torch.no_grad()

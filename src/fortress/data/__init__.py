@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fortress.data.base import ImageSet
+from fortress.data.cifar import load_cifar
 from fortress.data.embedded import (
     MnistSplits,
     digits28,
@@ -12,15 +13,8 @@ from fortress.data.embedded import (
     noise_images,
 )
 from fortress.data.images import MODE_TABLE, ImageLimits, decode_image
-from fortress.data.loaders import (
-    DATASETS,
-    DatasetInfo,
-    load_cifar,
-    load_dataset,
-    load_image_folder,
-    load_mnist_idx,
-    load_npz,
-)
+from fortress.data.loaders import load_image_folder, load_mnist_idx, load_npz
+from fortress.data.registry import DATASETS, DatasetInfo, load_dataset
 
 __all__ = [
     "DATASETS",

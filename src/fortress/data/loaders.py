@@ -1,4 +1,4 @@
-"""Loaders for data sets users bring, and the public ``dataset`` registry.
+"""Loaders for data sets users bring.
 
 Every loader returns an :class:`~fortress.data.base.ImageSet` that honours the tensor contract
 (float32 NCHW in [0, 1], int64 labels). Files are parsed defensively: a missing, truncated or
@@ -13,7 +13,8 @@ Supported formats:
 * ``.npz`` archives of arrays (never pickled content): :func:`load_npz`.
 
 CIFAR batches live in :mod:`fortress.data.cifar`; the ``dataset`` registry (:data:`DATASETS`,
-:func:`load_dataset`) in :mod:`fortress.data.registry`; both are re-exported here.
+:func:`load_dataset`), which names these loaders, in :mod:`fortress.data.registry`; all are
+re-exported by :mod:`fortress.data`.
 """
 
 from __future__ import annotations
@@ -36,15 +37,7 @@ from fortress.data.images import DEFAULT_IMAGE_LIMITS, ImageLimits, decode_image
 from fortress.errors import ArtifactError, ConfigError, InvalidInput
 from fortress.tensors import check_labels as check_label_tensor
 
-__all__ = [
-    "DATASETS",
-    "DatasetInfo",
-    "load_cifar",
-    "load_dataset",
-    "load_image_folder",
-    "load_mnist_idx",
-    "load_npz",
-]
+__all__ = ["load_image_folder", "load_mnist_idx", "load_npz"]
 
 # --------------------------------------------------------------------------------------------- IDX
 
@@ -323,8 +316,3 @@ def load_npz(path: Path | str, *, x_key: str = "x", y_key: str | None = "y") -> 
             except InvalidInput as exc:
                 raise ArtifactError(str(exc)) from None
     return ImageSet(x, y, None, f"npz-{path.stem}")
-
-
-# re-exports (imported last: the registry imports the loaders above)
-from fortress.data.cifar import load_cifar  # noqa: E402
-from fortress.data.registry import DATASETS, DatasetInfo, load_dataset  # noqa: E402

@@ -13,6 +13,7 @@ from fortress.defenses.meco import MeCo
 from fortress.defenses.output_filters import Rounding, Top1, TopK
 from fortress.defenses.randp import RandP
 from fortress.defenses.reverse_sigmoid import ReverseSigmoid
+from fortress.defenses.trainable import DefenderData, TrainableDefense
 from fortress.defenses.undefended import Undefended
 from fortress.models.io import read_json
 from fortress.registry import Registry
@@ -22,6 +23,7 @@ __all__ = [
     "DNF",
     "MAD",
     "AdaptiveMisinformation",
+    "DefenderData",
     "Defense",
     "DefenseOutput",
     "Grad2",
@@ -32,6 +34,7 @@ __all__ = [
     "Rounding",
     "Top1",
     "TopK",
+    "TrainableDefense",
     "Undefended",
     "load_defense",
 ]

@@ -1,16 +1,14 @@
 """Shared pieces of the output-perturbation baselines (RandP, MAD, GRAD², reverse sigmoid).
 
 Holds the batched ℓ1-ball projection, the common way a perturbed batch is finished (floor, ℓ1 and
-top-1 bookkeeping), the surrogate model MAD and GRAD² reason about, and save/load of a defense
-directory (``defense.json`` + ``victim/`` + optional ``surrogate/``).
+top-1 bookkeeping) and the surrogate model MAD and GRAD² reason about, with its distillation.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -18,26 +16,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortress.data.transforms import random_shift
-from fortress.defenses.base import Defense, DefenseOutput, read_defense_meta
+from fortress.defenses.base import DefenseOutput
+from fortress.defenses.trainable import DefenderData, NetworkFitConfig, TrainableDefense
 from fortress.errors import ConfigError, UnknownComponent
-from fortress.models.io import atomic_write_text, load_model, save_model
 from fortress.models.staged import StagedBackbone
 from fortress.tensors import PROB_EPS
+from fortress.training import EpochLoop, History, RunOptions
 
 __all__ = [
     "SurrogateDefense",
+    "SurrogateFitConfig",
     "check_budget",
     "distill_surrogate",
     "finish",
     "l1_ball_project",
-    "load_parts",
     "random_surrogate",
-    "save_parts",
 ]
 
 log = logging.getLogger(__name__)
-
-SURROGATE_DIR = "surrogate"
 
 
 def check_budget(epsilon: float) -> float:
@@ -103,39 +99,44 @@ def random_surrogate(victim: StagedBackbone, seed: int) -> StagedBackbone:
     return net.eval()
 
 
+@dataclass(frozen=True)
+class SurrogateFitConfig(NetworkFitConfig):
+    """How :meth:`SurrogateDefense.fit` distils the surrogate (GRAD²: 10 epochs)."""
+
+    epochs: int = 10
+
+
 def distill_surrogate(
     surrogate: nn.Module,
     victim: nn.Module,
     x: Tensor,
     *,
-    epochs: int = 10,
-    lr: float = 1e-3,
-    batch_size: int = 128,
-    max_shift: int = 2,
+    config: SurrogateFitConfig | None = None,
     seed: int = 0,
-) -> list[float]:
+    options: RunOptions | None = None,
+) -> History:
     """Train ``surrogate`` to match the victim's posteriors on the defender's images (temperature 1).
 
     Mirrors GRAD²'s surrogate (Mazeika et al., 2022, distilled from the victim's clean outputs for
-    10 epochs), with Adam in place of SGD because LeNet-sized nets train reliably with it.
+    10 epochs), with Adam in place of SGD because LeNet-sized nets train reliably with it. Batches
+    and shifts come from one generator seeded with ``seed``; runs in the resumable epoch loop.
 
     Returns:
-        The mean soft cross-entropy of each epoch.
+        The history; ``loss`` is the mean soft cross-entropy of each epoch.
     """
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ConfigError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+    cfg = config or SurrogateFitConfig()
     if x.dim() != 4 or x.shape[0] == 0:
         raise ConfigError(f"distillation needs a non-empty (N, C, H, W) image batch, got shape {tuple(x.shape)}")
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(surrogate.parameters(), lr=lr)
-    losses: list[float] = []
+    opt = torch.optim.Adam(surrogate.parameters(), lr=cfg.lr)
+    history = History()
     victim.eval()
-    for _ in range(epochs):
+
+    def train_epoch(epoch: int, gen: torch.Generator) -> float:
         surrogate.train()
         perm = torch.randperm(x.shape[0], generator=gen)
         total = 0.0
-        for i in range(0, x.shape[0], batch_size):
-            xb = random_shift(x[perm[i : i + batch_size]], max_shift, gen)
+        for i in range(0, x.shape[0], cfg.batch_size):
+            xb = random_shift(x[perm[i : i + cfg.batch_size]], cfg.max_shift, gen)
             with torch.no_grad():
                 target = torch.softmax(victim(xb), dim=1)
             loss = -(target * F.log_softmax(surrogate(xb), dim=1)).sum(dim=1).mean()
@@ -143,34 +144,22 @@ def distill_surrogate(
             loss.backward()
             opt.step()
             total += loss.item() * xb.shape[0]
-        losses.append(total / x.shape[0])
-        log.info("surrogate distillation epoch %d/%d soft-CE %.4f", len(losses), epochs, losses[-1])
-    surrogate.eval()
-    return losses
+        surrogate.eval()
+        return total / x.shape[0]
+
+    loop = EpochLoop(
+        "surrogate distillation",
+        epochs=cfg.epochs,
+        seed=seed,
+        config={**asdict(cfg), "seed": seed},
+        parts={"surrogate": surrogate},
+        optimizer=opt,
+        reseed_each_epoch=False,
+    )
+    return loop.run(history, train_epoch, options=options)
 
 
-def save_parts(defense: Defense, directory: Path, params: dict[str, Any], surrogate: StagedBackbone | None) -> Path:
-    """Write ``victim/``, optionally ``surrogate/``, and ``defense.json`` = {"defense", "params"}."""
-    directory = Path(directory)
-    save_model(defense.victim, directory / "victim")
-    if surrogate is not None:
-        save_model(surrogate, directory / SURROGATE_DIR)
-    meta = {"defense": defense.name, "params": params}
-    atomic_write_text(directory / "defense.json", json.dumps(meta, indent=2))
-    return directory
-
-
-def load_parts(directory: Path, name: str) -> tuple[StagedBackbone, dict[str, Any], StagedBackbone | None]:
-    """Read what :func:`save_parts` wrote: the victim, the saved parameters and the surrogate (if any)."""
-    directory = Path(directory)
-    _, params = read_defense_meta(directory, name)
-    victim = load_model(directory / "victim")
-    sdir = directory / SURROGATE_DIR
-    surrogate = load_model(sdir) if sdir.is_dir() else None
-    return victim, dict(params), surrogate
-
-
-class SurrogateDefense(Defense):
+class SurrogateDefense(TrainableDefense[SurrogateFitConfig]):
     """A defense that reasons about the attacker through a surrogate network (MAD, GRAD²).
 
     Args:
@@ -179,6 +168,9 @@ class SurrogateDefense(Defense):
             randomly initialised copy of the victim's architecture (call :meth:`fit` to distil it).
         seed: seeds the surrogate's initialisation and distillation.
     """
+
+    saved_parts = ("surrogate",)
+    fit_config = SurrogateFitConfig
 
     def __init__(self, victim: StagedBackbone, *, surrogate: StagedBackbone | None = None, seed: int = 0) -> None:
         super().__init__(victim)
@@ -196,20 +188,22 @@ class SurrogateDefense(Defense):
     def modules(self) -> list[nn.Module]:
         return [self.victim, self.surrogate]
 
-    def fit(self, x: Tensor, *, epochs: int = 10, lr: float = 1e-3, batch_size: int = 128) -> list[float]:
-        """Distil the surrogate from the victim on the defender's own images ``x`` (no labels needed).
+    def _state(self) -> dict[str, Any]:
+        return {"surrogate_epochs": self.surrogate_epochs}
 
-        Returns:
-            Per-epoch soft cross-entropy.
-        """
+    def _restore_state(self, meta: dict[str, Any]) -> None:
+        self.surrogate_epochs = int(meta.get("surrogate_epochs", 0))
+
+    def _fit(self, data: DefenderData, config: SurrogateFitConfig, options: RunOptions) -> History:
+        """Distil the surrogate from the victim on the defender's own training images (no labels used)."""
         for p in self.surrogate.parameters():
             p.requires_grad_(True)
         try:
-            losses = distill_surrogate(
-                self.surrogate, self.victim, x, epochs=epochs, lr=lr, batch_size=batch_size, seed=self.seed
+            history = distill_surrogate(
+                self.surrogate, self.victim, data.x_train, config=config, seed=self.seed, options=options
             )
         finally:
             for p in self.surrogate.parameters():
                 p.requires_grad_(False)
-        self.surrogate_epochs += epochs
-        return losses
+        self.surrogate_epochs += config.epochs
+        return history

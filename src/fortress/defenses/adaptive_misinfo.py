@@ -18,27 +18,24 @@ victim's architecture trained after the victim (as in Mazeika et al.'s re-implem
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fortress.data.transforms import random_shift
-from fortress.defenses.base import Defense, DefenseOutput, read_defense_meta
-from fortress.errors import ArtifactError, ConfigError, UnknownComponent
-from fortress.models.io import atomic_write_text, load_model, save_model
+from fortress.defenses.base import DefenseOutput
+from fortress.defenses.trainable import DefenderData, NetworkFitConfig, TrainableDefense
+from fortress.errors import ConfigError, UnknownComponent
 from fortress.models.staged import StagedBackbone
-from fortress.tensors import check_labels
+from fortress.training import EpochLoop, History, RunOptions
 
-__all__ = ["AdaptiveMisinformation", "build_adaptive_misinformation", "misinformation_loss"]
+__all__ = ["AdaptiveMisinformation", "MisinformationFitConfig", "misinformation_loss"]
 
 log = logging.getLogger(__name__)
-
-MISINFO_DIR = "misinfo"
 
 
 def misinformation_loss(logits: Tensor, y: Tensor) -> Tensor:
@@ -68,14 +65,19 @@ def _fresh_network(victim: StagedBackbone, seed: int) -> StagedBackbone:
             ) from exc
 
 
-class AdaptiveMisinformation(Defense):
+@dataclass(frozen=True)
+class MisinformationFitConfig(NetworkFitConfig):
+    """How :meth:`AdaptiveMisinformation.fit` trains the misinformation model (5 epochs)."""
+
+
+class AdaptiveMisinformation(TrainableDefense[MisinformationFitConfig]):
     """Answer ID-looking queries with the victim and OOD-looking ones with a misinformation model.
 
     Args:
         victim: the trained victim (its max softmax is the ID score).
         tau: ID-score threshold τ; queries scoring below it are answered by the misinformation
-            model. :meth:`calibrate` (called by :meth:`fit` when given validation images) sets it
-            from ``fpr``. Default 0.5 until calibrated.
+            model. :meth:`calibrate` (called by :meth:`fit` on the defender's validation images)
+            sets it from ``fpr``. Default 0.5 until calibrated.
         nu: sigmoid steepness ν (paper: 1000, a near step).
         fpr: fraction of ID validation queries that :meth:`calibrate` lets fall below τ.
         misinfo: the misinformation network (default: a seeded fresh copy of the victim's
@@ -90,6 +92,8 @@ class AdaptiveMisinformation(Defense):
     """
 
     name = "adaptive-misinformation"
+    saved_parts = ("misinfo",)
+    fit_config = MisinformationFitConfig
 
     def __init__(
         self,
@@ -144,52 +148,47 @@ class AdaptiveMisinformation(Defense):
         log.info("adaptive misinformation: tau = %.6f (fpr %.3f on %d ID images)", self.tau, self.fpr, scores.numel())
         return self.tau
 
-    def fit(
-        self,
-        x: Tensor,
-        y: Tensor,
-        *,
-        x_val: Tensor | None = None,
-        epochs: int = 5,
-        lr: float = 1e-3,
-        batch_size: int = 128,
-        max_shift: int = 2,
-    ) -> list[float]:
-        """Train the misinformation model on labelled ID data; calibrate τ on ``x_val`` if given.
+    def _fit(self, data: DefenderData, config: MisinformationFitConfig, options: RunOptions) -> History:
+        """Train the misinformation model on the labelled ID training data, then calibrate τ on the validation images.
 
-        Adam, the loss of :func:`misinformation_loss`, light random shifts (as the victim's training).
-
-        Returns:
-            The mean loss of each epoch.
+        Adam, the loss of :func:`misinformation_loss`, light random shifts (as the victim's training);
+        batches and shifts come from one generator seeded by ``seed`` and the epochs trained so far.
         """
-        if epochs < 1 or batch_size < 1 or not lr > 0:
-            raise ConfigError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
-        y = check_labels(y, len(x), self.num_classes, name="labels")
-        if x.dim() != 4 or x.shape[0] == 0 or x.shape[0] != y.shape[0]:
-            raise ConfigError(f"need matching non-empty images and labels, got {tuple(x.shape)} and {tuple(y.shape)}")
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.misinfo_epochs)
-        opt = torch.optim.Adam(self.misinfo.parameters(), lr=lr)
-        losses: list[float] = []
-        self.misinfo.train()
+        x, y = data.x_train, data.y_train
+        opt = torch.optim.Adam(self.misinfo.parameters(), lr=config.lr)
+        history = History()
+
+        def train_epoch(epoch: int, gen: torch.Generator) -> float:
+            self.misinfo.train()
+            perm = torch.randperm(x.shape[0], generator=gen)
+            total = 0.0
+            for i in range(0, x.shape[0], config.batch_size):
+                idx = perm[i : i + config.batch_size]
+                loss = misinformation_loss(self.misinfo(random_shift(x[idx], config.max_shift, gen)), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * idx.numel()
+            self.misinfo.eval()
+            return total / x.shape[0]
+
+        seed = self.seed * 1_000_003 + self.misinfo_epochs
+        loop = EpochLoop(
+            "misinformation model",
+            epochs=config.epochs,
+            seed=seed,
+            config={**asdict(config), "seed": seed},
+            parts={"misinfo": self.misinfo},
+            optimizer=opt,
+            reseed_each_epoch=False,
+        )
         try:
-            for epoch in range(epochs):
-                perm = torch.randperm(x.shape[0], generator=gen)
-                total = 0.0
-                for i in range(0, x.shape[0], batch_size):
-                    idx = perm[i : i + batch_size]
-                    loss = misinformation_loss(self.misinfo(random_shift(x[idx], max_shift, gen)), y[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += loss.item() * idx.numel()
-                losses.append(total / x.shape[0])
-                log.info("misinformation model epoch %d/%d loss %.4f", epoch + 1, epochs, losses[-1])
+            loop.run(history, train_epoch, options=options)
         finally:
             self.misinfo.eval()
-        self.misinfo_epochs += epochs
-        if x_val is not None:
-            self.calibrate(x_val)
-        return losses
+        self.misinfo_epochs += config.epochs
+        self.calibrate(data.x_val)
+        return history
 
     @torch.no_grad()
     def _respond(self, x: Tensor) -> DefenseOutput:
@@ -204,74 +203,9 @@ class AdaptiveMisinformation(Defense):
             top1_changed=y_hat.argmax(dim=1) != y.argmax(dim=1),
         )
 
-    def hparams(self) -> dict[str, Any]:
-        return {
-            "tau": self.tau,
-            "nu": self.nu,
-            "fpr": self.fpr,
-            "seed": self.seed,
-            "calibrated": self.calibrated,
-            "misinfo_epochs": self.misinfo_epochs,
-        }
+    def _state(self) -> dict[str, Any]:
+        return {"calibrated": self.calibrated, "misinfo_epochs": self.misinfo_epochs}
 
-    def save(self, directory: Path) -> Path:
-        """Write ``victim/``, ``misinfo/`` (safetensors + JSON each) and ``defense.json``."""
-        directory = Path(directory)
-        save_model(self.victim, directory / "victim")
-        save_model(self.misinfo, directory / MISINFO_DIR)
-        params = {"tau": self.tau, "nu": self.nu, "fpr": self.fpr, "seed": self.seed}
-        meta = {
-            "defense": self.name,
-            "params": params,
-            "calibrated": self.calibrated,
-            "misinfo_epochs": self.misinfo_epochs,
-        }
-        atomic_write_text(directory / "defense.json", json.dumps(meta, indent=2))
-        return directory
-
-    @classmethod
-    def load(cls, directory: Path) -> AdaptiveMisinformation:
-        """Restore a defense saved by :meth:`save`."""
-        directory = Path(directory)
-        meta, params = read_defense_meta(directory, cls.name)
-        victim = load_model(directory / "victim")
-        misinfo = load_model(directory / MISINFO_DIR)
-        try:
-            am = cls(victim, misinfo=misinfo, **params)
-        except TypeError as exc:
-            raise ArtifactError(f"{directory / 'defense.json'} has invalid {cls.name} parameters: {exc}") from exc
-        am.calibrated = bool(meta.get("calibrated", False))
-        am.misinfo_epochs = int(meta.get("misinfo_epochs", 0))
-        return am
-
-
-def build_adaptive_misinformation(
-    victim: StagedBackbone,
-    x_train: Tensor,
-    y_train: Tensor,
-    x_val: Tensor,
-    *,
-    fpr: float = 0.05,
-    nu: float = 1000.0,
-    epochs: int = 5,
-    seed: int = 0,
-    out: Path | None = None,
-) -> AdaptiveMisinformation:
-    """Build, train and calibrate Adaptive Misinformation around ``victim``; save to ``out`` if given.
-
-    Args:
-        victim: the trained victim.
-        x_train: the defender's labelled ID images (the misinformation model's training set).
-        y_train: their labels.
-        x_val: held-out ID images for calibrating τ at ``fpr``.
-        fpr: false-positive rate of the OOD detector on ID data.
-        nu: sigmoid steepness.
-        epochs: misinformation-model training epochs.
-        seed: seeds initialisation and batch order.
-        out: directory to save to (``None``: not saved).
-    """
-    am = AdaptiveMisinformation(victim, nu=nu, fpr=fpr, seed=seed)
-    am.fit(x_train, y_train, x_val=x_val, epochs=epochs)
-    if out is not None:
-        am.save(out)
-    return am
+    def _restore_state(self, meta: dict[str, Any]) -> None:
+        self.calibrated = bool(meta.get("calibrated", False))
+        self.misinfo_epochs = int(meta.get("misinfo_epochs", 0))

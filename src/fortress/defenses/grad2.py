@@ -18,16 +18,15 @@ coefficients first; rows are then floored and renormalised. Realised ℓ1 = 2m �
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, jvp
 
-from fortress.defenses._perturb import SurrogateDefense, check_budget, finish, load_parts, save_parts
+from fortress.defenses._perturb import SurrogateDefense, check_budget, finish
 from fortress.defenses.base import DefenseOutput
-from fortress.errors import ArtifactError, ConfigError
+from fortress.errors import ConfigError
 from fortress.models.staged import StagedBackbone
 
 __all__ = ["Grad2", "redirect"]
@@ -79,29 +78,6 @@ class Grad2(SurrogateDefense):
             y = torch.softmax(self.victim(x), dim=1)
         coef = grad2_coefficients(self.surrogate, x, y, self.target)
         return finish(y, redirect(y, coef, self.epsilon))
-
-    def hparams(self) -> dict[str, Any]:
-        return {
-            "epsilon": self.epsilon,
-            "target": self.target,
-            "seed": self.seed,
-            "surrogate_epochs": self.surrogate_epochs,
-        }
-
-    def save(self, directory: Path) -> Path:
-        """Write ``victim/``, ``surrogate/`` (safetensors + JSON) and ``defense.json``."""
-        params = {"epsilon": self.epsilon, "target": self.target, "seed": self.seed}
-        save_parts(self, directory, params, self.surrogate)
-        return Path(directory)
-
-    @classmethod
-    def load(cls, directory: Path) -> Grad2:
-        """Restore a GRAD² defense saved by :meth:`save`."""
-        victim, params, surrogate = load_parts(directory, cls.name)
-        try:
-            return cls(victim, surrogate=surrogate, **params)
-        except TypeError as exc:
-            raise ArtifactError(f"{Path(directory) / 'defense.json'} has invalid {cls.name} parameters: {exc}") from exc
 
 
 def grad2_coefficients(surrogate: torch.nn.Module, x: Tensor, y: Tensor, target: Target) -> Tensor:

@@ -19,15 +19,14 @@ Then ŷ = (1 − α)y + αy* with α = min(1, ε/(‖y − y*‖₁ + 1e-7)), so
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from fortress.defenses._perturb import SurrogateDefense, check_budget, finish, load_parts, save_parts
+from fortress.defenses._perturb import SurrogateDefense, check_budget, finish
 from fortress.defenses.base import DefenseOutput
-from fortress.errors import ArtifactError, ConfigError
+from fortress.errors import ConfigError
 from fortress.models.staged import StagedBackbone
 
 __all__ = ["MAD", "MADArgmax", "mad_target"]
@@ -85,28 +84,7 @@ class MAD(SurrogateDefense):
         return finish(y, line_search(y, y_star, self.epsilon))
 
     def hparams(self) -> dict[str, Any]:
-        return {
-            "epsilon": self.epsilon,
-            "oracle": self.oracle,
-            "max_candidates": self.max_candidates,
-            "seed": self.seed,
-            "surrogate_epochs": self.surrogate_epochs,
-        }
-
-    def save(self, directory: Path) -> Path:
-        """Write ``victim/``, ``surrogate/`` (safetensors + JSON) and ``defense.json``."""
-        params = {"epsilon": self.epsilon, "max_candidates": self.max_candidates, "seed": self.seed}
-        save_parts(self, directory, params, self.surrogate)
-        return Path(directory)
-
-    @classmethod
-    def load(cls, directory: Path) -> MAD:
-        """Restore a MAD defense saved by :meth:`save`."""
-        victim, params, surrogate = load_parts(directory, cls.name)
-        try:
-            return cls(victim, surrogate=surrogate, **params)
-        except TypeError as exc:
-            raise ArtifactError(f"{Path(directory) / 'defense.json'} has invalid {cls.name} parameters: {exc}") from exc
+        return {**super().hparams(), "oracle": self.oracle}
 
 
 class MADArgmax(MAD):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,30 +20,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortress.data.transforms import random_shift
-from fortress.defenses.base import Defense, DefenseOutput, read_defense_meta
-from fortress.defenses.dnf.ood import NoiseOOD, OODSource
-from fortress.defenses.dnf.training import optimizer_state_tensors, restore_optimizer_state
-from fortress.errors import ArtifactError, ConfigError, TrainingDiverged
-from fortress.models.io import (
-    atomic_write_text,
-    copy_state_checked,
-    load_model,
-    load_state,
-    read_json,
-    save_model,
-    save_state,
-)
+from fortress.defenses.base import DefenseOutput
+from fortress.defenses.trainable import DefenderData, TrainableDefense
+from fortress.errors import ConfigError
+from fortress.generative.ood import NoiseOOD, OODSource
 from fortress.models.staged import StagedBackbone
-from fortress.tensors import check_labels
+from fortress.training import EpochCallback, EpochLoop, History, RunOptions
 
-__all__ = ["MeCo", "MeCoTrainConfig", "MeCoTrainReport", "PerturbationGenerator", "build_meco"]
+__all__ = ["MeCo", "MeCoTrainConfig", "MeCoTrainReport", "PerturbationGenerator"]
 
 log = logging.getLogger(__name__)
 
-GENERATOR_WEIGHTS = "generator.safetensors"
-MODEL_DIR = "model"
-CKPT_STATE = "meco-checkpoint.json"
-CKPT_PREFIX = "meco-checkpoint-e"
+#: Checkpoint files: ``meco-checkpoint.json`` naming ``meco-checkpoint-e<epoch>.safetensors``.
+CKPT_NAME = "meco-checkpoint"
+CKPT_STATE = f"{CKPT_NAME}.json"
 
 
 class PerturbationGenerator(nn.Module):
@@ -139,18 +127,22 @@ class MeCoTrainConfig:
 
 
 @dataclass
-class MeCoTrainReport:
-    """History of a MeCo training run (per epoch)."""
+class MeCoTrainReport(History):
+    """History of a MeCo training run (per epoch, besides the mean loss of :class:`~fortress.training.History`).
 
-    epochs_done: int = 0
-    loss: list[float] = field(default_factory=list)
+    Attributes:
+        utility_loss: mean utility term (cross-entropy and KL to the victim on perturbed ID inputs).
+        defense_loss: mean defense term on the shifted OOD inputs.
+        diversity: mean diversity term.
+        val_acc: defended accuracy on the ID validation data.
+        ood_top1_changed: share of 512 fixed OOD probes whose top-1 the defense changes.
+    """
+
     utility_loss: list[float] = field(default_factory=list)
     defense_loss: list[float] = field(default_factory=list)
     diversity: list[float] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
     ood_top1_changed: list[float] = field(default_factory=list)
-    wall_s: float = 0.0
-    resumed_from: int = 0
 
 
 def _defense_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -159,7 +151,7 @@ def _defense_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=1) - torch.logsumexp(masked, dim=1)
 
 
-class MeCo(Defense):
+class MeCo(TrainableDefense[MeCoTrainConfig]):
     """MeCo (re-implementation): answer f_θ'(x + G_ω(x, ξ)) with fresh noise ξ for every query.
 
     What the paper's text fixes, and where this follows it:
@@ -181,7 +173,7 @@ class MeCo(Defense):
     * *Distributional robustness* — the attacker's query distribution is unknown ("no prior on
       the attacker's query data distribution", abstract), so the defense term is taken on the
       worst case over a Wasserstein ball around a data-free seed distribution Q₀ (noise images,
-      :class:`~fortress.defenses.dnf.ood.NoiseOOD`). The inner maximisation uses the Lagrangian
+      :class:`~fortress.generative.ood.NoiseOOD`). The inner maximisation uses the Lagrangian
       relaxation of Sinha, Namkoong & Duchi (2018, "WRM"): ``dro_steps`` ℓ2-normalised gradient
       ascent steps on ``L_def(x') − γ‖x' − x₀‖²`` from ``x₀ ~ Q₀`` — the shifted queries on which
       the defense currently leaks the most. This choice of solver is ours; the paper's is unknown.
@@ -208,6 +200,8 @@ class MeCo(Defense):
     """
 
     name = "meco"
+    saved_parts = ("model", "generator")
+    fit_config = MeCoTrainConfig
 
     def __init__(
         self,
@@ -287,28 +281,24 @@ class MeCo(Defense):
 
     def fit(
         self,
-        x_id: Tensor,
-        y_id: Tensor,
+        data: DefenderData,
+        config: MeCoTrainConfig | None = None,
         *,
         ood: OODSource | None = None,
-        config: MeCoTrainConfig | None = None,
-        val: tuple[Tensor, Tensor] | None = None,
         checkpoint_dir: Path | None = None,
         resume: bool = True,
-        on_epoch: Callable[[int, float], None] | None = None,
+        on_epoch: EpochCallback | None = None,
     ) -> MeCoTrainReport:
         """Defensive training of the generator and the deployed model (see the class docstring).
 
-        Resumable like DNF training: after every epoch the trainable weights, optimiser state and
-        history go to ``checkpoint_dir`` (safetensors + JSON); epoch ``e`` draws everything from a
-        generator seeded by ``(seed, e)``, so a resumed run ends where an uninterrupted one would.
+        Resumable: after every epoch the trainable weights, optimiser state and history go to
+        ``checkpoint_dir`` (safetensors + JSON); epoch ``e`` draws everything from a generator
+        seeded by ``(seed, e)``, so a resumed run ends where an uninterrupted one would.
 
         Args:
-            x_id: ID training images ``(N, C, H, W)`` in [0, 1].
-            y_id: their labels.
+            data: the defender's data (labelled ID training images; validation accuracy is logged).
+            config: hyper-parameters (default :class:`MeCoTrainConfig`).
             ood: seed distribution Q₀ of the uncertainty set (default: noise images).
-            config: hyper-parameters.
-            val: ID validation data; defended accuracy is logged per epoch.
             checkpoint_dir: per-epoch checkpoint directory (``None``: none).
             resume: continue from a checkpoint in ``checkpoint_dir`` written with the same config.
             on_epoch: called as ``on_epoch(epoch, loss)`` after each epoch.
@@ -317,30 +307,27 @@ class MeCo(Defense):
             ArtifactError: the checkpoint is corrupt or was written with another configuration.
             TrainingDiverged: weights became non-finite.
         """
-        cfg = config or MeCoTrainConfig()
-        y_id = check_labels(y_id, len(x_id), self.num_classes, name="y_id")
-        val = None if val is None else (val[0], check_labels(val[1], len(val[0]), self.num_classes, name="val labels"))
-        if x_id.dim() != 4 or x_id.shape[0] == 0 or x_id.shape[0] != y_id.shape[0]:
-            raise ConfigError(
-                f"need matching non-empty images and labels, got {tuple(x_id.shape)} and {tuple(y_id.shape)}"
-            )
-        source = ood if ood is not None else NoiseOOD(self.input_shape)
+        cfg = self._fit_config(data, config)
+        return self._train(data, cfg, ood or NoiseOOD(self.input_shape), RunOptions(checkpoint_dir, resume, on_epoch))
+
+    def _fit(self, data: DefenderData, config: MeCoTrainConfig, options: RunOptions) -> MeCoTrainReport:
+        return self._train(data, config, NoiseOOD(self.input_shape), options)
+
+    def _train(
+        self, data: DefenderData, cfg: MeCoTrainConfig, source: OODSource, options: RunOptions
+    ) -> MeCoTrainReport:
+        x_id, y_id = data.x_train, data.y_train
         params = self._trainable(cfg)
         for p in self.model.parameters():
             p.requires_grad_(cfg.finetune_victim)
         opt = torch.optim.Adam(params, lr=cfg.lr)
-        cfg_json = json.loads(json.dumps(cfg.as_dict()))
         report = MeCoTrainReport()
-        if checkpoint_dir is not None and resume and (Path(checkpoint_dir) / CKPT_STATE).exists():
-            report = self._restore_checkpoint(Path(checkpoint_dir), opt, cfg_json)
         probe = source.sample(512, torch.Generator().manual_seed(cfg.seed + 7))
         n = x_id.shape[0]
-        t0 = time.perf_counter() - report.wall_s
-        for epoch in range(report.epochs_done, cfg.epochs):
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+
+        def train_epoch(epoch: int, gen: torch.Generator) -> list[float]:
             perm = torch.randperm(n, generator=gen)
-            sums = [0.0, 0.0, 0.0, 0.0]
-            steps = 0
+            sums = [0.0, 0.0, 0.0, 0.0, 0.0]
             self.generator.train()
             self.model.train(cfg.finetune_victim)
             for s in range(0, n, cfg.batch_size):
@@ -366,169 +353,51 @@ class MeCo(Defense):
                 opt.step()
                 for k, v in enumerate((loss, utility, defense, diversity)):
                     sums[k] += v.item()
-                steps += 1
+                sums[4] += 1
             self.generator.eval()
             self.model.eval()
-            if not all(bool(torch.isfinite(p).all()) for p in params):
-                raise TrainingDiverged(f"MeCo training diverged in epoch {epoch + 1}: weights are not finite; lower lr")
+            return sums
+
+        def record_epoch(epoch: int, sums: list[float]) -> None:
+            steps = sums[4]
             report.loss.append(sums[0] / steps)
             report.utility_loss.append(sums[1] / steps)
             report.defense_loss.append(sums[2] / steps)
             report.diversity.append(sums[3] / steps)
             eval_gen = torch.Generator().manual_seed(cfg.seed + 11)
             with torch.no_grad():
-                if val is not None:
-                    pv = self._defended_logits(val[0], self._noise(val[0].shape[0], val[0], eval_gen))
-                    report.val_acc.append(float((pv.argmax(1) == val[1]).float().mean()))
+                xv, yv = data.x_val, data.y_val
+                pv = self._defended_logits(xv, self._noise(xv.shape[0], xv, eval_gen))
+                report.val_acc.append(float((pv.argmax(1) == yv).float().mean()))
                 po = self._defended_logits(probe, self._noise(probe.shape[0], probe, eval_gen)).argmax(1)
                 report.ood_top1_changed.append(float((po != self.victim(probe).argmax(1)).float().mean()))
-            report.epochs_done = epoch + 1
-            report.wall_s = time.perf_counter() - t0
-            log.info(
-                "MeCo epoch %d/%d loss %.4f val_acc %s ood_top1_changed %.3f",
-                epoch + 1,
-                cfg.epochs,
-                report.loss[-1],
-                report.val_acc[-1] if report.val_acc else None,
-                report.ood_top1_changed[-1],
-            )
-            if checkpoint_dir is not None:
-                self._save_checkpoint(Path(checkpoint_dir), opt, cfg_json, report)
-            if on_epoch is not None:
-                on_epoch(epoch, report.loss[-1])
+
+        loop = EpochLoop(
+            "MeCo",
+            epochs=cfg.epochs,
+            seed=cfg.seed,
+            config=cfg.as_dict(),
+            parts={"generator": self.generator, "model": self.model},
+            optimizer=opt,
+            guarded=params,
+            prefix=CKPT_NAME,
+        )
+        loop.run(report, train_epoch, record_epoch, options)
         self.train_report = report
-        self._train_config = cfg_json
-        return report
-
-    def _trainable_state(self) -> dict[str, Tensor]:
-        sd = {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
-        sd.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
-        return sd
-
-    def _load_trainable_state(self, tensors: dict[str, Tensor], source: Path) -> None:
-        for prefix, module in (("generator.", self.generator), ("model.", self.model)):
-            part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            copy_state_checked(module, part, source)
-
-    def _save_checkpoint(
-        self, directory: Path, opt: torch.optim.Optimizer, cfg_json: dict[str, Any], report: MeCoTrainReport
-    ) -> None:
-        # weights first under an epoch-numbered name, then the JSON naming them (atomic replace):
-        # a crash at any point leaves a consistent pair on disk
-        tensors, opt_meta = optimizer_state_tensors(opt)
-        tensors.update(self._trainable_state())
-        name = f"{CKPT_PREFIX}{report.epochs_done:04d}.safetensors"
-        save_state(tensors, directory / name)
-        meta = {"config": cfg_json, "optimizer": opt_meta, "report": asdict(report), "weights": name}
-        atomic_write_text(directory / CKPT_STATE, json.dumps(meta, indent=1))
-        for old in directory.glob(f"{CKPT_PREFIX}*.safetensors"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
-
-    def _restore_checkpoint(
-        self, directory: Path, opt: torch.optim.Optimizer, cfg_json: dict[str, Any]
-    ) -> MeCoTrainReport:
-        meta = read_json(directory / CKPT_STATE)
-        if meta.get("config") != cfg_json:
-            raise ArtifactError(
-                f"checkpoint in {directory} was written with a different MeCo configuration; "
-                "remove it or pass resume=False to start over"
-            )
-        tensors = load_state(directory / str(meta.get("weights", "")))
-        self._load_trainable_state(tensors, directory)
-        try:
-            restore_optimizer_state(opt, tensors, meta["optimizer"])
-            report = MeCoTrainReport(**meta["report"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"corrupt MeCo checkpoint in {directory}: {exc}") from exc
-        report.resumed_from = report.epochs_done
-        log.info("resuming MeCo training from epoch %d", report.epochs_done)
+        self._train_config = json.loads(json.dumps(cfg.as_dict()))
         return report
 
     # ---------------------------------------------------------------------------------- artifacts
 
     def hparams(self) -> dict[str, Any]:
-        return {
-            "epsilon": self.epsilon,
-            "noise_channels": self.noise_channels,
-            "width": self.width,
-            "seed": self.seed,
-            "train": self._train_config,
-        }
+        return {**self._params(), "train": self._train_config}
 
-    def save(self, directory: Path) -> Path:
-        """Write ``victim/`` and ``model/`` (safetensors + JSON), ``generator.safetensors``, ``defense.json``."""
-        directory = Path(directory)
-        save_model(self.victim, directory / "victim")
-        save_model(self.model, directory / MODEL_DIR)
-        save_state(self.generator.state_dict(), directory / GENERATOR_WEIGHTS, metadata={"format": "fortress-meco"})
-        meta = {
-            "defense": self.name,
-            "params": {
-                "epsilon": self.epsilon,
-                "noise_channels": self.noise_channels,
-                "width": self.width,
-                "seed": self.seed,
-            },
-            "train": self._train_config,
-            "report": None if self.train_report is None else asdict(self.train_report),
-        }
-        atomic_write_text(directory / "defense.json", json.dumps(meta, indent=2))
-        return directory
+    def _state(self) -> dict[str, Any]:
+        report = None if self.train_report is None else asdict(self.train_report)
+        return {"train": self._train_config, "report": report}
 
-    @classmethod
-    def load(cls, directory: Path) -> MeCo:
-        """Restore a MeCo saved by :meth:`save` (the noise stream restarts from ``seed``)."""
-        directory = Path(directory)
-        meta, params = read_defense_meta(directory, cls.name)
-        try:
-            meco = cls(load_model(directory / "victim"), **params)
-        except TypeError as exc:
-            raise ArtifactError(f"{directory / 'defense.json'} has invalid {cls.name} parameters: {exc}") from exc
-        deployed = load_model(directory / MODEL_DIR)
-        copy_state_checked(meco.model, deployed.state_dict(), directory / MODEL_DIR)
-        copy_state_checked(meco.generator, load_state(directory / GENERATOR_WEIGHTS), directory / GENERATOR_WEIGHTS)
-        meco._train_config = meta.get("train")
+    def _restore_state(self, meta: dict[str, Any]) -> None:
+        self._train_config = meta.get("train")
         report = meta.get("report")
         if isinstance(report, dict):
-            meco.train_report = MeCoTrainReport(**report)
-        return meco
-
-
-def build_meco(
-    victim: StagedBackbone,
-    x_train: Tensor,
-    y_train: Tensor,
-    *,
-    val: tuple[Tensor, Tensor] | None = None,
-    epsilon: float = 0.1,
-    seed: int = 0,
-    config: MeCoTrainConfig | None = None,
-    out: Path | None = None,
-    resume: bool = True,
-) -> MeCo:
-    """Build and train MeCo around ``victim``; save to ``out`` (checkpoints in ``out/checkpoints``).
-
-    Args:
-        victim: the trained victim.
-        x_train: the defender's labelled ID images.
-        y_train: their labels.
-        val: ID validation data (logged per epoch).
-        epsilon: ℓ∞ bound of the input perturbation.
-        seed: seeds the generator and the per-query noise.
-        config: training hyper-parameters (default :class:`MeCoTrainConfig`).
-        out: directory to save to (``None``: not saved, no checkpoints).
-        resume: continue an interrupted run from ``out/checkpoints``.
-    """
-    meco = MeCo(victim, epsilon=epsilon, seed=seed)
-    meco.fit(
-        x_train,
-        y_train,
-        config=config,
-        val=val,
-        checkpoint_dir=None if out is None else Path(out) / "checkpoints",
-        resume=resume,
-    )
-    if out is not None:
-        meco.save(out)
-    return meco
+            self.train_report = MeCoTrainReport(**report)

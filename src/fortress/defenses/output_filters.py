@@ -14,19 +14,14 @@ logs (DFME) stay finite.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from fortress.defenses.base import Defense, DefenseOutput
-from fortress.errors import ArtifactError, ConfigError
-from fortress.models.io import atomic_write_text, load_model, read_json, save_model
+from fortress.errors import ConfigError
 from fortress.models.staged import StagedBackbone
 
-__all__ = ["Rounding", "Top1", "TopK", "filtered_output", "load_filter_parts", "save_filter_parts"]
+__all__ = ["Rounding", "Top1", "TopK", "filtered_output"]
 
 MAX_DECIMALS = 8
 
@@ -38,27 +33,6 @@ def filtered_output(y: Tensor, y_hat: Tensor) -> DefenseOutput:
         l1=(y_hat - y).abs().sum(dim=1),
         top1_changed=y_hat.argmax(dim=1) != y.argmax(dim=1),
     )
-
-
-def save_filter_parts(defense: Defense, directory: Path, params: dict[str, Any]) -> Path:
-    """Write ``victim/`` and ``defense.json`` = ``{"defense": name, "params": params}``."""
-    directory = Path(directory)
-    save_model(defense.victim, directory / "victim")
-    meta = {"defense": defense.name, "params": params}
-    atomic_write_text(directory / "defense.json", json.dumps(meta, indent=2))
-    return directory
-
-
-def load_filter_parts(directory: Path, name: str) -> tuple[StagedBackbone, dict[str, Any]]:
-    """Read what :func:`save_filter_parts` wrote, checking that it holds defense ``name``."""
-    directory = Path(directory)
-    meta = read_json(directory / "defense.json")
-    if meta.get("defense") != name:
-        raise ArtifactError(f"{directory / 'defense.json'} holds defense {meta.get('defense')!r}, not {name!r}")
-    params = meta.get("params", {})
-    if not isinstance(params, dict):
-        raise ArtifactError(f"{directory / 'defense.json'}: 'params' must be an object, got {type(params).__name__}")
-    return load_model(directory / "victim"), dict(params)
 
 
 def _int_param(name: str, value: object, lo: int, hi: int) -> int:
@@ -78,19 +52,6 @@ class _OutputFilter(Defense):
     def _respond(self, x: Tensor) -> DefenseOutput:
         y = torch.softmax(self.victim(x), dim=1)
         return filtered_output(y, self._filter(y))
-
-    def save(self, directory: Path) -> Path:
-        """Write ``victim/`` and ``defense.json``."""
-        return save_filter_parts(self, directory, self.hparams())
-
-    @classmethod
-    def load(cls, directory: Path) -> Defense:
-        """Restore a filter saved by :meth:`save`."""
-        victim, params = load_filter_parts(directory, cls.name)
-        try:
-            return cls(victim, **params)
-        except TypeError as exc:
-            raise ArtifactError(f"{Path(directory) / 'defense.json'} has invalid {cls.name} parameters: {exc}") from exc
 
 
 class Top1(_OutputFilter):
@@ -148,9 +109,6 @@ class Rounding(_OutputFilter):
         out = torch.where(empty, onehot, r / torch.where(empty, torch.ones_like(total), total))
         return out.to(y.dtype)
 
-    def hparams(self) -> dict[str, Any]:
-        return {"decimals": self.decimals}
-
 
 class TopK(_OutputFilter):
     """Only the ``k`` largest probabilities, renormalised to sum 1 (Orekondy et al., 2019, "top-k").
@@ -179,6 +137,3 @@ class TopK(_OutputFilter):
         vals, idx = y.topk(self.k, dim=1)
         kept = torch.zeros_like(y).scatter_(1, idx, vals)
         return kept / kept.sum(dim=1, keepdim=True)
-
-    def hparams(self) -> dict[str, Any]:
-        return {"k": self.k}

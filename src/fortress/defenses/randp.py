@@ -15,15 +15,14 @@ with the same seed answer the same sequence of batches identically; :meth:`RandP
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from fortress.defenses._perturb import check_budget, finish, l1_ball_project, load_parts, save_parts
+from fortress.defenses._perturb import check_budget, finish, l1_ball_project
 from fortress.defenses.base import Defense, DefenseOutput
-from fortress.errors import ArtifactError, ConfigError
+from fortress.errors import ConfigError
 from fortress.models.staged import StagedBackbone
 
 __all__ = ["RandP"]
@@ -108,19 +107,3 @@ class RandP(Defense):
         z = torch.logit(y)
         y_hat = torch.sigmoid(z + delta)
         return y_hat / y_hat.sum(dim=1, keepdim=True)
-
-    def hparams(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "mode": self.mode, "noise": self.noise, "seed": self.seed}
-
-    def save(self, directory: Path) -> Path:
-        """Write ``victim/`` and ``defense.json`` (the generator restarts from ``seed`` on load)."""
-        return save_parts(self, directory, self.hparams(), None)
-
-    @classmethod
-    def load(cls, directory: Path) -> RandP:
-        """Restore a RandP saved by :meth:`save`."""
-        victim, params, _ = load_parts(directory, cls.name)
-        try:
-            return cls(victim, **params)
-        except TypeError as exc:
-            raise ArtifactError(f"{Path(directory) / 'defense.json'} has invalid {cls.name} parameters: {exc}") from exc

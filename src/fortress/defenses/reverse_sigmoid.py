@@ -10,15 +10,13 @@ It has no ℓ1 budget; β is tuned to a tolerated accuracy drop (DNF's fair-comp
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from fortress.defenses._perturb import finish, load_parts, save_parts
+from fortress.defenses._perturb import finish
 from fortress.defenses.base import Defense, DefenseOutput
-from fortress.errors import ArtifactError, ConfigError
+from fortress.errors import ConfigError
 from fortress.models.staged import StagedBackbone
 
 __all__ = ["ReverseSigmoid"]
@@ -52,22 +50,6 @@ class ReverseSigmoid(Defense):
     def _respond(self, x: Tensor) -> DefenseOutput:
         y = torch.softmax(self.victim(x), dim=1)
         return finish(y, reverse_sigmoid(y, self.beta, self.gamma))
-
-    def hparams(self) -> dict[str, Any]:
-        return {"beta": self.beta, "gamma": self.gamma}
-
-    def save(self, directory: Path) -> Path:
-        """Write ``victim/`` and ``defense.json``."""
-        return save_parts(self, directory, self.hparams(), None)
-
-    @classmethod
-    def load(cls, directory: Path) -> ReverseSigmoid:
-        """Restore a reverse-sigmoid defense saved by :meth:`save`."""
-        victim, params, _ = load_parts(directory, cls.name)
-        try:
-            return cls(victim, **params)
-        except TypeError as exc:
-            raise ArtifactError(f"{Path(directory) / 'defense.json'} has invalid {cls.name} parameters: {exc}") from exc
 
 
 def reverse_sigmoid(y: Tensor, beta: float, gamma: float) -> Tensor:

@@ -1,4 +1,5 @@
-"""Generative models shared by attacks and defenses (a neutral module below both families).
+"""Generative models and OOD image sources shared by attacks and defenses (a neutral layer below both).
 
-``fortress.generative.dfme`` holds DFME's image generator; import from the submodules.
+``dfme`` holds DFME's image generator, ``dcgan`` the DCGAN (DNF's OOD generator, DFMS-HL's proxy
+generator), ``ood`` DNF's OOD training sources; import from the submodules.
 """

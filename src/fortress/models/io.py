@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,50 +18,102 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from fortress.errors import ArtifactError
 from fortress.models.staged import StagedBackbone
 
-__all__ = ["atomic_write_text", "load_model", "load_state", "read_json", "save_model", "save_state"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "canonical_safetensors",
+    "load_model",
+    "load_state",
+    "read_json",
+    "save_model",
+    "save_state",
+]
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
 FORMAT_VERSION = 1
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + rename), so a crash never leaves half a file."""
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (POSIX; skipped where folders cannot be opened)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably.
+
+    The bytes go to a temporary file in the same folder, are flushed and fsync'ed, the file is
+    renamed over ``path`` and the folder is fsync'ed: a crash or power cut leaves either the old
+    file or the whole new one, never an empty or partial file behind a valid name.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically and durably (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def canonical_safetensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialise ``tensors`` as safetensors bytes that depend only on the tensors and the metadata.
+
+    safetensors writes its JSON header from a hash map, so the order of the metadata entries (and
+    with it the file's bytes) can change from one call to the next. The header is rewritten with
+    sorted keys, padded with spaces to its original length (as the format allows), so equal
+    tensors and metadata always give byte-identical files and file hashes can be compared.
+
+    Args:
+        tensors: contiguous CPU tensors by name.
+        metadata: string-to-string metadata stored in the header.
+    """
+    raw = save(dict(tensors), metadata=dict(metadata) if metadata else None)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    canon = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    if len(canon) > n:  # cannot happen for the same entries; keep the library's bytes if it does
+        return raw
+    return raw[:8] + canon + b" " * (n - len(canon)) + raw[8 + n :]
 
 
 def save_state(tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
-    """Save named tensors to a safetensors file atomically (contiguous CPU copies)."""
+    """Save named tensors to a safetensors file atomically and durably (contiguous CPU copies).
+
+    Equal tensors and metadata give byte-identical files (:func:`canonical_safetensors`); the file
+    is fsync'ed before the rename and its folder after it (:func:`atomic_write_bytes`).
+
+    Raises:
+        ArtifactError: a floating-point tensor holds NaN or infinite values (nothing is written).
+    """
     path = Path(path)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ArtifactError(f"refusing to save non-finite tensors {bad[:5]} to {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(clean, tmp, metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, canonical_safetensors(clean, metadata))
 
 
 def load_state(path: Path) -> dict[str, Tensor]:

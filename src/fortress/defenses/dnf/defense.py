@@ -3,37 +3,33 @@ from the exit it takes (paper §4.2 "Deployment of DNF", Alg. 2)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from fortress.defenses.base import Defense, DefenseOutput
-from fortress.defenses.dnf.ood import OODSource
-from fortress.defenses.dnf.training import (
-    DNFTrainConfig,
-    DNFTrainReport,
-    StepInfo,
-    load_trainable_state,
-    train_dnf,
-)
-from fortress.errors import ArtifactError, ConfigError
+from fortress.defenses.base import DefenseOutput
+from fortress.defenses.dnf.provenance import Attempt, GuardResult, Provenance
+from fortress.defenses.dnf.training import DNFTrainConfig, DNFTrainReport, StepInfo, train_dnf, trainable_parts
+from fortress.defenses.trainable import DefenderData, TrainableDefense
+from fortress.errors import ConfigError
 from fortress.exits.heads import HeadKind, PoolKind
 from fortress.exits.network import EarlyExitNet
-from fortress.models.io import atomic_write_text, load_model, load_state, read_json, save_model, save_state
+from fortress.generative.ood import NoiseOOD, OODSource, PoolOOD
 from fortress.models.staged import StagedBackbone
-from fortress.tensors import check_labels
+from fortress.training import EpochCallback, RunOptions
 
 __all__ = ["DNF"]
 
 Compute = Literal["dynamic", "full"]
-WEIGHTS = "dnf.safetensors"
+#: File of the trained exit heads in a saved DNF directory (``dnf.safetensors``).
+WEIGHTS = "dnf"
 
 
-class DNF(Defense):
+class DNF(TrainableDefense[DNFTrainConfig]):
     """Dynamic Neural Fortress: exit heads on the frozen victim; queries leave at the first confident exit.
 
     Args:
@@ -49,6 +45,11 @@ class DNF(Defense):
             every query, so response time does not reveal the exit (same answers).
         seed: seeds the heads' initial weights.
 
+    Attributes:
+        provenance: how the protection recipe made this DNF (attempts, utility guard, threshold
+            search; :func:`fortress.defenses.dnf.recipe.protect`), ``None`` for heads trained by
+            :meth:`fit` alone.
+
     Example:
         >>> from fortress.models import create_model
         >>> dnf = DNF(create_model("lenet5"))
@@ -58,6 +59,7 @@ class DNF(Defense):
 
     name = "dnf"
     needs_proxy_data = True
+    fit_config = DNFTrainConfig
 
     def __init__(
         self,
@@ -88,19 +90,17 @@ class DNF(Defense):
             seed=seed,
         ).eval()
         self.compute: Compute = compute
-        self._init = {
-            "exit_after": list(self.net.exit_after),
-            "head_kind": head_kind,
-            "hidden": hidden,
-            "pool": pool,
-            "dataset": dataset,
-            "train_final_exit": train_final_exit,
-            "seed": seed,
-        }
+        self.exit_after = list(self.net.exit_after)
+        self.head_kind: HeadKind = head_kind
+        self.hidden = hidden
+        self.pool: PoolKind = pool
+        self.dataset = dataset
+        self.train_final_exit = train_final_exit
+        self.seed = seed
         self.initial_thresholds = self.thresholds
-        self.guarded = False
-        self.attempts: list[dict[str, float]] = []
+        self.provenance: Provenance | None = None
         self.train_report: DNFTrainReport | None = None
+        self.train_config: dict[str, Any] | None = None
         self.ood_description: dict[str, Any] | None = None
 
     @property
@@ -121,32 +121,60 @@ class DNF(Defense):
 
     def fit(
         self,
-        x_id: Tensor,
-        y_id: Tensor,
-        ood: OODSource,
-        *,
+        data: DefenderData,
         config: DNFTrainConfig | None = None,
-        val: tuple[Tensor, Tensor] | None = None,
+        *,
+        ood: OODSource | None = None,
         checkpoint_dir: Path | None = None,
         resume: bool = True,
+        on_epoch: EpochCallback | None = None,
         on_step: Callable[[StepInfo], None] | None = None,
     ) -> DNFTrainReport:
-        """Train the exit heads (paper Alg. 1); see :func:`~fortress.defenses.dnf.training.train_dnf`."""
+        """Train the exit heads on ``data`` (paper Alg. 1); see :func:`~fortress.defenses.dnf.training.train_dnf`.
+
+        This trains the heads only. What ``fortress protect`` does besides — the DCGAN OOD source,
+        the acceptance check, the utility guard and the threshold search — is the recipe
+        :func:`fortress.defenses.dnf.recipe.protect`.
+
+        Args:
+            data: the defender's data (ID training images and labels; validation data are logged).
+            config: training hyper-parameters (default :class:`DNFTrainConfig`, paper App. D).
+            ood: the OOD source (default: the proxy pool of ``data`` if it has one, else noise).
+            checkpoint_dir: per-epoch checkpoints go here (``None``: none).
+            resume: continue from a checkpoint in ``checkpoint_dir`` written with the same config.
+            on_epoch: called as ``on_epoch(epoch, mean_loss)`` after each epoch.
+            on_step: called after every step (progress bars).
+        """
+        cfg = self._fit_config(data, config)
+        return self._train(data, cfg, ood or _default_ood(data), RunOptions(checkpoint_dir, resume, on_epoch), on_step)
+
+    def _fit(self, data: DefenderData, config: DNFTrainConfig, options: RunOptions) -> DNFTrainReport:
+        return self._train(data, config, _default_ood(data), options, None)
+
+    def _train(
+        self,
+        data: DefenderData,
+        config: DNFTrainConfig,
+        ood: OODSource,
+        options: RunOptions,
+        on_step: Callable[[StepInfo], None] | None,
+    ) -> DNFTrainReport:
         report = train_dnf(
             self.net,
-            x_id,
-            y_id,
+            data.x_train,
+            data.y_train,
             ood,
             config=config,
-            val=val,
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
+            val=(data.x_val, data.y_val),
+            checkpoint_dir=options.checkpoint_dir,
+            resume=options.resume,
             on_step=on_step,
+            on_epoch=options.on_epoch,
         )
         self.net.eval()
         self.train_report = report
         self.ood_description = ood.describe()
-        self._train_config = (config or DNFTrainConfig()).as_dict()
+        self.train_config = config.as_dict()
         return report
 
     @torch.no_grad()
@@ -154,40 +182,6 @@ class DNF(Defense):
         """Fraction of the rows of ``x`` that leave at ``exit_index``."""
         _, exits = self.net.forward_dynamic(x)
         return float((exits == exit_index).float().mean())
-
-    @torch.no_grad()
-    def guard_utility(self, x_val: Tensor, y_val: Tensor, *, max_harm: int = 0) -> list[float]:
-        """Raise thresholds so early exits do not cost utility on held-out ID data.
-
-        Goes beyond the paper (whose App. H searches thresholds under a utility constraint): head by
-        head, in depth order, the rows of ``(x_val, y_val)`` that would leave at head ``j`` are
-        checked against the final exit; while more than ``max_harm`` of them are answered wrongly by
-        the head but rightly by the final exit, head ``j``'s threshold is raised just above the
-        confidence of the most confident such row. Thresholds only ever go up.
-
-        Returns:
-            The new thresholds (also set on the network).
-        """
-        y_val = check_labels(y_val, len(x_val), self.num_classes, name="y_val")
-        allx = self.net.forward_all(x_val)
-        conf = torch.softmax(allx.logits, dim=2).amax(dim=2)  # (E, N)
-        pred = allx.logits.argmax(dim=2)
-        final_ok = pred[-1] == y_val
-        thr = self.thresholds
-        pending = torch.ones(x_val.shape[0], dtype=torch.bool)
-        for j in range(len(thr)):
-            harmful = pending & (pred[j] != y_val) & final_ok
-            while True:
-                leaves = pending & (conf[j] >= thr[j])
-                bad = harmful & leaves
-                if int(bad.sum()) <= max_harm:
-                    break
-                worst = torch.sort(conf[j][bad], descending=True).values[max_harm]
-                thr[j] = float(torch.nextafter(worst, torch.tensor(2.0)))
-            pending &= ~(conf[j] >= thr[j])
-        self.net.set_thresholds(thr)
-        self.guarded = True
-        return thr
 
     @torch.no_grad()
     def _respond(self, x: Tensor) -> DefenseOutput:
@@ -198,58 +192,51 @@ class DNF(Defense):
         return DefenseOutput(probs=torch.softmax(logits, dim=1), exits=exits)
 
     def hparams(self) -> dict[str, Any]:
+        prov = self.provenance
         return {
-            **self._init,
-            "thresholds": self.thresholds,
+            **self._params(),
             "initial_thresholds": self.initial_thresholds,
-            "utility_guard": self.guarded,
-            "attempts": self.attempts,
-            "compute": self.compute,
-            "train": getattr(self, "_train_config", None),
+            "utility_guard": prov is not None and prov.guard is not None,
+            "attempts": [] if prov is None else [asdict(a) for a in prov.attempts],
+            "train": self.train_config,
             "ood": self.ood_description,
         }
 
-    def save(self, directory: Path) -> Path:
-        """Write ``victim/`` (safetensors + JSON), ``dnf.safetensors`` (heads) and ``defense.json``."""
-        directory = Path(directory)
-        save_model(self.victim, directory / "victim")
-        from fortress.defenses.dnf.training import _trainable_state
+    def _parts(self) -> dict[str, torch.nn.Module]:
+        # the trained heads only: the frozen backbone is saved as ``victim/``
+        return {WEIGHTS: torch.nn.ModuleDict(trainable_parts(self.net))}
 
-        save_state(_trainable_state(self.net), directory / WEIGHTS, metadata={"format": "fortress-dnf"})
-        meta = {
-            "defense": self.name,
-            "params": {**self._init, "thresholds": self.thresholds, "compute": self.compute},
+    def _state(self) -> dict[str, Any]:
+        return {
             "initial_thresholds": self.initial_thresholds,
-            "utility_guard": self.guarded,
-            "attempts": self.attempts,
-            "train": getattr(self, "_train_config", None),
+            "train": self.train_config,
             "ood": self.ood_description,
-            "report": None if self.train_report is None else self.train_report.__dict__,
+            "report": None if self.train_report is None else asdict(self.train_report),
+            "provenance": None if self.provenance is None else self.provenance.to_json(),
         }
-        atomic_write_text(directory / "defense.json", json.dumps(meta, indent=2))
-        return directory
 
-    @classmethod
-    def load(cls, directory: Path, *, compute: Compute | None = None) -> DNF:
-        """Restore a DNF saved by :meth:`save` (``compute`` overrides the saved mode)."""
-        directory = Path(directory)
-        meta = read_json(directory / "defense.json")
-        if meta.get("defense") != cls.name:
-            raise ArtifactError(f"{directory / 'defense.json'} holds defense {meta.get('defense')!r}, not 'dnf'")
-        victim = load_model(directory / "victim")
-        params = dict(meta.get("params", {}))
-        if compute is not None:
-            params["compute"] = compute
-        try:
-            dnf = cls(victim, **params)
-        except TypeError as exc:
-            raise ArtifactError(f"{directory / 'defense.json'} has invalid DNF parameters: {exc}") from exc
-        load_trainable_state(dnf.net, load_state(directory / WEIGHTS), directory / WEIGHTS)
-        dnf.net.eval()
-        dnf.ood_description = meta.get("ood")
-        dnf.initial_thresholds = [float(t) for t in meta.get("initial_thresholds", dnf.thresholds)]
-        dnf.guarded = bool(meta.get("utility_guard", False))
-        dnf.attempts = list(meta.get("attempts", []))
-        if meta.get("train") is not None:
-            dnf._train_config = meta["train"]
-        return dnf
+    def _restore_state(self, meta: dict[str, Any]) -> None:
+        self.net.eval()
+        self.initial_thresholds = [float(t) for t in meta.get("initial_thresholds", self.thresholds)]
+        self.train_config = meta.get("train")
+        self.ood_description = meta.get("ood")
+        report = meta.get("report")
+        if isinstance(report, dict):
+            self.train_report = DNFTrainReport(**report)
+        if meta.get("provenance") is not None:
+            self.provenance = Provenance.from_json(meta["provenance"])
+        elif meta.get("attempts"):  # written before the provenance record existed
+            # the old format kept only whether the guard ran: its result is taken as the saved thresholds
+            guard = GuardResult(tuple(self.initial_thresholds), tuple(self.thresholds))
+            self.provenance = Provenance(
+                attempts=tuple(Attempt(int(a["head_seed"]), float(a["ood_exit0"])) for a in meta["attempts"]),
+                min_ood_exit0=0.0,
+                guard=guard if meta.get("utility_guard") else None,
+            )
+
+
+def _default_ood(data: DefenderData) -> OODSource:
+    """The defender's proxy pool if it has one, else noise images."""
+    if data.proxy is not None:
+        return PoolOOD(data.proxy, name="proxy")
+    return NoiseOOD(data.image_shape)

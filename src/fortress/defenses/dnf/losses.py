@@ -35,6 +35,7 @@ from torch import Tensor
 
 from fortress.exits.heads import gaussian_kl
 from fortress.exits.network import AllExits
+from fortress.functional import entropy
 
 __all__ = ["DNFLossWeights", "LossTerms", "entropy", "id_loss", "ood_loss", "pseudo_labels"]
 
@@ -75,12 +76,6 @@ class LossTerms:
     ce: Tensor
     kl: Tensor
     entropy: Tensor
-
-
-def entropy(logits: Tensor) -> Tensor:
-    """Shannon entropy (nats) of ``softmax(logits)`` per row (Eq. 2)."""
-    logp = F.log_softmax(logits, dim=1)
-    return -(logp.exp() * logp).sum(dim=1)
 
 
 def _sign(i: int, num_exits: int) -> float:

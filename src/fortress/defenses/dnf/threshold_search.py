@@ -59,9 +59,12 @@ log = logging.getLogger(__name__)
 
 Objective = Literal["clone", "agreement"]
 #: Seed of the proxy-photo crops in the default third set: never the attacker's ``patches`` crops
-#: (seed 0) nor the defender's OOD-training crops (seed 10,000).
+#: (seed 0) nor the defender's OOD-training crops (drawn with the OOD seed, 0 by default).
 QUERY_PATCH_SEED = 30_000
 TRIALS_FILE = "threshold_trials.jsonl"
+#: Threshold vectors every search evaluates first (the baseline and the all-``high`` vector), so
+#: the smallest trial budget SMAC3 accepts.
+START_CONFIGS = 2
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,9 @@ class ThresholdSearchConfig:
     """Settings of the threshold search (paper App. H).
 
     Attributes:
-        n_trials: threshold vectors SMAC3 evaluates (the paper defaults and the all-``high`` vector
-            are among them, so the result is never worse than the defaults on the objective).
+        n_trials: threshold vectors SMAC3 evaluates, at least 2: the paper defaults and the
+            all-``high`` vector are always among them, so the result is never worse than the
+            defaults on the objective.
         low: lower end of every threshold's search range (paper: 0.85).
         high: upper end (paper: 1.0).
         tolerance: utility constraint; defended ID-validation accuracy must be at least the victim's
@@ -98,8 +102,11 @@ class ThresholdSearchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_trials < 1:
-            raise ConfigError(f"threshold search n_trials must be >= 1, got {self.n_trials}")
+        if self.n_trials < START_CONFIGS:
+            raise ConfigError(
+                f"threshold search n_trials must be >= {START_CONFIGS}, got {self.n_trials} (the search always "
+                "evaluates the default thresholds and the all-high vector first)"
+            )
         if not (0.0 <= self.low < self.high <= 1.0):
             raise ConfigError(
                 f"threshold bounds must satisfy 0 <= low < high <= 1, got low={self.low}, high={self.high}"
@@ -362,7 +369,7 @@ def search_thresholds(
             n_trials=cfg.n_trials,
             seed=cfg.seed,
         )
-        starts = [dict(zip(names, clip, strict=True)), dict.fromkeys(names, cfg.high)]
+        starts = [dict(zip(names, clip, strict=True)), dict.fromkeys(names, cfg.high)]  # START_CONFIGS
         design = HyperparameterOptimizationFacade.get_initial_design(
             scenario,
             n_configs=max(0, min(cfg.n_trials // 4, 10 * heads) - len(starts)),

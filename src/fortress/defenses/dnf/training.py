@@ -1,17 +1,15 @@
-"""DNF training loop (paper Alg. 1): frozen backbone, heads trained on ID + OOD batches with Eq. 8.
+"""DNF training (paper Alg. 1): frozen backbone, heads trained on ID + OOD batches with Eq. 8.
 
-Training is resumable: after every epoch the trainable weights, the optimiser state and the history
-are written atomically to a checkpoint directory (safetensors + JSON). Batches and latent samples
-of epoch ``e`` come from a generator seeded by ``(seed, e)``, so a resumed run continues exactly
-as an uninterrupted one would.
+Training runs in the shared resumable epoch loop (:class:`fortress.training.EpochLoop`): after
+every epoch the trainable weights, the optimiser state and the history are written atomically to a
+checkpoint directory (safetensors + JSON). Batches and latent samples of epoch ``e`` come from a
+generator seeded by ``(seed, e)``, so a resumed run continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,26 +19,19 @@ import torch
 from torch import Tensor
 
 from fortress.defenses.dnf.losses import DNFLossWeights, LossTerms, id_loss, ood_loss, pseudo_labels
-from fortress.defenses.dnf.ood import OODSource
-from fortress.errors import ArtifactError, ConfigError, TrainingDiverged
+from fortress.errors import ConfigError
 from fortress.exits.network import EarlyExitNet
-from fortress.models.io import atomic_write_text, copy_state_checked, load_state, read_json, save_state
+from fortress.generative.ood import OODSource
 from fortress.tensors import check_labels
+from fortress.training import EpochCallback, EpochLoop, History, RunOptions
 
-__all__ = [
-    "DNFTrainConfig",
-    "DNFTrainReport",
-    "StepInfo",
-    "TrainingDiverged",
-    "optimizer_state_tensors",
-    "restore_optimizer_state",
-    "train_dnf",
-]
+__all__ = ["DNFTrainConfig", "DNFTrainReport", "StepInfo", "train_dnf", "trainable_parts"]
 
 log = logging.getLogger(__name__)
 
-CKPT_STATE = "dnf-checkpoint.json"
-CKPT_PREFIX = "dnf-checkpoint-e"
+#: Checkpoint files: ``dnf-checkpoint.json`` naming ``dnf-checkpoint-e<epoch>.safetensors``.
+CKPT_NAME = "dnf-checkpoint"
+CKPT_STATE = f"{CKPT_NAME}.json"
 
 
 @dataclass(frozen=True)
@@ -109,18 +100,23 @@ class DNFTrainConfig:
 
 
 @dataclass
-class DNFTrainReport:
-    """History of a DNF training run."""
+class DNFTrainReport(History):
+    """History of a DNF training run (per epoch, besides the mean loss of :class:`~fortress.training.History`).
 
-    epochs_done: int = 0
-    loss: list[float] = field(default_factory=list)
+    Attributes:
+        id_loss: mean ID loss (Eq. 6).
+        ood_loss: mean OOD loss (Eq. 7).
+        val_acc: defended accuracy on the ID validation data.
+        val_exit_hist: share of ID validation queries per exit.
+        ood_exit_hist: share of 512 fixed OOD samples per exit.
+        skipped_steps: steps skipped because their loss was not finite (whole run).
+    """
+
     id_loss: list[float] = field(default_factory=list)
     ood_loss: list[float] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
     val_exit_hist: list[list[float]] = field(default_factory=list)
     ood_exit_hist: list[list[float]] = field(default_factory=list)
-    wall_s: float = 0.0
-    resumed_from: int = 0
     skipped_steps: int = 0
 
 
@@ -142,45 +138,12 @@ def _make_optimizer(params: list[torch.nn.Parameter], cfg: DNFTrainConfig) -> to
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def optimizer_state_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, Tensor):
-                tensors[f"opt/{pid}/{k}"] = v
-            else:
-                scalars[f"{pid}/{k}"] = v
-    return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
-
-
-def restore_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt/"):
-            _, pid, name = key.split("/", 2)
-            state.setdefault(int(pid), {})[name] = v
-    for key, v in meta.get("scalars", {}).items():
-        pid, name = key.split("/", 1)
-        state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _trainable_state(net: EarlyExitNet) -> dict[str, Tensor]:
-    sd = {f"heads.{k}": v for k, v in net.heads.state_dict().items()}
+def trainable_parts(net: EarlyExitNet) -> dict[str, torch.nn.Module]:
+    """The modules DNF trains, by name: ``heads`` (and ``final_head`` when the final exit trains)."""
+    parts: dict[str, torch.nn.Module] = {"heads": net.heads}
     if net.train_final_exit:
-        sd.update({f"final_head.{k}": v for k, v in net.final_head.state_dict().items()})
-    return sd
-
-
-def load_trainable_state(net: EarlyExitNet, state: dict[str, Tensor], source: Path) -> None:
-    """Load head (and trainable final head) weights saved by DNF, checking names and shapes."""
-    heads = {k[len("heads.") :]: v for k, v in state.items() if k.startswith("heads.")}
-    copy_state_checked(net.heads, heads, source)
-    if net.train_final_exit:
-        final = {k[len("final_head.") :]: v for k, v in state.items() if k.startswith("final_head.")}
-        copy_state_checked(net.final_head, final, source)
+        parts["final_head"] = net.final_head
+    return parts
 
 
 @torch.no_grad()
@@ -201,6 +164,7 @@ def train_dnf(
     checkpoint_dir: Path | None = None,
     resume: bool = True,
     on_step: Callable[[StepInfo], None] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> DNFTrainReport:
     """Train the exit heads of ``net`` with the DNF objective (Eq. 8, Alg. 1).
 
@@ -213,7 +177,8 @@ def train_dnf(
         val: ID validation data; defended accuracy and exit histogram are logged per epoch.
         checkpoint_dir: where to write the per-epoch checkpoint (``None``: no checkpoints).
         resume: continue from a checkpoint in ``checkpoint_dir`` if its config matches.
-        on_step: progress callback.
+        on_step: progress callback after every step.
+        on_epoch: progress callback after every epoch, ``on_epoch(epoch, mean_loss)``.
 
     Returns:
         The :class:`DNFTrainReport` (including epochs restored from a checkpoint).
@@ -221,6 +186,7 @@ def train_dnf(
     Raises:
         ArtifactError: the checkpoint is corrupt, or was written with a different configuration.
         InvalidInput: labels break the contract (:func:`~fortress.tensors.check_labels`).
+        TrainingDiverged: the exit-head weights became non-finite.
     """
     y_id = check_labels(y_id, len(x_id), net.num_classes, name="y_id")
     val = None if val is None else (val[0], check_labels(val[1], len(val[0]), net.num_classes, name="val labels"))
@@ -232,38 +198,12 @@ def train_dnf(
     labeler = copy.deepcopy(net.heads[0]).eval()  # exit 0 before training (ood_labels="initial")
     for p in labeler.parameters():
         p.requires_grad_(False)
-    report = DNFTrainReport()
-    start_epoch = 0
-    cfg_json = cfg.as_dict()
-    if checkpoint_dir is not None and resume and (Path(checkpoint_dir) / CKPT_STATE).exists():
-        ckpt_dir = Path(checkpoint_dir)
-        meta = read_json(ckpt_dir / CKPT_STATE)
-        if meta.get("config") != json.loads(json.dumps(cfg_json)):
-            raise ArtifactError(
-                f"checkpoint in {ckpt_dir} was written with a different DNF configuration; "
-                "remove it or pass resume=False to start over"
-            )
-        tensors = load_state(ckpt_dir / str(meta.get("weights", "")))
-        load_trainable_state(
-            net, {k: v for k, v in tensors.items() if k.startswith(("heads.", "final_head."))}, ckpt_dir
-        )
-        copy_state_checked(
-            labeler,
-            {k[len("labeler.") :]: v for k, v in tensors.items() if k.startswith("labeler.")},
-            ckpt_dir,
-        )
-        restore_optimizer_state(opt, tensors, meta["optimizer"])
-        report = DNFTrainReport(**meta["report"])
-        start_epoch = report.epochs_done
-        report.resumed_from = start_epoch
-        log.info("resuming DNF training from epoch %d", start_epoch)
-
     trained_exits = list(range(net.num_exits if net.train_final_exit else net.num_exits - 1))
     n = x_id.shape[0]
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
-    t0 = time.perf_counter() - report.wall_s
-    for epoch in range(start_epoch, cfg.epochs):
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    report = DNFTrainReport()
+
+    def train_epoch(epoch: int, gen: torch.Generator) -> list[float]:
         perm = torch.randperm(n, generator=gen)
         net.train()
         sums = [0.0, 0.0, 0.0]
@@ -294,11 +234,9 @@ def train_dnf(
             if on_step is not None:
                 on_step(StepInfo(epoch, s, steps, loss.item(), t_id, t_ood))
         net.eval()
-        if not all(bool(torch.isfinite(p).all()) for p in params):
-            raise TrainingDiverged(
-                f"DNF training diverged in epoch {epoch + 1}: exit-head weights are not finite; lower the "
-                "learning rate or max_grad_norm (the last good checkpoint, if any, is kept)"
-            )
+        return sums
+
+    def record_epoch(epoch: int, sums: list[float]) -> None:
         report.loss.append(sums[0] / steps)
         report.id_loss.append(sums[1] / steps)
         report.ood_loss.append(sums[2] / steps)
@@ -308,17 +246,19 @@ def train_dnf(
             report.val_acc.append(float((logits.argmax(1) == val[1]).float().mean()))
             report.val_exit_hist.append(_exit_hist(net, val[0]))
         report.ood_exit_hist.append(_exit_hist(net, ood.sample(512, torch.Generator().manual_seed(cfg.seed + 7))))
-        report.epochs_done = epoch + 1
-        report.wall_s = time.perf_counter() - t0
-        log.info(
-            "DNF epoch %d/%d loss %.4f val_acc %s",
-            epoch + 1,
-            cfg.epochs,
-            report.loss[-1],
-            report.val_acc[-1] if report.val_acc else None,
-        )
-        if checkpoint_dir is not None:
-            _save_checkpoint(Path(checkpoint_dir), net, labeler, opt, cfg_json, report)
+
+    loop = EpochLoop(
+        "DNF",
+        epochs=cfg.epochs,
+        seed=cfg.seed,
+        config=cfg.as_dict(),
+        parts={**trainable_parts(net), "labeler": labeler},
+        optimizer=opt,
+        guarded=params,
+        diverged_hint="lower the learning rate or max_grad_norm",
+        prefix=CKPT_NAME,
+    )
+    loop.run(report, train_epoch, record_epoch, RunOptions(checkpoint_dir, resume, on_epoch))
     net.eval()
     return report
 
@@ -343,25 +283,3 @@ def _initial_labels(net: EarlyExitNet, labeler: torch.nn.Module, x: Tensor) -> T
         h = stage(h)
     out: Tensor = labeler(h).logits.argmax(dim=1)
     return out
-
-
-def _save_checkpoint(
-    directory: Path,
-    net: EarlyExitNet,
-    labeler: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    cfg_json: dict[str, Any],
-    report: DNFTrainReport,
-) -> None:
-    # weights go to an epoch-numbered file first; the JSON that names it is replaced atomically
-    # afterwards, so a crash at any point leaves a consistent (weights, state) pair on disk.
-    tensors, opt_meta = optimizer_state_tensors(opt)
-    tensors.update(_trainable_state(net))
-    tensors.update({f"labeler.{k}": v for k, v in labeler.state_dict().items()})
-    name = f"{CKPT_PREFIX}{report.epochs_done:04d}.safetensors"
-    save_state(tensors, directory / name)
-    meta = {"config": cfg_json, "optimizer": opt_meta, "report": asdict(report), "weights": name}
-    atomic_write_text(directory / CKPT_STATE, json.dumps(meta, indent=1))
-    for old in directory.glob(f"{CKPT_PREFIX}*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)

@@ -1,25 +1,34 @@
-"""The OOD generator of DNF: a DCGAN trained on proxy data (paper §4.1, App. F; Radford et al. 2016).
+"""A DCGAN (Radford et al. 2016) trained on proxy data: DNF's OOD generator (paper §4.1, App. F) and
+the proxy generator of DFMS-HL.
 
-The paper trains a DCGAN on a proxy data set unrelated to the victim's task (TinyImageNet, or SVHN)
+The DNF paper trains a DCGAN on a proxy data set unrelated to the victim's task (TinyImageNet, or SVHN)
 with Adam at lr 2e-4 for 30 epochs, then samples it for the OOD loss. Here the default proxy is
 ``natural_patches`` (crops of the photographs scikit-learn ships); any image set works. The
-generator emits images in [0, 1] (sigmoid output) at the victim's input shape.
+generator emits images in [0, 1] (sigmoid output) at the victim's input shape. A trained generator
+is saved as safetensors plus JSON (:func:`save_generator`), so an expensive training is done once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fortress.errors import ConfigError
+from fortress.errors import ArtifactError, ConfigError
+from fortress.models.io import atomic_write_text, copy_state_checked, load_state, read_json, save_state
 
-__all__ = ["DCGANDiscriminator", "DCGANGenerator", "DCGANReport", "train_dcgan"]
+__all__ = ["DCGANDiscriminator", "DCGANGenerator", "DCGANReport", "load_generator", "save_generator", "train_dcgan"]
+
+WEIGHTS = "dcgan.safetensors"
+CONFIG = "dcgan.json"
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,7 @@ class DCGANGenerator(nn.Module):
             raise ConfigError(f"DCGAN images must be square with side divisible by 4 (>= 8), got {image_shape}")
         self.image_shape = (c, h, w)
         self.nz = nz
+        self.ngf = ngf
         self.s0 = h // 4
         self.project = nn.Sequential(nn.Linear(nz, 2 * ngf * self.s0 * self.s0), nn.BatchNorm1d(2 * ngf * self.s0**2))
         self.net = nn.Sequential(
@@ -188,3 +198,39 @@ def train_dcgan(
     report.wall_s = time.perf_counter() - t0
     g.eval()
     return g, report
+
+
+def save_generator(generator: DCGANGenerator, directory: Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``dcgan.safetensors`` (weights and BatchNorm statistics) and ``dcgan.json`` into ``directory``.
+
+    The JSON, written last and atomically, names the architecture and holds ``extra`` (e.g. the
+    training settings), so its presence means a complete save.
+    """
+    directory = Path(directory)
+    save_state(generator.state_dict(), directory / WEIGHTS, metadata={"format": "fortress-dcgan"})
+    meta = {
+        "image_shape": list(generator.image_shape),
+        "nz": generator.nz,
+        "ngf": generator.ngf,
+        "extra": dict(extra or {}),
+    }
+    atomic_write_text(directory / CONFIG, json.dumps(meta, indent=1))
+    return directory
+
+
+def load_generator(directory: Path) -> tuple[DCGANGenerator, dict[str, Any]]:
+    """Restore a generator written by :func:`save_generator` (eval mode) and the ``extra`` saved with it.
+
+    Raises:
+        ArtifactError: a file is missing, corrupt, or does not fit the architecture it names.
+    """
+    directory = Path(directory)
+    meta = read_json(directory / CONFIG)
+    try:
+        c, h, w = (int(v) for v in meta["image_shape"])
+        generator = DCGANGenerator((c, h, w), nz=int(meta["nz"]), ngf=int(meta["ngf"]))
+        extra = dict(meta.get("extra", {}))
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise ArtifactError(f"{directory / CONFIG} does not describe a DCGAN generator: {exc}") from exc
+    copy_state_checked(generator, load_state(directory / WEIGHTS), directory / WEIGHTS)
+    return generator.eval(), extra

@@ -1,4 +1,4 @@
-"""OOD data sources for DNF training: a trained generator, a proxy data set, noise, or a mixture.
+"""OOD image sources: a trained generator, a proxy data set, noise, or a mixture (DNF training, MeCo).
 
 The paper samples a pre-trained DCGAN (App. F); its Table 3 shows real proxy sets (Indoor67, SVHN)
 work as well. Every source draws from an explicit ``torch.Generator`` and describes itself, so
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fortress.defenses.dnf.generator import DCGANGenerator
 from fortress.errors import ConfigError
+from fortress.generative.dcgan import DCGANGenerator
 
 __all__ = ["GeneratorOOD", "MixtureOOD", "NoiseOOD", "OODSource", "PoolOOD"]
 

@@ -1,0 +1,130 @@
+"""How a DNF was made by the protection recipe: one frozen record kept on the model and saved with it.
+
+:func:`fortress.defenses.dnf.recipe.protect` trains the exit heads up to ``max_attempts`` times until
+an acceptance check passes, may raise thresholds with a utility guard, and may search thresholds
+with SMAC3 (paper App. H). :class:`Provenance` records each of these steps; it is JSON-ready and
+round-trips through ``defense.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fortress.errors import ArtifactError
+
+__all__ = ["Attempt", "GuardResult", "Provenance", "SearchSummary"]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One training of the exit heads and its acceptance check.
+
+    Attributes:
+        head_seed: seed of the heads' initial weights.
+        ood_exit0: share of fresh OOD probes that left at exit 0 after training.
+    """
+
+    head_seed: int
+    ood_exit0: float
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """The utility guard (``DNF`` thresholds raised so early exits cost no ID validation accuracy).
+
+    Attributes:
+        before: thresholds before the guard.
+        after: thresholds after it (never lower).
+        max_harm: validation images a head was still allowed to answer wrongly.
+    """
+
+    before: tuple[float, ...]
+    after: tuple[float, ...]
+    max_harm: int = 0
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """What the SMAC3 threshold search found (paper App. H); every trial is in ``trials_file``.
+
+    Attributes:
+        thresholds: the applied (best feasible) thresholds.
+        surrogate: their objective value (surrogate clone accuracy or top-1 agreement).
+        val_acc: defended ID validation accuracy with them.
+        baseline_thresholds: the reference (paper-default) thresholds.
+        baseline_surrogate: the reference's objective value.
+        baseline_val_acc: the reference's ID validation accuracy.
+        victim_val_acc: the victim's ID validation accuracy.
+        n_trials: trials evaluated.
+        trials_file: name of the JSONL record next to the saved model (``None``: not written).
+    """
+
+    thresholds: tuple[float, ...]
+    surrogate: float
+    val_acc: float
+    baseline_thresholds: tuple[float, ...]
+    baseline_surrogate: float
+    baseline_val_acc: float
+    victim_val_acc: float
+    n_trials: int
+    trials_file: str | None = None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The protection recipe's record of one DNF.
+
+    Attributes:
+        attempts: every training of the heads, in order (the kept one is the best by ``ood_exit0``).
+        min_ood_exit0: the acceptance threshold the attempts were checked against.
+        guard: the utility guard's result (``None``: not applied).
+        search: the threshold search's result (``None``: not run).
+    """
+
+    attempts: tuple[Attempt, ...]
+    min_ood_exit0: float
+    guard: GuardResult | None = None
+    search: SearchSummary | None = None
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the kept heads passed the acceptance check."""
+        return any(a.ood_exit0 >= self.min_ood_exit0 for a in self.attempts)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form (tuples as lists)."""
+        data: dict[str, Any] = asdict(self)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> Provenance:
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            ArtifactError: ``data`` is not a provenance record.
+        """
+        try:
+            guard, search = data.get("guard"), data.get("search")
+            return cls(
+                attempts=tuple(Attempt(int(a["head_seed"]), float(a["ood_exit0"])) for a in data["attempts"]),
+                min_ood_exit0=float(data["min_ood_exit0"]),
+                guard=None
+                if guard is None
+                else GuardResult(
+                    tuple(float(t) for t in guard["before"]),
+                    tuple(float(t) for t in guard["after"]),
+                    int(guard.get("max_harm", 0)),
+                ),
+                search=None
+                if search is None
+                else SearchSummary(
+                    **{
+                        **search,
+                        "thresholds": tuple(float(t) for t in search["thresholds"]),
+                        "baseline_thresholds": tuple(float(t) for t in search["baseline_thresholds"]),
+                    }
+                ),
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"not a DNF provenance record: {exc}") from exc
