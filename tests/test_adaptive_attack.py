@@ -19,10 +19,10 @@ from fortress.attacks.adaptive import EarlyExitClone, answer_margin
 from fortress.attacks.dfme import _disagreement
 from fortress.data.embedded import mnist_splits
 from fortress.defenses.dnf import DNF
-from fortress.functional import entropy
 from fortress.defenses.undefended import Undefended
 from fortress.errors import ConfigError
 from fortress.exits import EarlyExitNet
+from fortress.functional import entropy
 from fortress.models import StagedBackbone, create_model, train_classifier
 from fortress.oracle import LocalOracle
 
