@@ -90,7 +90,7 @@ def canonical_safetensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, 
         tensors: contiguous CPU tensors by name.
         metadata: string-to-string metadata stored in the header.
     """
-    raw = save(dict(tensors), metadata=dict(metadata) if metadata else None)
+    raw: bytes = save(dict(tensors), metadata=dict(metadata) if metadata else None)
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
     canon = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
