@@ -91,7 +91,7 @@ def canonical_safetensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, 
         metadata: string-to-string metadata stored in the header.
     """
     raw: bytes = save(dict(tensors), metadata=dict(metadata) if metadata else None)
-    (n,) = struct.unpack("<Q", raw[:8])
+    n = int(struct.unpack("<Q", raw[:8])[0])
     header = json.loads(raw[8 : 8 + n])
     canon = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     if len(canon) > n:  # cannot happen for the same entries; keep the library's bytes if it does
