@@ -90,7 +90,7 @@ def run_target(
 ) -> dict[str, Any]:
     """Serve ``model`` in ``compute`` mode and load it; return the measured row."""
     tmp = Path(tempfile.mkdtemp(prefix="fortress-load-"))
-    store = KeyStore(tmp / "keys.db")
+    store = KeyStore(tmp / "keys.db", create=True)
     key, secret = store.add("load")
     port = _free_port()
     cmd = [sys.executable, "-m", "fortress", "serve", model, "--port", str(port), "--keys", str(tmp / "keys.db")]
