@@ -9,12 +9,15 @@ for a refused or failed batch, and the answers equal a :class:`~fortress.oracle.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -22,19 +25,30 @@ import torch
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import Response as HttpResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
 from fortress.defenses import DNF, Defense, DefenseOutput, load_defense
-from fortress.errors import BudgetExceeded, ConfigError, FortressError, InvalidInput
+from fortress.errors import ArtifactError, BudgetExceeded, ConfigError, FortressError, InvalidInput
 from fortress.monitor import Response, create_monitor
 from fortress.monitor.service import Answer, Watch, first_exit_probs
+from fortress.monitor.store import ProfileStore
 from fortress.oracle import OutputMode, apply_output_mode
+from fortress.serve.body import (
+    BodyBudget,
+    BodyTimeout,
+    BodyTooLarge,
+    Busy,
+    ClientGone,
+    declared_length,
+    read_body,
+    split_multipart,
+)
 from fortress.serve.decode import TooLarge, decode_json_body, decode_pngs
 from fortress.serve.edge import EdgeMiddleware
-from fortress.serve.keys import ApiKey, KeyRejected, KeyStore
+from fortress.serve.keys import ApiKey, KeyRejected, KeyStore, Reservation
 from fortress.serve.metrics import Metrics
 from fortress.serve.schemas import (
     ErrorResponse,
@@ -51,6 +65,7 @@ from fortress.serve.timing import FullPathClock, PaddedCompute
 __all__ = ["Unavailable", "create_app"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Unavailable(FortressError):
@@ -62,15 +77,16 @@ class UnsupportedMedia(InvalidInput):
 
 
 _ERRORS: dict[int, str] = {
-    400: "Malformed request (unreadable multipart body, bad Content-Length).",
-    401: "Missing or unknown API key.",
+    400: "Malformed request (bad Content-Length, unreadable HTTP).",
+    401: "Missing, malformed or unknown API key.",
     403: "Revoked API key, or not allowed.",
     408: "The request body arrived too slowly.",
-    413: "Body or batch over the server's limits.",
+    413: "Body, batch or upload over the server's limits (the message names the limit).",
     415: "Unsupported content type.",
-    422: "Invalid input: the message says what was wrong.",
+    422: "Invalid input: the message names the first offending element.",
     429: "The batch would pass the key's query budget; nothing was charged.",
-    503: "Not answered in time; nothing was charged.",
+    431: "Request line and headers over the server's limit.",
+    503: "Not answered in time, or the server is busy; nothing was charged.",
 }
 
 
@@ -84,15 +100,26 @@ class _Service:
     def __init__(self, settings: ServeSettings, defense: Defense) -> None:
         self.settings = settings
         self.defense = defense
-        self.store = KeyStore(settings.keys_path)
+        self.store = KeyStore(settings.keys_path)  # an existing, readable ledger (`fortress keys init`)
+        try:
+            self.watch = _watch(settings, defense) if settings.profiles else None
+        except BaseException:
+            self.store.close()
+            raise
         self.metrics = Metrics()
         self.slots = threading.BoundedSemaphore(settings.inference_workers)
-        self.watch = _watch(settings, defense) if settings.profiles else None
+        self.bodies = BodyBudget(settings.buffered_bodies * settings.max_body_bytes)
         self.padded = (
             PaddedCompute(defense, FullPathClock(quantile=settings.pad_quantile, window=settings.pad_window))
             if settings.compute == "padded" and defense.num_exits
             else None
         )
+
+    def close(self) -> None:
+        """Close the ledger (this process's open reservations are released) and the profile store."""
+        self.store.close()
+        if self.watch is not None:
+            self.watch.close()
 
     def respond(
         self, x: Tensor, deadline: float, key_id: str | None = None
@@ -100,7 +127,8 @@ class _Service:
         """Answer ``x`` on a worker thread, unless no slot frees up before ``deadline``.
 
         With profiles on, the key's monitoring step runs on the same thread right after the answer
-        (outside the inference slot), so monitoring costs no extra thread hop per request.
+        (outside the inference slot), so monitoring costs no extra thread hop per request; its
+        record is committed later, with the batch's charge.
         """
         if not self.slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise Unavailable("server busy: no inference slot freed up in time; nothing was charged")
@@ -115,7 +143,7 @@ class _Service:
             self.slots.release()
         watched = None
         if self.watch is not None and key_id is not None:
-            watched = self.watch.observe(key_id, x, out.probs, out.exits)
+            watched = self.watch.assess(key_id, x, out.probs, out.exits)
         return out, seconds, watched
 
 
@@ -150,7 +178,8 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
         The FastAPI app; run it with uvicorn (``fortress serve`` does).
 
     Raises:
-        ArtifactError: the model directory is missing or corrupt (safetensors + JSON only).
+        ArtifactError: the model directory is missing or corrupt (safetensors + JSON only), or the
+            key ledger is missing, empty or damaged (create one with ``fortress keys init``).
 
     Example:
         >>> app = create_app(ServeSettings(Path("dnf"), Path("keys.db"), compute="full"))
@@ -170,9 +199,7 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
         if not n_keys:
             log.warning("the key ledger %s holds no active key: every request will be refused", settings.keys_path)
         yield
-        svc.store.close()
-        if svc.watch is not None:
-            svc.watch.close()
+        svc.close()
 
     app = FastAPI(
         title="fortress prediction API",
@@ -186,7 +213,6 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
         metrics=svc.metrics,
         routes=frozenset({"/v1/predict", "/v1/info", "/v1/health", "/metrics", "/openapi.json", "/docs"}),
         max_body_bytes=settings.max_body_bytes,
-        read_timeout_s=settings.request_timeout_s,
     )
     _install_error_handlers(app)
 
@@ -217,7 +243,7 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
-        responses=_responses(400, 401, 403, 408, 413, 415, 422, 429, 503),
+        responses=_responses(400, 401, 403, 408, 413, 415, 422, 429, 431, 503),
         tags=["predict"],
         openapi_extra={
             "requestBody": {
@@ -229,51 +255,62 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
             }
         },
     )
-    async def predict(request: Request, key: Key) -> PredictResponse:
-        """Answer a batch of images; each image is one query charged to the key."""
-        x = await _read_images(request, shape, settings.max_batch)
+    async def predict(request: Request, key: Key) -> HttpResponse:
+        """Answer a batch of images; each image is one query charged to the key.
+
+        The key is authenticated and its budget checked before a byte of the body is read; the
+        batch's queries are reserved once it is decoded, and charged (durably) only when its answer
+        is ready to leave.
+        """
+        if key.budget is not None and key.used >= key.budget:
+            svc.metrics.observe_refusal(key.key_id, "budget")
+            raise BudgetExceeded(1, key.used, key.budget)
+        x = await _read_images(request, svc, shape)
         n = int(x.shape[0])
         request.state.images = n
         try:
-            charged = await anyio.to_thread.run_sync(svc.store.charge, key.key_id, n)
+            res = await _reserve(svc.store, key.key_id, n)
         except BudgetExceeded:
             svc.metrics.observe_refusal(key.key_id, "budget")
             raise
-        deadline = time.monotonic() + settings.request_timeout_s
+        committed = False
         try:
+            deadline = time.monotonic() + settings.request_timeout_s
             with anyio.fail_after(settings.request_timeout_s):
                 out, seconds, ans = await anyio.to_thread.run_sync(
                     svc.respond, x, deadline, key.key_id, abandon_on_cancel=True
                 )
+            if svc.padded is not None:  # hold the answer until the full path's time (the slot is free meanwhile)
+                await anyio.to_thread.run_sync(svc.padded.pad, n, seconds)
+            probs, mode = out.probs, key.output_mode
+            if ans is not None:
+                probs, mode = ans.probs, OutputMode.HARD if ans.labels_only else mode
+                if ans.delay_s:
+                    await anyio.sleep(ans.delay_s)
+            head = _answer_head(mode, probs, key.top_k)
+            record = None if ans is None else ans.record
+            also = None if record is None else (lambda db: ProfileStore.apply(db, record))
+            charged = await _wait(svc.store.commit_async(res, also=also))
+            committed = True
         except BaseException as exc:
-            await anyio.to_thread.run_sync(svc.store.refund, key.key_id, n)
-            svc.metrics.observe_refusal(key.key_id, "timeout" if isinstance(exc, TimeoutError) else "error")
+            if not committed:
+                with anyio.CancelScope(shield=True):
+                    await _wait(svc.store.release_async(res))
+            reason = "budget" if isinstance(exc, BudgetExceeded) else "error"
+            svc.metrics.observe_refusal(key.key_id, "timeout" if isinstance(exc, TimeoutError) else reason)
             if isinstance(exc, TimeoutError):
                 raise Unavailable(
                     f"the batch was not answered within {settings.request_timeout_s:g} s; nothing was charged"
                 ) from None
+            if isinstance(exc, ArtifactError):
+                msg = f"the answer could not be recorded, so it was not sent; nothing was charged ({exc})"
+                raise Unavailable(msg) from None
             raise
-        if svc.padded is not None:  # hold the answer until the full path's time (the slot is free meanwhile)
-            await anyio.to_thread.run_sync(svc.padded.pad, n, seconds)
         exits = None
         if out.exits is not None and defense.num_exits:
             exits = torch.bincount(out.exits, minlength=defense.num_exits).tolist()
         svc.metrics.observe_queries(key.key_id, n, exits, seconds)
-        probs, mode = out.probs, key.output_mode
-        if ans is not None:
-            probs, mode = ans.probs, OutputMode.HARD if ans.labels_only else mode
-            if ans.delay_s:
-                await anyio.sleep(ans.delay_s)
-        rows = apply_output_mode(probs, mode, key.top_k)
-        return PredictResponse(
-            output_mode=mode.value,
-            labels=probs.argmax(1).tolist(),
-            probabilities=None if mode is OutputMode.HARD else rows.tolist(),
-            queries_charged=n,
-            queries_used=charged.used,
-            budget=charged.budget,
-            budget_left=charged.budget_left,
-        )
+        return HttpResponse(head + _answer_tail(n, charged), media_type="application/json")
 
     @app.get(
         "/metrics",
@@ -331,23 +368,58 @@ def _watch(settings: ServeSettings, defense: Defense) -> Watch:
     )
 
 
-async def _read_images(request: Request, shape: tuple[int, int, int], max_batch: int) -> Tensor:
-    """Decode the body by its content type (JSON arrays / base64 npy, or PNG uploads)."""
+async def _read_images(request: Request, svc: _Service, shape: tuple[int, int, int]) -> Tensor:
+    """Read (within the server's body budget) and decode the body by its content type."""
+    settings = svc.settings
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "application/json":
-        body = await request.body()
-        return await anyio.to_thread.run_sync(decode_json_body, body, shape, max_batch)
-    if ctype == "multipart/form-data":
-        form = await request.form(max_files=max_batch + 1, max_fields=max_batch + 1)  # ours says 413
-        files: list[tuple[str, bytes]] = []
-        for name, value in form.multi_items():
-            if name != "files" or not isinstance(value, UploadFile):
-                raise InvalidInput(f'unexpected form field {name!r}: upload PNG files in the "files" field')
-            files.append((value.filename or f"file{len(files)}", await value.read()))
-        return await anyio.to_thread.run_sync(decode_pngs, files, shape, max_batch)
-    raise UnsupportedMedia(
-        f"content type {ctype or '(none)'!r} is not accepted; send application/json or multipart/form-data"
-    )
+    if ctype not in ("application/json", "multipart/form-data"):
+        raise UnsupportedMedia(
+            f"content type {ctype[:60] or '(none)'!r} is not accepted; send application/json or multipart/form-data"
+        )
+    need = declared_length(request) or settings.max_body_bytes
+    async with svc.bodies.hold(need, settings.request_timeout_s):
+        body = await read_body(request, settings.max_body_bytes, settings.request_timeout_s)
+        if ctype == "application/json":
+            return await anyio.to_thread.run_sync(decode_json_body, body, shape, settings.max_batch)
+        files = await split_multipart(body, request.headers, settings.max_batch)
+        del body
+        return await anyio.to_thread.run_sync(decode_pngs, files, shape, settings.max_batch)
+
+
+async def _wait(fut: Future[T], orphan: Callable[[T], object] | None = None) -> T:
+    """Await a ledger operation; if the waiter is cancelled after the operation ran, hand its result to ``orphan``."""
+    try:
+        return await asyncio.wrap_future(fut)
+    except asyncio.CancelledError:
+        if orphan is not None:
+            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else orphan(f.result()))
+        raise
+
+
+async def _reserve(store: KeyStore, key_id: str, n: int) -> Reservation:
+    """Reserve ``n`` queries; a refusal first releases what stopped server processes left reserved."""
+    try:
+        return await _wait(store.reserve_async(key_id, n), store.release_async)
+    except BudgetExceeded:
+        if not await anyio.to_thread.run_sync(store.release_stale):
+            raise
+    return await _wait(store.reserve_async(key_id, n), store.release_async)
+
+
+def _answer_head(mode: OutputMode, probs: Tensor, top_k: int) -> bytes:
+    """The answer's JSON up to its counters (rendered before the charge, so the charge is the last step)."""
+    labels = probs.argmax(1).tolist()
+    rows = None if mode is OutputMode.HARD else apply_output_mode(probs, mode, top_k).tolist()
+    text = f'{{"output_mode":"{mode.value}","labels":{json.dumps(labels)},"probabilities":{json.dumps(rows)}'
+    return text.encode()
+
+
+def _answer_tail(n: int, key: ApiKey) -> bytes:
+    """The counters after the charge (see :class:`~fortress.serve.schemas.PredictResponse`)."""
+    return (
+        f',"queries_charged":{n},"queries_used":{key.used},"budget":{json.dumps(key.budget)},'
+        f'"budget_left":{json.dumps(key.budget_left)}}}'
+    ).encode()
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -366,14 +438,25 @@ def _install_error_handlers(app: FastAPI) -> None:
             return reply(
                 request, 429, "budget_exceeded", str(exc), requested=exc.requested, used=exc.used, budget=exc.budget
             )
+        if isinstance(exc, BodyTooLarge):
+            return reply(request, 413, "body_too_large", str(exc))
         if isinstance(exc, TooLarge):
             return reply(request, 413, "too_large", str(exc))
+        if isinstance(exc, BodyTimeout):
+            return reply(request, 408, "request_timeout", str(exc))
+        if isinstance(exc, ClientGone):
+            return reply(request, 400, "client_disconnected", str(exc))
+        if isinstance(exc, Busy):
+            return reply(request, 503, "busy", str(exc))
         if isinstance(exc, UnsupportedMedia):
             return reply(request, 415, "unsupported_media_type", str(exc))
         if isinstance(exc, InvalidInput):
             return reply(request, 422, "invalid_input", str(exc))
         if isinstance(exc, Unavailable):
             return reply(request, 503, "unavailable", str(exc))
+        if isinstance(exc, ArtifactError):  # the ledger failed under a request: nothing was charged
+            log.error("%s", exc)
+            return reply(request, 503, "unavailable", "the key ledger is unavailable; nothing was charged")
         log.error("unexpected library error: %s", exc)
         return reply(request, 500, "internal_error", "the server failed to answer")
 

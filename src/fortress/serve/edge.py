@@ -1,8 +1,10 @@
-"""The server's edge: request ids, body-size and body-read-time limits, access logs, request metrics.
+"""The server's edge: request ids, the declared body size, access logs, request metrics.
 
-A pure ASGI middleware (no per-request Starlette objects), outermost inside the app. It reads the
-whole body first — at most ``max_body_bytes``, within ``request_timeout_s`` — so a large or slow
-body is answered 413 or 408 before any route runs, then replays it to the route. Anything a route
+A pure ASGI middleware (no per-request Starlette objects), outermost inside the app. It reads no
+body: a declared ``Content-Length`` over ``max_body_bytes`` (or not a number) is answered before
+any route runs, and the route reads the body itself only after authenticating the key and checking
+its budget (:mod:`fortress.serve.body`). Request ids are bounded (a longer or unsafe
+``X-Request-ID`` is replaced, never echoed) and every logged value is bounded. Anything a route
 lets escape becomes a JSON 500 that carries the request id and no stack trace (the trace goes to
 the server log).
 """
@@ -17,8 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import anyio
-
+from fortress.serve.limits import MAX_REQUEST_ID_CHARS
 from fortress.serve.metrics import Metrics
 
 __all__ = ["ACCESS_LOGGER", "EdgeMiddleware", "json_error"]
@@ -34,7 +35,8 @@ ACCESS_LOGGER = "fortress.serve.access"
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_REQUEST_ID_CHARS}}}")
+_LOGGED_CHARS = 256  # a path or method longer than this is cut in the access log
 
 
 def json_error(status: int, code: str, message: str, request_id: str | None, **extra: Any) -> bytes:
@@ -49,18 +51,14 @@ class EdgeMiddleware:
         app: the wrapped ASGI app.
         metrics: where request counts and latencies go.
         routes: paths reported as themselves in metrics (others as ``other``, bounding label values).
-        max_body_bytes: body size limit (413 above).
-        read_timeout_s: time allowed to receive the whole body (408 after).
+        max_body_bytes: body size limit (a larger declared ``Content-Length``: 413 before any route).
     """
 
-    def __init__(
-        self, app: ASGIApp, *, metrics: Metrics, routes: frozenset[str], max_body_bytes: int, read_timeout_s: float
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: frozenset[str], max_body_bytes: int) -> None:
         self.app = app
         self.metrics = metrics
         self.routes = routes
         self.max_body_bytes = max_body_bytes
-        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,7 +67,7 @@ class EdgeMiddleware:
         t0 = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         given = headers.get("x-request-id", "")
-        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = rid
         status = {"code": 500, "started": False}
@@ -94,11 +92,11 @@ class EdgeMiddleware:
             await send_wrapped({"type": "http.response.body", "body": body})
 
         try:
-            body = await self._read_body(headers, receive)
-            if isinstance(body, tuple):
-                await answer(*body)
+            refusal = self._check_declared(headers)
+            if refusal is not None:
+                await answer(*refusal)
             else:
-                await self.app(scope, _replay(body, receive), send_wrapped)
+                await self.app(scope, receive, send_wrapped)
         except Exception:
             log.exception("unhandled error answering request %s", rid)
             if not status["started"]:
@@ -106,37 +104,25 @@ class EdgeMiddleware:
         finally:
             self._record(scope, state, headers, rid, int(status["code"]), time.perf_counter() - t0)
 
-    async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes | tuple[int, str, str]:
-        limit = self.max_body_bytes
+    def _check_declared(self, headers: dict[str, str]) -> tuple[int, str, str] | None:
+        """A refusal of the declared body size (before any route runs and any byte is read), or ``None``."""
         declared = headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                return 400, "bad_request", f"Content-Length must be a non-negative integer, got {declared!r}"
-            if int(declared) > limit:
-                return 413, "body_too_large", f"request body of {declared} bytes is over the limit of {limit} bytes"
-        chunks: list[bytes] = []
-        total = 0
-        with anyio.move_on_after(self.read_timeout_s) as scope:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return 400, "client_disconnected", "the client went away before sending the whole body"
-                chunk = bytes(message.get("body", b""))
-                total += len(chunk)
-                if total > limit:
-                    return 413, "body_too_large", f"request body is over the limit of {limit} bytes"
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-        if scope.cancelled_caught:
-            return 408, "request_timeout", f"the request body did not arrive within {self.read_timeout_s:g} s"
-        return b"".join(chunks)
+        if declared is None:
+            return None
+        if not declared.isdigit():  # uvicorn's parser refuses these first; other servers may not
+            return 400, "bad_request", f"Content-Length must be a non-negative integer, got {declared[:40]!r}"
+        if len(declared) > 18 or int(declared) > self.max_body_bytes:
+            size = f"{int(declared):,}" if len(declared) <= 18 else f"{len(declared)} digits of"
+            limit = self.max_body_bytes
+            return 413, "body_too_large", f"request body of {size} bytes is over the limit of {limit:,} bytes"
+        return None
 
     def _record(
         self, scope: Scope, state: dict[str, Any], headers: dict[str, str], rid: str, status: int, seconds: float
     ) -> None:
-        path = str(scope.get("path", ""))
+        path = str(scope.get("path", ""))[:_LOGGED_CHARS]
         route = path if path in self.routes else "other"
+        declared = headers.get("content-length", "")
         self.metrics.observe_request(route, status, seconds)
         if access_log.isEnabledFor(logging.INFO):
             client = scope.get("client")
@@ -146,28 +132,14 @@ class EdgeMiddleware:
                         "ts": round(time.time(), 3),
                         "request_id": rid,
                         "client": client[0] if client else None,
-                        "method": scope.get("method"),
+                        "method": str(scope.get("method"))[:16],
                         "path": path,
                         "status": status,
                         "latency_ms": round(1000 * seconds, 3),
                         "key": state.get("key_id"),
                         "images": state.get("images"),
-                        "bytes_in": headers.get("content-length"),
+                        "bytes_in": int(declared) if declared.isdigit() and len(declared) < 20 else None,
                     },
                     separators=(",", ":"),
                 )
             )
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that yields the buffered body once, then defers to the real one (disconnects)."""
-    sent = False
-
-    async def replayed() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed
