@@ -4,8 +4,8 @@ Three pieces, all below ``serve`` and ``monitor``:
 
 * :func:`open_sqlite` opens a ledger in WAL mode, refusing a missing, empty, damaged or foreign file
   with one line naming it (unless asked to create it).
-* :class:`GroupCommit` is the process's single writer: a thread that runs queued write operations in
-  shared transactions, so that many durable commits share one ``fsync`` (group commit).
+* :class:`GroupCommit` is the process's single writer of a file: write operations share transactions,
+  so that many durable commits share one ``fsync`` (group commit, leader/follower).
 * :func:`process_owner` / :func:`owner_alive` tell whether the process that wrote a row is still
   running (an ``flock`` held for the process's lifetime), so a restarted server can release what a
   killed one left uncommitted without touching what a live one holds.
@@ -20,11 +20,11 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from fortress.errors import ArtifactError
 
@@ -214,15 +214,17 @@ class _Op:
 
 
 class GroupCommit:
-    """The process's writer of one ledger file: queued operations run in shared transactions.
+    """The process's writer of one ledger file: write operations share transactions (group commit).
 
-    Each operation is a function of the connection, run inside ``BEGIN IMMEDIATE ... COMMIT``
-    under its own savepoint (an operation that raises is rolled back alone and its future gets
-    the exception; the others commit). Operations queued while a transaction runs form the next
-    one, so under load one ``fsync`` makes many commits durable (group commit). Durable operations
-    commit with ``synchronous=FULL`` (on disk before their future resolves); the others with
-    ``NORMAL`` (visible to every process at once, durable against a process crash, not a power cut),
-    in their own transaction that never waits for a disk flush.
+    Each operation is a function of the connection, run inside ``BEGIN IMMEDIATE ... COMMIT`` under
+    its own savepoint (an operation that raises is rolled back alone and gets the exception; the
+    others commit). Writers follow the leader/follower scheme: a thread that finds no transaction
+    running runs its own operation at once, on its own thread (no hand-off); operations that arrive
+    while a transaction runs wait, and the first of them to wake runs them all as the next
+    transaction — so under load one ``fsync`` makes many commits durable. Durable operations commit
+    with ``synchronous=FULL`` (on disk before :meth:`run` returns); the others with ``NORMAL``
+    (visible to every process at once, durable against a process crash but not a power cut), in a
+    transaction of their own that never waits for a disk flush.
 
     Args:
         path: the SQLite file (already opened and migrated by the caller).
@@ -235,52 +237,69 @@ class GroupCommit:
         self._sync: Sync = "FULL"
         self._queue: list[_Op] = []
         self._cv = threading.Condition()
+        self._leading = False
         self._closed = False
+        self._pool: ThreadPoolExecutor | None = None
         self.groups = 0  # transactions run (for tests and benchmarks)
         self.ops = 0
-        self._thread = threading.Thread(target=self._run, name=f"ledger-writer:{self.path.name}", daemon=True)
-        self._thread.start()
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> Future[T]:
-        """Queue ``fn(connection)`` for the next transaction; the future resolves after its commit.
+    def run(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """Run ``fn(connection)`` in the next transaction and return its result once committed.
+
+        Blocks the calling thread (never call it on an event loop: see :meth:`submit`).
 
         Raises:
-            ArtifactError: the writer was closed.
+            ArtifactError: the writer was closed, or the transaction failed (nothing committed).
+            Exception: what ``fn`` raised (only ``fn``'s writes were rolled back).
         """
         op = _Op(fn, durable)
         with self._cv:
             if self._closed:
                 raise ArtifactError(f"key ledger {self.path} is closed")
             self._queue.append(op)
-            self._cv.notify()
-        return op.future
+            while not op.future.done() and self._leading:
+                self._cv.wait()
+            if op.future.done():
+                return cast(T, op.future.result())
+            self._leading = True
+            ops, self._queue = self._queue, []
+        try:
+            self._execute(ops)
+        finally:
+            with self._cv:
+                self._leading = False
+                self._cv.notify_all()
+        return cast(T, op.future.result())
 
-    def run(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
-        """:meth:`submit` and wait for the result (or the operation's exception)."""
-        return self.submit(fn, durable=durable).result()
+    def submit(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> Future[T]:
+        """:meth:`run` on a helper thread; for callers that must not block (an event loop)."""
+        with self._cv:
+            if self._closed:
+                raise ArtifactError(f"key ledger {self.path} is closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"ledger:{self.path.name}")
+            pool = self._pool
+        return pool.submit(self.run, fn, durable=durable)
 
     def close(self) -> None:
-        """Run what is queued, then stop the writer thread and close its connection."""
+        """Wait for submitted operations, then close the connection (later calls raise)."""
+        with self._cv:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         with self._cv:
             self._closed = True
-            self._cv.notify()
-        self._thread.join()
+            while self._leading:
+                self._cv.wait()
         self._db.close()
 
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._closed:
-                    self._cv.wait()
-                ops, self._queue = self._queue, []
-                if not ops and self._closed:
-                    return
-            fast = [op for op in ops if not op.durable]
-            slow = [op for op in ops if op.durable]
-            if fast:
-                self._transaction(fast, "NORMAL")
-            if slow:
-                self._transaction(slow, "FULL")
+    def _execute(self, ops: list[_Op]) -> None:
+        fast = [op for op in ops if not op.durable]
+        slow = [op for op in ops if op.durable]
+        if fast:
+            self._transaction(fast, "NORMAL")
+        if slow:
+            self._transaction(slow, "FULL")
 
     def _transaction(self, ops: list[_Op], sync: Sync) -> None:
         results: list[tuple[_Op, Any, BaseException | None]] = []
@@ -289,9 +308,6 @@ class GroupCommit:
             if sync != self._sync:
                 db.execute(f"PRAGMA synchronous={sync}")
                 self._sync = sync
-            ops = [op for op in ops if op.future.set_running_or_notify_cancel()]  # drop cancelled ones
-            if not ops:
-                return
             db.execute("BEGIN IMMEDIATE")
             for op in ops:
                 db.execute("SAVEPOINT op")

@@ -30,8 +30,26 @@ CONFIG = "model.json"
 FORMAT_VERSION = 1
 
 
+def _fsync_path(path: Path | str, *, directory: bool = False) -> None:
+    """Flush a file's data (or a directory's entries) to disk."""
+    fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if directory else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
+    if os.name == "posix":
+        _fsync_path(path, directory=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + rename), so a crash never leaves half a file."""
+    """Write ``text`` to ``path`` atomically and durably (fsync the data, rename, fsync the folder).
+
+    A crash or power cut leaves either the old file or the whole new one, never a partial or empty one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -43,10 +61,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def save_state(tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
-    """Save named tensors to a safetensors file atomically (contiguous CPU copies)."""
+    """Save named tensors to a safetensors file atomically and durably (contiguous CPU copies).
+
+    The data is written to a temporary file and fsynced before the rename, and the folder after
+    it, so a power cut leaves either the old weights or the whole new file behind the name —
+    never an empty or partial file.
+    """
     path = Path(path)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -57,10 +81,12 @@ def save_state(tensors: Mapping[str, Tensor], path: Path, metadata: Mapping[str,
     os.close(fd)
     try:
         save_file(clean, tmp, metadata=dict(metadata or {}))
+        _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def load_state(path: Path) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fortress.serve.limits import MAX_REQUEST_ID_CHARS
+from fortress.serve.limits import MAX_HEADER_BYTES, MAX_REQUEST_ID_CHARS
 from fortress.serve.metrics import Metrics
 
 __all__ = ["ACCESS_LOGGER", "EdgeMiddleware", "json_error"]
@@ -92,7 +92,7 @@ class EdgeMiddleware:
             await send_wrapped({"type": "http.response.body", "body": body})
 
         try:
-            refusal = self._check_declared(headers)
+            refusal = _check_header_size(scope) or self._check_declared(headers)
             if refusal is not None:
                 await answer(*refusal)
             else:
@@ -143,3 +143,16 @@ class EdgeMiddleware:
                     separators=(",", ":"),
                 )
             )
+
+
+def _check_header_size(scope: Scope) -> tuple[int, str, str] | None:
+    """431 for a request line and headers over :data:`MAX_HEADER_BYTES`.
+
+    The HTTP parser enforces the same limit only on headers that arrive in pieces; this check
+    holds whatever the packets.
+    """
+    size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+    size += sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
+    if size > MAX_HEADER_BYTES:
+        return 431, "headers_too_large", f"request line and headers are over the limit of {MAX_HEADER_BYTES} bytes"
+    return None

@@ -37,7 +37,6 @@ _number = re.compile(_NUMBER + rb"(?![0-9.eE+\-])")
 _sep = re.compile(_WS + rb"," + _WS)
 _close = re.compile(_WS + rb"\]")
 _string = re.compile(rb'"(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*"')
-_control = re.compile(rb"[\x00-\x1f]")
 _token = re.compile(rb'[^,\[\]{}:" \t\n\r]{1,24}')
 _CHUNK_PIXELS = 1 << 16  # pixels converted at a time (bounds the transient Python objects)
 
@@ -76,7 +75,7 @@ def _skip(body: bytes | bytearray, pos: int) -> int:
 def _read_string(body: bytes | bytearray, pos: int, what: str) -> tuple[str, int]:
     """The JSON string starting at ``body[pos] == '"'`` and the position after it."""
     close = body.find(b'"', pos + 1)
-    if close >= 0 and body.find(b"\\", pos + 1, close) < 0 and _control.search(body, pos + 1, close) is None:
+    if close >= 0 and body.find(b"\\", pos + 1, close) < 0 and not _has_control(body, pos + 1, close):
         try:
             return body[pos + 1 : close].decode("utf-8"), close + 1  # the common case: no escapes
         except UnicodeDecodeError:
@@ -88,6 +87,13 @@ def _read_string(body: bytes | bytearray, pos: int, what: str) -> tuple[str, int
         return str(json.loads(m.group())), m.end()
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput(f"{what} is not a valid JSON string (at byte {pos})") from None
+
+
+def _has_control(body: bytes | bytearray, start: int, stop: int) -> bool:
+    """Whether ``body[start:stop]`` holds a byte below 0x20 (not allowed raw in a JSON string); vectorised."""
+    if stop <= start:
+        return False
+    return bool(np.frombuffer(body, dtype=np.uint8, count=stop - start, offset=start).min() < 0x20)
 
 
 def _describe(body: bytes | bytearray, pos: int) -> str:

@@ -368,13 +368,7 @@ class KeyStore:
     # ----------------------------------------------------------------------------------------------
     # queries: reserve at admission, commit with the answer, release what is not answered
 
-    def reserve_async(self, key_id: str, n: int) -> Future[Reservation]:
-        """Set ``n`` queries of ``key_id`` aside for one batch, or refuse the whole batch.
-
-        Not durable on its own (a reservation lost to a crash is a reservation released). The
-        future raises :class:`BudgetExceeded` (``used + reserved + n`` would pass the budget;
-        nothing was set aside) or :class:`KeyRejected` (unknown or revoked key).
-        """
+    def _reserve_op(self, key_id: str, n: int) -> Callable[[sqlite3.Connection], Reservation]:
         if n < 1:
             raise ConfigError(f"a batch needs at least one query, got {n}")
         owner, when = self.owner, _now()
@@ -393,25 +387,26 @@ class KeyStore:
             ).fetchone()[0]
             return Reservation(int(rid), key_id, n, _row(row))
 
-        return self._writer.submit(op, durable=False)
+        return op
 
     def reserve(self, key_id: str, n: int) -> Reservation:
-        """:meth:`reserve_async`, waiting; a refusal first releases what stopped processes left reserved."""
+        """Set ``n`` queries of ``key_id`` aside for one batch, or refuse the whole batch.
+
+        Not durable on its own (a reservation lost to a crash is a reservation released). A refusal
+        first releases what stopped server processes left reserved, and tries once more.
+
+        Raises:
+            BudgetExceeded: ``used + reserved + n`` would pass the budget; nothing was set aside.
+            KeyRejected: unknown or revoked key.
+        """
         try:
-            return self.reserve_async(key_id, n).result()
+            return self._writer.run(self._reserve_op(key_id, n), durable=False)
         except BudgetExceeded:
             if not self.release_stale():
                 raise
-        return self.reserve_async(key_id, n).result()
+        return self._writer.run(self._reserve_op(key_id, n), durable=False)
 
-    def commit_async(self, res: Reservation, *, also: Commit | None = None) -> Future[ApiKey]:
-        """Charge the reserved queries for an answer about to be sent, durably; run ``also`` in the same transaction.
-
-        A reservation that was released meanwhile (its process was taken for stopped) is charged
-        afresh, within the budget. The future gives the key's record after the charge, or raises
-        :class:`BudgetExceeded` / :class:`KeyRejected` when that fresh charge is refused (the
-        answer must then not be sent); ``also`` commits only with the charge.
-        """
+    def _commit_op(self, res: Reservation, also: Commit | None) -> Callable[[sqlite3.Connection], ApiKey]:
 
         def op(db: sqlite3.Connection) -> ApiKey:
             gone = db.execute("DELETE FROM reservations WHERE id = ? RETURNING n", (res.id,)).fetchone() is None
@@ -430,24 +425,43 @@ class KeyStore:
                 also(db)
             return _row(row)
 
-        return self._writer.submit(op, durable=True)
+        return op
 
     def commit(self, res: Reservation, *, also: Commit | None = None) -> ApiKey:
-        """:meth:`commit_async`, waiting."""
-        return self.commit_async(res, also=also).result()
+        """Charge the reserved queries for an answer about to be sent, durably; run ``also`` in the same transaction.
 
-    def release_async(self, res: Reservation) -> Future[None]:
-        """Give back the queries of a batch that will not be answered (timeout, fault)."""
+        Returns once the charge is on disk (``synchronous=FULL``; concurrent commits share the
+        ``fsync``). A reservation that was released meanwhile (its process was taken for stopped)
+        is charged afresh, within the budget; ``also`` commits only with the charge.
 
+        Returns:
+            The key's record after the charge.
+
+        Raises:
+            BudgetExceeded: the fresh charge of a released reservation was refused (do not send the answer).
+            KeyRejected: the key vanished.
+        """
+        return self._writer.run(self._commit_op(res, also), durable=True)
+
+    def commit_async(self, res: Reservation, *, also: Commit | None = None) -> Future[ApiKey]:
+        """:meth:`commit` without blocking the caller (an event loop)."""
+        return self._writer.submit(self._commit_op(res, also), durable=True)
+
+    @staticmethod
+    def _release_op(res: Reservation) -> Commit:
         def op(db: sqlite3.Connection) -> None:
             if db.execute("DELETE FROM reservations WHERE id = ? RETURNING n", (res.id,)).fetchone() is not None:
                 db.execute("UPDATE api_keys SET reserved = reserved - ? WHERE key_id = ?", (res.n, res.key_id))
 
-        return self._writer.submit(op, durable=False)
+        return op
 
     def release(self, res: Reservation) -> None:
-        """:meth:`release_async`, waiting."""
-        self.release_async(res).result()
+        """Give back the queries of a batch that will not be answered (timeout, fault); idempotent."""
+        self._writer.run(self._release_op(res), durable=False)
+
+    def release_async(self, res: Reservation) -> Future[None]:
+        """:meth:`release` without blocking the caller (an event loop)."""
+        return self._writer.submit(self._release_op(res), durable=False)
 
     def charge(self, key_id: str, n: int) -> ApiKey:
         """Reserve and commit ``n`` queries at once (no answer to wait for); refuse the whole batch.
