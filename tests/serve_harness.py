@@ -126,25 +126,30 @@ class PeakRss:
         return (self.peak - self.start) / 2**20
 
 
-def raw_request(port: int, data: bytes, *, read_timeout_s: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    """Send ``data`` as-is on a fresh connection; return the answer's status, headers and body."""
+def raw_request(port: int, data: bytes, *, read_timeout_s: float = 15.0) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` as-is on a fresh connection; return the answer's status, headers and body.
+
+    Reads until the answer is complete (its ``Content-Length``) or the server closes the connection.
+    """
     with socket.create_connection(("127.0.0.1", port), timeout=read_timeout_s) as sock:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # answered early: read the answer below
             sock.sendall(data)
-        chunks = []
+        raw = b""
         while True:
+            head, sep, body = raw.partition(b"\r\n\r\n")
+            if sep:
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+                if "content-length" in headers and len(body) >= int(headers["content-length"]):
+                    return int(lines[0].split()[1]), headers, body[: int(headers["content-length"])]
             try:
                 chunk = sock.recv(65536)
             except (ConnectionResetError, TimeoutError):
-                break
+                chunk = b""
             if not chunk:
                 break
-            chunks.append(chunk)
-    raw = b"".join(chunks)
+            raw += chunk
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1]) if lines and lines[0].startswith("HTTP/") else 0
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    if "content-length" in headers:
-        body = body[: int(headers["content-length"])]
-    return status, headers, body
+    return status, {}, body

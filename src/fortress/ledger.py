@@ -41,9 +41,9 @@ def ledger_errors(path: Path, what: str = "key ledger") -> Iterator[None]:
     try:
         yield
     except sqlite3.DatabaseError as exc:
-        raise ArtifactError(f"{what} {path} is unreadable or damaged: {exc}") from None
+        raise ArtifactError(f"{what} {path} is unreadable or damaged: {' '.join(str(exc).split())}") from None
     except sqlite3.Error as exc:
-        raise ArtifactError(f"{what} {path} failed: {exc}") from None
+        raise ArtifactError(f"{what} {path} failed: {' '.join(str(exc).split())}") from None
 
 
 def open_sqlite(
@@ -93,7 +93,8 @@ def open_sqlite(
             if not create:
                 problems = [str(r[0]) for r in db.execute("PRAGMA quick_check(3)").fetchall()]
                 if problems != ["ok"]:
-                    raise ArtifactError(f"key ledger {path} is damaged: {'; '.join(problems)}")
+                    detail = " ".join("; ".join(problems).replace("*** in database main ***", "").split())
+                    raise ArtifactError(f"key ledger {path} is damaged: {detail[:300]}")
                 if required_table is not None and not _has_table(db, required_table):
                     raise ArtifactError(f"{path} is an SQLite file but not a fortress key ledger (no {required_table})")
             db.execute("PRAGMA journal_mode=WAL")

@@ -121,16 +121,22 @@ class Service:
     Args:
         settings: the server's settings.
         defense: the loaded defense.
+        store: the key ledger (opened from ``settings.keys_path``; closed by :meth:`close`).
         watch: profiles and monitoring (``None``: off).
         padded: the ``padded`` compute mode's clock (``None``: another mode).
     """
 
     def __init__(
-        self, settings: ServeSettings, defense: Defense, watch: Watch | None, padded: PaddedCompute | None
+        self,
+        settings: ServeSettings,
+        defense: Defense,
+        store: KeyStore,
+        watch: Watch | None,
+        padded: PaddedCompute | None,
     ) -> None:
         self.settings = settings
         self.defense = defense
-        self.store = KeyStore(settings.keys_path)  # an existing, readable ledger (`fortress keys init`)
+        self.store = store
         self.watch = watch
         self.padded = padded
         self.metrics = Metrics()

@@ -44,7 +44,7 @@ from fortress.serve.body import (
 )
 from fortress.serve.decode import TooLarge, decode_json_body, decode_pngs
 from fortress.serve.edge import EdgeMiddleware
-from fortress.serve.keys import ApiKey, KeyRejected
+from fortress.serve.keys import ApiKey, KeyRejected, KeyStore
 from fortress.serve.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -121,22 +121,25 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
     Example:
         >>> app = create_app(ServeSettings(Path("dnf"), Path("keys.db"), compute="full"))
     """
-    if defense is None:
-        defense = load_defense(settings.model_dir)
-    if isinstance(defense, DNF):
-        defense.compute = "dynamic" if settings.compute == "padded" else settings.compute
-    watch = _watch(settings, defense) if settings.profiles else None
-    padded = (
-        PaddedCompute(defense, FullPathClock(quantile=settings.pad_quantile, window=settings.pad_window))
-        if settings.compute == "padded" and defense.num_exits
-        else None
-    )
+    store = KeyStore(settings.keys_path)  # first: an existing, readable ledger (`fortress keys init`)
+    watch = None
     try:
-        svc = Service(settings, defense, watch, padded)
+        if defense is None:
+            defense = load_defense(settings.model_dir)
+        if isinstance(defense, DNF):
+            defense.compute = "dynamic" if settings.compute == "padded" else settings.compute
+        watch = _watch(settings, defense) if settings.profiles else None
+        padded = (
+            PaddedCompute(defense, FullPathClock(quantile=settings.pad_quantile, window=settings.pad_window))
+            if settings.compute == "padded" and defense.num_exits
+            else None
+        )
     except BaseException:
+        store.close()
         if watch is not None:
             watch.close()
         raise
+    svc = Service(settings, defense, store, watch, padded)
     shape = defense.input_shape
 
     @asynccontextmanager
