@@ -142,8 +142,10 @@ class Service:
         self.metrics = Metrics()
         self.slots = threading.BoundedSemaphore(settings.inference_workers)
         self.bodies = BodyBudget(settings.buffered_bodies * settings.max_body_bytes)
-        # threads preparing answers: they wait for an inference slot, so more of them than slots
-        self.pool = ThreadPoolExecutor(max_workers=max(32, 4 * settings.inference_workers), thread_name_prefix="answer")
+        # threads preparing answers: a few more than the inference slots, so decoding and charging
+        # overlap inference; not one per request, as Python-bound threads queue for the interpreter
+        # lock and every one of them delays the event loop that sends the answers
+        self.pool = ThreadPoolExecutor(max_workers=2 * settings.inference_workers + 2, thread_name_prefix="answer")
 
     def close(self) -> None:
         """Close the ledger (this process's open reservations are released) and the profile store."""
