@@ -43,7 +43,7 @@ from fortress.serve.body import (
     split_multipart,
 )
 from fortress.serve.decode import TooLarge, decode_json_body, decode_pngs
-from fortress.serve.edge import EdgeMiddleware
+from fortress.serve.edge import EdgeMiddleware, Gate, Refusal, Scope
 from fortress.serve.keys import ApiKey, KeyRejected, KeyStore
 from fortress.serve.schemas import (
     ErrorResponse,
@@ -94,11 +94,44 @@ async def current_key(
     creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> ApiKey:
     """The caller's active key (401 missing/unknown, 403 revoked), from X-API-Key or a bearer token."""
+    gated = getattr(request.state, "api_key", None)  # the edge's gate authenticated it already
+    if isinstance(gated, ApiKey):
+        return gated
     svc: Service = request.app.state.service
     secret = x_api_key or (creds.credentials if creds is not None else None)
     key = svc.store.authenticate(secret)  # one indexed read (~10 µs in WAL mode): cheaper inline than a thread hop
     request.state.key_id = key.key_id
     return key
+
+
+def _predict_gate(svc: Service) -> Gate:
+    """The predict route's key and budget checks, run at the edge before routing or reading the body.
+
+    A missing, unknown or revoked key (401/403) or a key whose budget is spent (429) is answered
+    here; an accepted key is handed to the route in the request's state.
+    """
+
+    def gate(scope: Scope, headers: dict[str, str]) -> Refusal | None:
+        if scope.get("path") != "/v1/predict" or scope.get("method") != "POST":
+            return None
+        auth = headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        secret = headers.get("x-api-key") or (token.strip() if scheme.lower() == "bearer" else None)
+        state = scope.setdefault("state", {})
+        try:
+            key = svc.store.authenticate(secret)
+        except KeyRejected as exc:
+            more = [(b"www-authenticate", b'ApiKey header="X-API-Key"')] if exc.status == 401 else []
+            return exc.status, "unauthorized" if exc.status == 401 else "forbidden", str(exc), {}, more
+        state["key_id"] = key.key_id
+        if key.budget is not None and key.used >= key.budget:  # nothing left: refused before the body is read
+            svc.metrics.observe_refusal(key.key_id, "budget")
+            err = BudgetExceeded(1, key.used, key.budget)
+            return 429, "budget_exceeded", str(err), {"requested": 1, "used": key.used, "budget": key.budget}, []
+        state["api_key"] = key
+        return None
+
+    return gate
 
 
 Key = Annotated[ApiKey, Depends(current_key)]
@@ -164,6 +197,7 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
         metrics=svc.metrics,
         routes=frozenset({"/v1/predict", "/v1/info", "/v1/health", "/metrics", "/openapi.json", "/docs"}),
         max_body_bytes=settings.max_body_bytes,
+        gate=_predict_gate(svc),
     )
     _install_error_handlers(app)
 
@@ -209,13 +243,10 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
     async def predict(request: Request, key: Key) -> HttpResponse:
         """Answer a batch of images; each image is one query charged to the key.
 
-        The key is authenticated and its budget checked before a byte of the body is read; the
+        The key is authenticated and its budget checked (at the edge) before a byte of the body is read; the
         batch's queries are reserved once it is decoded, and charged (durably) only when its answer
         is ready to leave.
         """
-        if key.budget is not None and key.used >= key.budget:
-            svc.metrics.observe_refusal(key.key_id, "budget")
-            raise BudgetExceeded(1, key.used, key.budget)
         timeout = settings.request_timeout_s
         job = Job(svc.store)
         async with svc.bodies.hold(_body_size(request, settings), timeout):

@@ -22,13 +22,17 @@ from typing import Any
 from fortress.serve.limits import MAX_HEADER_BYTES, MAX_REQUEST_ID_CHARS
 from fortress.serve.metrics import Metrics
 
-__all__ = ["ACCESS_LOGGER", "EdgeMiddleware", "json_error"]
+__all__ = ["ACCESS_LOGGER", "EdgeMiddleware", "Gate", "Refusal", "json_error"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: An answer given at the edge: status, error code, message, extra JSON fields, extra headers.
+Refusal = tuple[int, str, str, dict[str, Any], list[tuple[bytes, bytes]]]
+#: Checks a request from its method, path and headers before any route runs (``None``: let it through).
+Gate = Callable[[Scope, dict[str, str]], Refusal | None]
 
 #: Logger of the structured access log (one JSON object per request, at INFO).
 ACCESS_LOGGER = "fortress.serve.access"
@@ -52,13 +56,24 @@ class EdgeMiddleware:
         metrics: where request counts and latencies go.
         routes: paths reported as themselves in metrics (others as ``other``, bounding label values).
         max_body_bytes: body size limit (a larger declared ``Content-Length``: 413 before any route).
+        gate: a cheap check run before the app (the predict route's key and budget), so that a
+            refusal costs no routing, no dependency resolution and no body; ``None``: none.
     """
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: frozenset[str], max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        routes: frozenset[str],
+        max_body_bytes: int,
+        gate: Gate | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.routes = routes
         self.max_body_bytes = max_body_bytes
+        self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,19 +95,21 @@ class EdgeMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
 
-        async def answer(code: int, err: str, msg: str) -> None:
-            body = json_error(code, err, msg, rid)
-            await send_wrapped(
-                {
-                    "type": "http.response.start",
-                    "status": code,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
+        async def answer(
+            code: int, err: str, msg: str, extra: dict[str, Any] | None = None, more: list[Any] | None = None
+        ) -> None:
+            body = json_error(code, err, msg, rid, **(extra or {}))
+            head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send_wrapped({"type": "http.response.start", "status": code, "headers": head + (more or [])})
             await send_wrapped({"type": "http.response.body", "body": body})
 
         try:
             refusal = _check_header_size(scope) or self._check_declared(headers)
+            if refusal is None and self.gate is not None:
+                gated = self.gate(scope, headers)
+                if gated is not None:
+                    await answer(*gated)
+                    return
             if refusal is not None:
                 await answer(*refusal)
             else:

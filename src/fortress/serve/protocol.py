@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fortress.serve.edge import ACCESS_LOGGER, json_error
@@ -45,14 +46,24 @@ def protocol_error(exc: BaseException | None) -> tuple[int, str, str]:
 class JsonH11Protocol(H11Protocol):
     """uvicorn's h11 protocol whose parse errors are JSON answers followed by a lingering close.
 
+    An answer that leaves before its request's body has arrived (a 401, 413 or 429 refusal, sent
+    without reading the body) ends the connection at once when the body declares more than
+    ``unread_bytes`` (or is chunked): a refused 30 MiB upload costs the server what it read before
+    answering (at most one read of 256 KiB), not thirty megabytes. A smaller body is read and
+    dropped (within ``linger_s``) so the connection stays open for the next request. The answer is
+    written before the close; the client reads it from its socket even though its upload is cut off.
+
     Attributes:
         linger_s: how long to keep reading (and dropping) what the client still sends.
-        linger_bytes: the most bytes dropped before the connection is closed anyway.
+        linger_bytes: the most bytes dropped after a parse error before the connection is closed anyway.
+        unread_bytes: the most bytes of a refused request's body dropped before the connection is closed.
     """
 
     linger_s = 2.0
     linger_bytes = 64 * 2**20
-    _dropped = -1  # -1: not lingering
+    unread_bytes = 64 * 1024
+    _dropped = -1  # -1: not lingering after a parse error
+    _unread = -1  # -1: no answer left before its request's body
 
     def send_400_response(self, msg: str) -> None:  # called by uvicorn inside its `except` clause
         status, code, message = protocol_error(sys.exc_info()[1])
@@ -83,7 +94,29 @@ class JsonH11Protocol(H11Protocol):
             if self._dropped > self.linger_bytes:
                 self.transport.close()
             return
+        if self._unread >= 0:  # answered before the body arrived: drop a little of it, then hang up
+            self._unread += len(data)
+            if self._unread > self.unread_bytes:
+                self.transport.close()
+                return
         super().data_received(data)
+        if self._unread >= 0 and self.conn.their_state is not h11.SEND_BODY:
+            self._unread = -1  # the body ended within the allowance: the connection stays open
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            # the answer (a refusal) left before the request's body: do not read megabytes nobody will use
+            declared = dict(self.headers).get(b"content-length", b"")
+            if not declared.isdigit() or int(declared) > self.unread_bytes:
+                self.transport.close()  # more than the allowance is coming: hang up now (the answer is sent)
+                return
+            self._unread = 0
+            self.loop.call_later(self.linger_s, self._hang_up_if_unread)
+
+    def _hang_up_if_unread(self) -> None:
+        if self._unread >= 0:
+            self.transport.close()
 
 
 def _access_line(client: Any, status: int, code: str) -> None:
