@@ -256,7 +256,7 @@ def test_garbage_json_from_a_key_with_budget_costs_bounded_memory(model: Path, t
                 proc.wait()
         print(f"20 x 30 MiB malformed JSON from a key with budget: growth {rss.growth_mb:.1f} MB, answers {results}")
         assert results.count((422, "invalid_input")) == 20
-        assert rss.growth_mb < 4 * 32 + 100  # the body budget (4 bodies of 32 MiB) plus a bounded decode
+        assert rss.growth_mb < 2 * 32 + 100  # the body budget (2 bodies of 32 MiB) plus a bounded decode
         reopened = KeyStore(keys)
         assert reopened.get(key.key_id).used == 5 * 64
         reopened.close()

@@ -103,19 +103,26 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytea
         ClientGone: the client disconnected first.
     """
     declared = declared_length(request)
-    buf = bytearray()
+    # a declared body is read into one buffer of its size (growing one would copy it as it grows)
+    buf = bytearray(declared) if declared is not None and declared <= max_bytes else bytearray()
+    size = 0
     with anyio.move_on_after(timeout_s) as scope:
         try:
             async for chunk in request.stream():
-                if len(buf) + len(chunk) > max_bytes:
+                end = size + len(chunk)
+                if end > max_bytes or (declared is not None and end > declared):
                     raise BodyTooLarge(f"request body is over the limit of {max_bytes:,} bytes")
-                buf += chunk
+                if declared is not None:
+                    buf[size:end] = chunk
+                else:
+                    buf += chunk
+                size = end
         except ClientDisconnect:
             raise ClientGone("the client went away before sending the whole body") from None
     if scope.cancelled_caught:
-        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s ({len(buf):,} bytes came)")
-    if declared is not None and len(buf) != declared:  # the HTTP layer enforces this; a stray server may not
-        raise InvalidInput(f"the body has {len(buf):,} bytes, its Content-Length declares {declared:,}")
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s ({size:,} bytes came)")
+    if declared is not None and size != declared:  # the HTTP layer enforces this; a stray server may not
+        raise InvalidInput(f"the body has {size:,} bytes, its Content-Length declares {declared:,}")
     return buf  # bytes-like; not copied into a bytes object (that would double the body for a moment)
 
 

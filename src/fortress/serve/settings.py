@@ -59,7 +59,7 @@ class ServeSettings:
     model_name: str | None = None
     max_batch: int = 1024
     max_body_bytes: int = 32 * 2**20
-    buffered_bodies: int = 4
+    buffered_bodies: int = 2
     request_timeout_s: float = 30.0
     inference_workers: int = 2
     torch_threads: int = 1
