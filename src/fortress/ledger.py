@@ -19,6 +19,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -234,8 +235,12 @@ class GroupCommit:
 
     def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
-        self._db = open_sqlite(self.path, "", synchronous="FULL", busy_timeout_s=busy_timeout_s)
-        self._sync: Sync = "FULL"
+        self.busy_timeout_s = busy_timeout_s
+        # one connection per durability (no PRAGMA switch per transaction); no SQLite busy handler (it
+        # sleeps 1, 2, 5, 10 ... ms): _begin waits for another process's lock in tens of microseconds
+        self._dbs: dict[Sync, sqlite3.Connection] = {}
+        for sync in ("NORMAL", "FULL"):
+            self._dbs[sync] = open_sqlite(self.path, "", synchronous=sync, busy_timeout_s=0.0)
         self._queue: list[_Op] = []
         self._cv = threading.Condition()
         self._leading = False
@@ -292,7 +297,8 @@ class GroupCommit:
             self._closed = True
             while self._leading:
                 self._cv.wait()
-        self._db.close()
+        for db in self._dbs.values():
+            db.close()
 
     def _execute(self, ops: list[_Op]) -> None:
         fast = [op for op in ops if not op.durable]
@@ -302,26 +308,47 @@ class GroupCommit:
         if slow:
             self._transaction(slow, "FULL")
 
+    def _begin(self, db: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE``, waiting for another process's write lock in short, growing steps.
+
+        Another server process holds the lock for one transaction (a fraction of a millisecond, plus
+        an ``fsync``); SQLite's own busy handler would sleep whole milliseconds, and growing ones.
+        """
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay = 20e-6
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(2 * delay, 1e-3)
+
     def _transaction(self, ops: list[_Op], sync: Sync) -> None:
         results: list[tuple[_Op, Any, BaseException | None]] = []
-        db = self._db
+        db = self._dbs[sync]
         try:
-            if sync != self._sync:
-                db.execute(f"PRAGMA synchronous={sync}")
-                self._sync = sync
-            db.execute("BEGIN IMMEDIATE")
+            self._begin(db)
+            alone = len(ops) == 1  # no savepoint needed: a failing operation rolls back the whole transaction
             for op in ops:
-                db.execute("SAVEPOINT op")
+                if not alone:
+                    db.execute("SAVEPOINT op")
                 try:
                     value = op.fn(db)
                 except Exception as exc:  # this operation alone is rolled back
-                    db.execute("ROLLBACK TO op")
-                    db.execute("RELEASE op")
+                    if not alone:
+                        db.execute("ROLLBACK TO op")
+                        db.execute("RELEASE op")
                     results.append((op, None, exc))
                 else:
-                    db.execute("RELEASE op")
+                    if not alone:
+                        db.execute("RELEASE op")
                     results.append((op, value, None))
-            db.execute("COMMIT")
+            db.execute("ROLLBACK" if alone and results[0][2] is not None else "COMMIT")
         except Exception as exc:  # the whole transaction failed: nothing of it was committed
             if db.in_transaction:
                 try:

@@ -231,22 +231,27 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
         responses=_responses(400, 401, 403, 408, 413, 415, 422, 429, 431, 503),
         tags=["predict"],
         openapi_extra={
+            # the key is checked at the edge (before routing), not by a dependency: state the schemes here
+            "security": [{"APIKeyHeader": []}, {"HTTPBearer": []}],
             "requestBody": {
                 "required": True,
                 "content": {
                     "application/json": {"schema": json_request_schema(shape, settings.max_batch)},
                     "multipart/form-data": {"schema": multipart_schema()},
                 },
-            }
+            },
         },
     )
-    async def predict(request: Request, key: Key) -> HttpResponse:
+    async def predict(request: Request) -> HttpResponse:
         """Answer a batch of images; each image is one query charged to the key.
 
         The key is authenticated and its budget checked (at the edge) before a byte of the body is read; the
         batch's queries are reserved once it is decoded, and charged (durably) only when its answer
         is ready to leave.
         """
+        key = getattr(request.state, "api_key", None)  # authenticated by the edge's gate (_predict_gate)
+        if not isinstance(key, ApiKey):  # only when the app runs without its edge (never from create_app)
+            raise KeyRejected("missing API key: send it in the X-API-Key header (or Authorization: Bearer)", 401)
         timeout = settings.request_timeout_s
         job = Job(svc.store)
         async with svc.bodies.hold(_body_size(request, settings), timeout):
