@@ -366,6 +366,7 @@ def test_reservations_of_a_killed_process_are_released_and_a_live_ones_kept(tmp_
         assert other.get(key.key_id).reserved == 30
         other.commit(res)
         assert other.get(key.key_id).used == 30 and other.get(key.key_id).reserved == 0
+        assert len(list(Path(f"{path}-owners").glob("*.lock"))) == 1  # the dead holder's lock file is gone
         other.close()
     finally:
         if holder.poll() is None:

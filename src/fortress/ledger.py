@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from fortress.errors import ArtifactError
 
-__all__ = ["GroupCommit", "ledger_errors", "open_sqlite", "owner_alive", "process_owner"]
+__all__ = ["GroupCommit", "ledger_errors", "open_sqlite", "owner_alive", "process_owner", "sweep_owners"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -193,6 +193,14 @@ def owner_alive(ledger: Path, token: str) -> bool:
         os.close(fd)  # also drops the lock we may have taken
     lock.unlink(missing_ok=True)
     return False
+
+
+def sweep_owners(ledger: Path) -> int:
+    """Remove the lock files of processes that no longer run (killed ones leave theirs); return how many."""
+    folder = _owners_dir(Path(ledger).resolve())
+    if not folder.is_dir():
+        return 0
+    return sum(not owner_alive(ledger, f.name[: -len(".lock")]) for f in folder.glob("*.lock"))
 
 
 def _forget_owners_in_child() -> None:  # a forked child is another process: it gets its own token

@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from fortress.errors import ArtifactError, BudgetExceeded, ConfigError, FortressError
-from fortress.ledger import GroupCommit, drop_owner, ledger_errors, open_sqlite, owner_alive, process_owner
+from fortress.ledger import (
+    GroupCommit,
+    drop_owner,
+    ledger_errors,
+    open_sqlite,
+    owner_alive,
+    process_owner,
+    sweep_owners,
+)
 from fortress.oracle import OutputMode
 
 __all__ = ["ApiKey", "Commit", "KeyRejected", "KeyStore", "Reservation", "hash_key", "init_ledger"]
@@ -218,6 +226,7 @@ class KeyStore:
         self.owner = process_owner(self.path)
         self._closed = False
         self.release_stale()
+        sweep_owners(self.path)
 
     def _migrate(self) -> None:
         db = self._db
