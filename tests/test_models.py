@@ -457,3 +457,24 @@ def test_random_shift_is_deterministic_under_a_seed() -> None:
     assert torch.equal(a, b)
     c = random_shift(x, 2, torch.Generator().manual_seed(8))
     assert not torch.equal(a, c)
+
+
+# Loss values of the tiny run below, recorded from train_classifier's defaults (Adam, cosine to 0,
+# random shifts of 2 pixels) before any recipe options existed: existing callers and their seeds
+# must keep getting exactly these results.
+PINNED_DEFAULT_LOSSES = [0.6966000398000082, 0.6749922633171082, 0.6781171758969625]
+PINNED_DEFAULT_PARAM_SUM = -1.88811027
+
+
+def test_train_classifier_defaults_are_pinned() -> None:
+    x, y = halves_problem(96, seed=3)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)
+    )
+    model = from_sequential(net, (1, 12, 12), 2, cut_after=[2])
+    report = train_classifier(model, x, y, epochs=3, batch_size=32, seed=5)
+    assert report.train_loss == pytest.approx(PINNED_DEFAULT_LOSSES, rel=1e-6, abs=0)
+    with torch.no_grad():
+        total = float(sum(p.double().sum() for p in model.parameters()))
+    assert total == pytest.approx(PINNED_DEFAULT_PARAM_SUM, rel=1e-6)
