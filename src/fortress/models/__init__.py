@@ -11,6 +11,7 @@ from typing import Any
 
 from fortress.models import lenet as _lenet
 from fortress.models import resnet as _resnet
+from fortress.models import resnet_s as _resnet_s
 from fortress.models import vgg as _vgg
 from fortress.models.io import load_model, load_state, save_model, save_state
 from fortress.models.staged import StagedBackbone, from_sequential, from_stages
@@ -50,6 +51,7 @@ MODELS.add("lenet5", _lenet5)
 MODELS.add("lenet5-half", _lenet5_half)
 MODELS.add("resnet18-8x", _resnet.resnet18_8x)
 MODELS.add("resnet34-8x", _resnet.resnet34_8x)
+MODELS.add("resnet12-s", _resnet_s.resnet12_s)
 MODELS.add("vgg11", _vgg.vgg11)
 MODELS.add("vgg16", _vgg.vgg16)
 
