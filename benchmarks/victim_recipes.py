@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/victim_recipes.py [--arch lenet5 resnet12-s] [--data-dir DIR] [--threads 2]
-        [--val 5000] [--train-size N] [--seed 0] [--no-test] [--stages] [--out results.jsonl]
+        [--val 5000] [--train-size N] [--seed 0] [--no-test] [--stages [--repeats 30]] [--out results.jsonl]
         [--epochs N] [--lr LR] [--optimizer adam|sgd] [--schedule cosine|onecycle|step|constant]
         [--max-shift PX] [--hflip | --no-hflip] [--batch-size B] [--weight-decay WD] [--label-smoothing E]
 
@@ -15,6 +15,10 @@ validation accuracy after every epoch, and the accuracy on the 10,000 test image
 ``--stages`` also measures, per stage of each architecture, the FLOPs of one image
 (``torch.utils.flop_counter``) and the median CPU time of a 256-image batch in eval mode, with
 the cumulative share up to each exit. Every result is one JSON line on stdout (and in ``--out``).
+
+On a machine shared with other jobs, run with ``OMP_WAIT_POLICY=PASSIVE``: with the default
+(spinning) wait policy an OpenMP thread whose partner is descheduled burns its time slice
+waiting, which made a 2-thread LeNet-5 step more than 10× slower in CPU time under load.
 """
 
 from __future__ import annotations
@@ -152,6 +156,7 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, help="train on only this many images (quick checks)")
     ap.add_argument("--no-test", action="store_true")
     ap.add_argument("--stages", action="store_true")
+    ap.add_argument("--repeats", type=int, default=30, help="timed batches per stage")
     ap.add_argument("--no-train", action="store_true", help="only measure the stages")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--epochs", type=int)
@@ -173,12 +178,17 @@ def main() -> None:
             with args.out.open("a") as f:
                 f.write(line + "\n")
 
-    env = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine()}
+    env = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+    }
     if args.stages:
         for arch in args.arch:
             torch.manual_seed(args.seed)
             model = create_model(arch, num_classes=10, in_channels=1, image_size=28)
-            emit({"kind": "stages", "arch": arch, **stage_costs(model), **env})
+            emit({"kind": "stages", "arch": arch, **stage_costs(model, repeats=args.repeats), **env})
     if args.no_train:
         return
     full = load_dataset("mnist-idx", args.data_dir, split="train")
