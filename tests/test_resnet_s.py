@@ -163,3 +163,16 @@ def test_disabled_heads_give_the_plain_victim() -> None:
         logits, exits = net.forward_dynamic(x)
         assert bool((exits == 4).all())
         assert torch.allclose(logits, net.backbone(x), atol=1e-5)
+
+
+def test_dnf_attaches_a_head_after_every_stage() -> None:
+    from fortress.defenses import DNF
+
+    dnf = DNF(resnet_s(1, 28), dataset="cifar10", seed=0)
+    # pooled 16/32/96 channels after stages 0-2 (as paper Table 5 pools ResNet features), 192·4·4 flattened
+    assert [h.in_features for h in dnf.net.heads] == [16, 32, 96, 192 * 4 * 4]
+    assert dnf.net.thresholds.tolist() == pytest.approx([0.90, 0.92, 0.94, 0.96])  # the paper's four heads
+    with torch.no_grad():
+        probs = dnf(mixed_batch(8, 1, 28, torch.Generator().manual_seed(0)))
+    assert probs.shape == (8, 10)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(8))
