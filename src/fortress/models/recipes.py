@@ -7,14 +7,21 @@ named data set (the registry name of the data spec). Why each default is what it
 * **LeNet-5 on the embedded MNIST digits**: paper App. G (20 epochs of Adam at 1e-3), cosine-annealed,
   random shifts of up to 2 pixels (the 3,500 training digits are few; shifts are label-preserving
   for centred digits). This is exactly :func:`train_classifier`'s default behaviour.
-* **LeNet-5 on Fashion-MNIST**: the same optimiser; horizontal flips (a mirrored shirt is a shirt)
-  and shifts of up to 2 pixels; epochs chosen on a held-out validation split as the fewest that
-  reach the target accuracy with a margin (``benchmarks/victim_recipes.py``).
-* **ResNet-12-S**: SGD with Nesterov momentum 0.9, weight decay 5e-4 and a OneCycle schedule (a
-  warm-up to the peak learning rate, then cosine annealing) reaches a given accuracy in fewer
-  epochs than Adam with a plain cosine schedule for batch-normalised residual networks; shifts of
-  up to 2 pixels at 28×28 (4 at 32×32, the usual CIFAR pad-and-crop) and flips where they keep
-  the class.
+* **LeNet-5 on Fashion-MNIST**: the same optimiser for 15 epochs, horizontal flips (a mirrored
+  shirt is a shirt) and no shifts: LeNet-5's 61.7k parameters underfit Fashion-MNIST, and shifts
+  lowered its validation accuracy (10 epochs: 89.6 % with shifts of 2 pixels vs 90.1 % without;
+  15 epochs: 90.2 % vs 90.8 %); flips helped a little (15 epochs: 90.8 % vs 90.6 % without).
+  15 is the fewest epochs tried whose validation accuracy leaves a margin over the 89 % target
+  (10: 90.1 %, 15: 90.8 %, 20: 91.2 %).
+* **ResNet-12-S**: SGD with Nesterov momentum 0.9, weight decay 5e-4, batches of 128 and a
+  OneCycle schedule peaking at 0.1 (a warm-up, then cosine annealing), the usual fast schedule for
+  batch-normalised residual networks; shifts of up to 2 pixels at 28×28 (4 at 32×32, the usual
+  CIFAR pad-and-crop) and flips where they keep the class. On Fashion-MNIST, 8 epochs: the fewest
+  tried whose validation accuracy leaves a margin over the 92 % target (6: 93.0 %, 8: 93.4 %,
+  10: 93.9 %). Other data sets get 30 epochs, a starting point not measured here.
+
+Validation figures: a stratified 5,000-image validation split of the Fashion-MNIST training file,
+seed 0, ``benchmarks/victim_recipes.py``; the test images were used once, for the final recipes.
 
 **Flips** are on only for data sets whose classes are mirror-symmetric (clothes, photographs:
 ``fashion-mnist``, ``cifar10``, ``cifar100``). For digits a mirrored image is not a digit of the
@@ -95,10 +102,9 @@ def check_flips(dataset: str, hflip: bool) -> None:
         )
 
 
-# Fewest epochs reaching the target test-set accuracy with a margin, chosen on a 5,000-image
-# validation split of the Fashion-MNIST training file (benchmarks/victim_recipes.py).
-_LENET_FASHION_EPOCHS = 20
-_RESNET_S_FASHION_EPOCHS = 10
+# Fewest epochs whose validation accuracy leaves a margin over the target (module docstring).
+_LENET_FASHION_EPOCHS = 15
+_RESNET_S_FASHION_EPOCHS = 8
 _RESNET_S_OTHER_EPOCHS = 30
 
 
@@ -136,5 +142,5 @@ def recipe_for(arch: str, dataset: str, *, hflip: bool | None = None) -> TrainRe
             hflip=flips,
         )
     if dataset == "fashion-mnist":
-        return TrainRecipe(epochs=_LENET_FASHION_EPOCHS, hflip=flips)
+        return TrainRecipe(epochs=_LENET_FASHION_EPOCHS, max_shift=0, hflip=flips)
     return TrainRecipe(hflip=flips)
