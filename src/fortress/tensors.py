@@ -60,7 +60,9 @@ def check_images(x: object, shape: Sequence[int] | None = None, *, name: str = "
     return x
 
 
-def check_labels(y: object, n: int | None = None, num_classes: int | None = None, *, name: str = "labels") -> Tensor:
+def check_labels(
+    y: object, n: int | None = None, num_classes: int | None = None, *, name: str = "labels"
+) -> Tensor:
     """Validate class labels against the one label contract and return them as int64 ``(N,)``.
 
     The contract: integer class indices, one per image, in ``[0, K)``. Any integer dtype (``int8``
