@@ -1,7 +1,7 @@
 """Train victims on the real Fashion-MNIST with their default recipes; measure accuracy and cost.
 
 Usage:
-    python benchmarks/victim_recipes.py [--arch lenet5 resnet12-s] [--data-dir DIR] [--threads 2]
+    python benchmarks/victim_recipes.py [--arch lenet5 resnet14-s] [--data-dir DIR] [--threads 2]
         [--val 5000] [--train-size N] [--seed 0] [--no-test] [--stages [--repeats 30]] [--out results.jsonl]
         [--epochs N] [--lr LR] [--optimizer adam|sgd] [--schedule cosine|onecycle|step|constant]
         [--max-shift PX] [--hflip | --no-hflip] [--batch-size B] [--weight-decay WD] [--label-smoothing E]
@@ -148,7 +148,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", nargs="+", default=["lenet5", "resnet12-s"])
+    ap.add_argument("--arch", nargs="+", default=["lenet5", "resnet14-s"])
     ap.add_argument("--data-dir", default=FASHION_DIR)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--val", type=int, default=5000)

@@ -157,7 +157,7 @@ def test_factories_validate_arguments(factory: Any, kwargs: dict[str, Any], bad:
         factory(**kwargs)
 
 
-@pytest.mark.parametrize(("name", "width"), [("lenet5", 84), ("resnet18-8x", 512), ("resnet12-s", 192), ("vgg11", 512)])
+@pytest.mark.parametrize(("name", "width"), [("lenet5", 84), ("resnet18-8x", 512), ("resnet14-s", 256), ("vgg11", 512)])
 def test_penultimate_width(name: str, width: int) -> None:
     model = build(name)
     with torch.no_grad():
@@ -593,9 +593,9 @@ def test_default_recipe_is_train_classifiers_default() -> None:
 @pytest.mark.parametrize("dataset", sorted(DIGIT_DATASETS))
 def test_flips_are_refused_for_digits(dataset: str) -> None:
     assert not recipe_for("lenet5", dataset).hflip
-    assert not recipe_for("resnet12-s", dataset).hflip
+    assert not recipe_for("resnet14-s", dataset).hflip
     with pytest.raises(ConfigError, match=rf"hflip.*{re.escape(dataset)}"):
-        recipe_for("resnet12-s", dataset, hflip=True)
+        recipe_for("resnet14-s", dataset, hflip=True)
     with pytest.raises(ConfigError, match="digits"):
         check_flips(dataset, True)
     check_flips(dataset, False)
@@ -604,16 +604,16 @@ def test_flips_are_refused_for_digits(dataset: str) -> None:
 @pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar10", "cifar100"])
 def test_flips_are_on_for_mirror_symmetric_classes(dataset: str) -> None:
     assert recipe_for("lenet5", dataset).hflip
-    assert recipe_for("resnet12-s", dataset).hflip
-    assert not recipe_for("resnet12-s", dataset, hflip=False).hflip
+    assert recipe_for("resnet14-s", dataset).hflip
+    assert not recipe_for("resnet14-s", dataset, hflip=False).hflip
 
 
 def test_unknown_data_sets_flip_only_when_asked() -> None:
-    assert not recipe_for("resnet12-s", "imagefolder").hflip
-    assert recipe_for("resnet12-s", "imagefolder", hflip=True).hflip
+    assert not recipe_for("resnet14-s", "imagefolder").hflip
+    assert recipe_for("resnet14-s", "imagefolder", hflip=True).hflip
 
 
 def test_residual_recipe() -> None:
-    fashion = recipe_for("resnet12-s", "fashion-mnist")
+    fashion = recipe_for("resnet14-s", "fashion-mnist")
     assert (fashion.optimizer, fashion.schedule, fashion.max_shift) == ("sgd", "onecycle", 2)
-    assert recipe_for("resnet12-s", "cifar10").max_shift == 4  # CIFAR's usual pad-4 crops at 32×32
+    assert recipe_for("resnet14-s", "cifar10").max_shift == 4  # CIFAR's usual pad-4 crops at 32×32

@@ -1,7 +1,7 @@
 """Tests of the victim recipes end to end: ``benchmarks/victim_recipes.py`` on IDX files.
 
 The default tests run the benchmark script on a tiny IDX data set they write; the ``slow`` tests
-train LeNet-5 and ResNet-12-S on the real Fashion-MNIST (skipped where it is not installed) and
+train LeNet-5 and ResNet-14-S on the real Fashion-MNIST (skipped where it is not installed) and
 check the accuracy targets on its 10,000 test images.
 """
 
@@ -74,21 +74,21 @@ def test_script_trains_measures_and_reports(tmp_path: Path) -> None:
     assert [json.loads(line) for line in out.read_text().splitlines()] == records
     stages = {r["arch"]: r for r in records if r["kind"] == "stages"}
     trains = {r["arch"]: r for r in records if r["kind"] == "train"}
-    assert sorted(stages) == sorted(trains) == ["lenet5", "resnet12-s"]
+    assert sorted(stages) == sorted(trains) == ["lenet5", "resnet14-s"]
     for rec in stages.values():
         assert sum(rec["stage_flops"]) + rec["classifier_flops"] == rec["flops_per_image"]
         assert rec["cum_flop_share"][-1] + rec["classifier_flops"] / rec["flops_per_image"] == pytest.approx(
             1.0, abs=1e-3
         )
         assert all(a <= b for a, b in zip(rec["cum_cpu_share"], rec["cum_cpu_share"][1:], strict=False))
-    assert stages["resnet12-s"]["cum_flop_share"][1] < 0.3  # exits 0/1 run under 30 % of the FLOPs
+    assert stages["resnet14-s"]["cum_flop_share"][1] < 0.3  # exits 0/1 run under 30 % of the FLOPs
     assert stages["lenet5"]["stage_shapes"] == [[6, 14, 14], [16, 5, 5], [120, 1, 1]]
     for arch, rec in trains.items():
         assert rec["recipe"] == {**recipe_for(arch, "fashion-mnist").as_kwargs(), "epochs": 4, "batch_size": 32}
         assert (rec["n_train"], rec["n_val"]) == (300, 100)
         assert len(rec["val_acc"]) == len(rec["epoch_s"]) == len(rec["epoch_cpu_s"]) == 4
         assert 0.0 <= rec["test_acc"] <= 1.0
-    assert trains["resnet12-s"]["test_acc"] > 0.5  # ten bar classes are easy to tell apart
+    assert trains["resnet14-s"]["test_acc"] > 0.5  # ten bar classes are easy to tell apart
 
 
 def test_residual_recipe_learns_tiny_mirror_invariant_classes() -> None:
@@ -96,8 +96,8 @@ def test_residual_recipe_learns_tiny_mirror_invariant_classes() -> None:
     x = torch.from_numpy(x8).float().div(255).unsqueeze(1)
     y = torch.from_numpy(y8).long()
     torch.manual_seed(0)
-    model = create_model("resnet12-s")
-    recipe = recipe_for("resnet12-s", "fashion-mnist")
+    model = create_model("resnet14-s")
+    recipe = recipe_for("resnet14-s", "fashion-mnist")
     kwargs = {**recipe.as_kwargs(), "epochs": 6, "batch_size": 32}
     train_classifier(model, x[:240], y[:240], seed=0, **kwargs)
     assert evaluate_accuracy(model, x[240:], y[240:]) > 0.9
@@ -114,7 +114,7 @@ needs_fashion = pytest.mark.skipif(
 
 @pytest.mark.slow
 @needs_fashion
-@pytest.mark.parametrize(("arch", "target"), [("lenet5", 0.89), ("resnet12-s", 0.92)])
+@pytest.mark.parametrize(("arch", "target"), [("lenet5", 0.89), ("resnet14-s", 0.92)])
 def test_victim_reaches_its_target_on_fashion_mnist(arch: str, target: float) -> None:
     (record,) = run_script("--arch", arch, "--threads", "2", timeout=3600)
     assert record["n_train"] == 55_000 and record["n_val"] == 5_000

@@ -55,7 +55,7 @@ MODELS.add("lenet5", _lenet5)
 MODELS.add("lenet5-half", _lenet5_half)
 MODELS.add("resnet18-8x", _resnet.resnet18_8x)
 MODELS.add("resnet34-8x", _resnet.resnet34_8x)
-MODELS.add("resnet12-s", _resnet_s.resnet12_s)
+MODELS.add("resnet14-s", _resnet_s.resnet14_s)
 MODELS.add("vgg11", _vgg.vgg11)
 MODELS.add("vgg16", _vgg.vgg16)
 

@@ -13,7 +13,7 @@ named data set (the registry name of the data spec). Why each default is what it
   15 epochs: 90.2 % vs 90.8 %); flips helped a little (15 epochs: 90.8 % vs 90.6 % without).
   15 is the fewest epochs tried whose validation accuracy leaves a margin over the 89 % target
   (10: 90.1 %, 15: 90.8 %, 20: 91.2 %).
-* **ResNet-12-S**: SGD with Nesterov momentum 0.9, weight decay 5e-4, batches of 128 and a
+* **ResNet-14-S**: SGD with Nesterov momentum 0.9, weight decay 5e-4, batches of 128 and a
   OneCycle schedule peaking at 0.1 (a warm-up, then cosine annealing), the usual fast schedule for
   batch-normalised residual networks; shifts of up to 2 pixels at 28×28 (4 at 32×32, the usual
   CIFAR pad-and-crop) and flips where they keep the class. On Fashion-MNIST, 8 epochs: the fewest
@@ -112,7 +112,7 @@ def recipe_for(arch: str, dataset: str, *, hflip: bool | None = None) -> TrainRe
     """The default training recipe of architecture ``arch`` on data set ``dataset``.
 
     Args:
-        arch: a model registry name (``"lenet5"``, ``"resnet12-s"``, ...).
+        arch: a model registry name (``"lenet5"``, ``"resnet14-s"``, ...).
         dataset: a data set registry name (``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``, ...).
         hflip: force flips on or off; ``None`` takes the data set's default (on only for
             mirror-symmetric classes).
@@ -130,7 +130,7 @@ def recipe_for(arch: str, dataset: str, *, hflip: bool | None = None) -> TrainRe
     check_flips(dataset, bool(hflip))
     flips = dataset in MIRROR_SYMMETRIC_DATASETS if hflip is None else hflip
     colour = dataset in {"cifar10", "cifar100"}
-    if arch == "resnet12-s":
+    if arch == "resnet14-s":
         return TrainRecipe(
             epochs=_RESNET_S_FASHION_EPOCHS if dataset == "fashion-mnist" else _RESNET_S_OTHER_EPOCHS,
             lr=0.1,

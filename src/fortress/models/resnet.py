@@ -115,6 +115,7 @@ def staged_resnet(
     *,
     planes: Sequence[int] = _PLANES,
     strides: Sequence[int] = _STRIDES,
+    stem_stride: int = 1,
     num_classes: int,
     in_channels: int,
     image_size: int,
@@ -124,14 +125,15 @@ def staged_resnet(
 ) -> StagedBackbone:
     """Build a staged CIFAR-style ResNet of basic blocks, one stage per residual layer.
 
-    A 3×3 stem at stride 1 with ``planes[0]`` channels (no max-pool), then one layer of
-    ``blocks[i]`` basic blocks with ``planes[i]`` channels at stride ``strides[i]`` per stage,
+    A 3×3 stem with ``planes[0]`` channels at stride ``stem_stride`` (no max-pool), then one layer
+    of ``blocks[i]`` basic blocks with ``planes[i]`` channels at stride ``strides[i]`` per stage,
     global average pooling and one linear layer. Stage 0 is the stem plus the first layer.
 
     Args:
         blocks: basic blocks per layer (one positive count per stage).
         planes: channels of each layer.
         strides: stride of each layer's first block.
+        stem_stride: stride of the stem convolution (1 in CIFAR-style ResNets).
         num_classes: output classes.
         in_channels: image channels.
         image_size: square input size (at least 8).
@@ -144,10 +146,13 @@ def staged_resnet(
     """
     check_common(num_classes, in_channels, image_size, 8, arch)
     mean_t, std_t = default_normalisation(in_channels, mean, std)
-    if len(planes) != len(strides) or any(p < 1 for p in planes) or any(s < 1 for s in strides):
-        raise ConfigError(f"{arch}: need positive planes and strides per stage, got {list(planes)}, {list(strides)}")
+    if len(planes) != len(strides) or any(p < 1 for p in planes) or min(*strides, stem_stride) < 1:
+        raise ConfigError(
+            f"{arch}: need positive planes and strides per stage, got {list(planes)}, {list(strides)}, "
+            f"stem stride {stem_stride}"
+        )
     stem = nn.Sequential(
-        nn.Conv2d(in_channels, planes[0], 3, stride=1, padding=1, bias=False),
+        nn.Conv2d(in_channels, planes[0], 3, stride=stem_stride, padding=1, bias=False),
         nn.BatchNorm2d(planes[0]),
         nn.ReLU(),
     )
