@@ -2,7 +2,8 @@
 
 Usage:
     python benchmarks/victim_recipes.py [--arch lenet5 resnet14-s] [--data-dir DIR] [--threads 2]
-        [--val 5000] [--train-size N] [--seed 0] [--no-test] [--stages [--repeats 30]] [--out results.jsonl]
+        [--val 5000] [--train-size N] [--seed 0] [--no-test] [--out results.jsonl]
+        [--stages [--repeats 30] [--stage-batch 256]] [--no-train]
         [--epochs N] [--lr LR] [--optimizer adam|sgd] [--schedule cosine|onecycle|step|constant]
         [--max-shift PX] [--hflip | --no-hflip] [--batch-size B] [--weight-decay WD] [--label-smoothing E]
 
@@ -157,6 +158,7 @@ def main() -> None:
     ap.add_argument("--no-test", action="store_true")
     ap.add_argument("--stages", action="store_true")
     ap.add_argument("--repeats", type=int, default=30, help="timed batches per stage")
+    ap.add_argument("--stage-batch", type=int, default=256, help="images per timed batch")
     ap.add_argument("--no-train", action="store_true", help="only measure the stages")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--epochs", type=int)
@@ -188,7 +190,14 @@ def main() -> None:
         for arch in args.arch:
             torch.manual_seed(args.seed)
             model = create_model(arch, num_classes=10, in_channels=1, image_size=28)
-            emit({"kind": "stages", "arch": arch, **stage_costs(model, repeats=args.repeats), **env})
+            emit(
+                {
+                    "kind": "stages",
+                    "arch": arch,
+                    **stage_costs(model, batch=args.stage_batch, repeats=args.repeats),
+                    **env,
+                }
+            )
     if args.no_train:
         return
     full = load_dataset("mnist-idx", args.data_dir, split="train")
