@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -26,7 +27,9 @@ from fortress.models import (
     train_classifier,
 )
 from fortress.models.io import save_state
+from fortress.models.recipes import DIGIT_DATASETS, TrainRecipe, check_flips, recipe_for
 from fortress.models.resnet import CIFAR10_MEAN, CIFAR10_STD, BasicBlock, resnet18_8x, resnet34_8x
+from fortress.models.train import SCHEDULES, make_scheduler, random_hflip
 from fortress.models.vgg import vgg11, vgg16
 
 WEIGHTS = "model.safetensors"
@@ -154,7 +157,7 @@ def test_factories_validate_arguments(factory: Any, kwargs: dict[str, Any], bad:
         factory(**kwargs)
 
 
-@pytest.mark.parametrize(("name", "width"), [("lenet5", 84), ("resnet18-8x", 512), ("vgg11", 512)])
+@pytest.mark.parametrize(("name", "width"), [("lenet5", 84), ("resnet18-8x", 512), ("resnet14-s", 256), ("vgg11", 512)])
 def test_penultimate_width(name: str, width: int) -> None:
     model = build(name)
     with torch.no_grad():
@@ -457,3 +460,160 @@ def test_random_shift_is_deterministic_under_a_seed() -> None:
     assert torch.equal(a, b)
     c = random_shift(x, 2, torch.Generator().manual_seed(8))
     assert not torch.equal(a, c)
+
+
+# Loss values of the tiny run below, recorded from train_classifier's defaults (Adam, cosine to 0,
+# random shifts of 2 pixels) before any recipe options existed: existing callers and their seeds
+# must keep getting exactly these results.
+PINNED_DEFAULT_LOSSES = [0.6966000398000082, 0.6749922633171082, 0.6781171758969625]
+PINNED_DEFAULT_PARAM_SUM = -1.88811027
+
+
+def test_train_classifier_defaults_are_pinned() -> None:
+    x, y = halves_problem(96, seed=3)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)
+    )
+    model = from_sequential(net, (1, 12, 12), 2, cut_after=[2])
+    report = train_classifier(model, x, y, epochs=3, batch_size=32, seed=5)
+    assert report.train_loss == pytest.approx(PINNED_DEFAULT_LOSSES, rel=1e-6, abs=0)
+    with torch.no_grad():
+        total = float(sum(p.double().sum() for p in model.parameters()))
+    assert total == pytest.approx(PINNED_DEFAULT_PARAM_SUM, rel=1e-6)
+
+
+def tiny_net(seed: int = 0) -> StagedBackbone:
+    """A small conv net on 1×12×12 images with 2 classes."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)
+    )
+    return from_sequential(net, (1, 12, 12), 2, cut_after=[2])
+
+
+def test_train_classifier_explicit_defaults_are_bit_identical() -> None:
+    x, y = halves_problem(96, seed=3)
+    implicit, explicit = tiny_net(), tiny_net()
+    a = train_classifier(implicit, x, y, epochs=2, batch_size=32, seed=5)
+    b = train_classifier(explicit, x, y, seed=5, **TrainRecipe(epochs=2, batch_size=32).as_kwargs())
+    assert a.train_loss == b.train_loss
+    for p, q in zip(implicit.parameters(), explicit.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("options", "lr"),
+    [
+        ({"optimizer": "sgd", "schedule": "onecycle", "weight_decay": 5e-4}, 0.1),
+        ({"optimizer": "sgd", "schedule": "step", "label_smoothing": 0.1}, 0.05),
+        ({"optimizer": "adam", "schedule": "constant", "hflip": True}, 1e-2),
+        ({"optimizer": "sgd", "schedule": "cosine", "hflip": True, "max_shift": 0}, 0.05),
+    ],
+)
+def test_train_classifier_recipe_options_learn(options: dict[str, Any], lr: float) -> None:
+    x, y = halves_problem(200, seed=0)
+    x_val, y_val = halves_problem(100, seed=1)
+    model = tiny_net()
+    report = train_classifier(model, x, y, epochs=4, lr=lr, batch_size=32, val=(x_val, y_val), **options)
+    assert len(report.epoch_s) == 4 and all(t > 0 for t in report.epoch_s)
+    assert evaluate_accuracy(model, x_val, y_val) > 0.9
+
+
+def test_train_classifier_options_change_the_run() -> None:
+    x, y = halves_problem(96, seed=3)
+    base = train_classifier(tiny_net(), x, y, epochs=2, batch_size=32, seed=5).train_loss
+    for options in ({"hflip": True}, {"schedule": "onecycle"}, {"optimizer": "sgd"}, {"label_smoothing": 0.1}):
+        other = train_classifier(tiny_net(), x, y, epochs=2, batch_size=32, seed=5, **options).train_loss
+        assert other != base, options
+
+
+def test_schedules_follow_their_shape() -> None:
+    steps = 40
+    seen: dict[str, list[float]] = {}
+    for schedule in SCHEDULES:
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = make_scheduler(opt, schedule, 0.1, steps)
+        lrs: list[float] = []
+        for _ in range(steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        seen[schedule] = lrs
+    assert seen["constant"] == [0.1] * steps
+    assert seen["cosine"][0] == pytest.approx(0.1) and seen["cosine"][-1] < 0.001
+    assert all(a >= b for a, b in itertools.pairwise(seen["cosine"]))
+    peak = max(range(steps), key=lambda i: seen["onecycle"][i])
+    assert seen["onecycle"][0] < 0.01 and seen["onecycle"][peak] == pytest.approx(0.1, rel=1e-3)
+    assert abs(peak - steps // 4) <= 1  # warm-up over the first quarter, then down
+    assert seen["onecycle"][-1] < 0.001
+    assert seen["step"][: steps // 2] == [pytest.approx(0.1)] * (steps // 2)
+    assert seen["step"][steps // 2] == pytest.approx(0.01)
+    assert seen["step"][-1] == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize(
+    ("options", "bad"),
+    [
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"label_smoothing": -0.1}, "label_smoothing"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"lr": 0.0}, "lr"),
+    ],
+)
+def test_train_classifier_rejects_bad_options(options: dict[str, Any], bad: str) -> None:
+    x, y = halves_problem(8, seed=0)
+    with pytest.raises(ConfigError, match=bad):
+        train_classifier(tiny_net(), x, y, **options)
+    with pytest.raises(ConfigError, match=bad):
+        TrainRecipe(**options)
+
+
+def test_random_hflip_mirrors_about_half_the_images() -> None:
+    x = torch.rand(400, 2, 5, 7)
+    out = random_hflip(x, torch.Generator().manual_seed(0))
+    same = torch.tensor([torch.equal(a, b) for a, b in zip(out, x, strict=True)])
+    mirrored = torch.tensor([torch.equal(a, b.flip(2)) for a, b in zip(out, x, strict=True)])
+    assert bool((same ^ mirrored).all())  # each image is either kept or mirrored
+    assert 150 < int(mirrored.sum()) < 250
+    assert torch.equal(out, random_hflip(x, torch.Generator().manual_seed(0)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes per architecture and data set
+
+
+def test_default_recipe_is_train_classifiers_default() -> None:
+    assert recipe_for("lenet5", "mnist") == TrainRecipe()
+    assert recipe_for("lenet5-half", "mnist-train") == TrainRecipe()
+
+
+@pytest.mark.parametrize("dataset", sorted(DIGIT_DATASETS))
+def test_flips_are_refused_for_digits(dataset: str) -> None:
+    assert not recipe_for("lenet5", dataset).hflip
+    assert not recipe_for("resnet14-s", dataset).hflip
+    with pytest.raises(ConfigError, match=rf"hflip.*{re.escape(dataset)}"):
+        recipe_for("resnet14-s", dataset, hflip=True)
+    with pytest.raises(ConfigError, match="digits"):
+        check_flips(dataset, True)
+    check_flips(dataset, False)
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar10", "cifar100"])
+def test_flips_are_on_for_mirror_symmetric_classes(dataset: str) -> None:
+    assert recipe_for("lenet5", dataset).hflip
+    assert recipe_for("resnet14-s", dataset).hflip
+    assert not recipe_for("resnet14-s", dataset, hflip=False).hflip
+
+
+def test_unknown_data_sets_flip_only_when_asked() -> None:
+    assert not recipe_for("resnet14-s", "imagefolder").hflip
+    assert recipe_for("resnet14-s", "imagefolder", hflip=True).hflip
+
+
+def test_residual_recipe() -> None:
+    fashion = recipe_for("resnet14-s", "fashion-mnist")
+    assert (fashion.optimizer, fashion.schedule, fashion.max_shift) == ("sgd", "onecycle", 2)
+    assert recipe_for("resnet14-s", "cifar10").max_shift == 4  # CIFAR's usual pad-4 crops at 32×32

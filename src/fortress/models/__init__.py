@@ -1,7 +1,8 @@
 """Model zoo: staged backbones registered by name, plus saving/loading as safetensors + JSON.
 
 Every factory takes keyword arguments ``num_classes``, ``in_channels`` and ``image_size`` and
-returns a :class:`StagedBackbone`.
+returns a :class:`StagedBackbone`. :func:`recipe_for` gives the training recipe of an architecture
+on a named data set (:mod:`fortress.models.recipes`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from typing import Any
 
 from fortress.models import lenet as _lenet
 from fortress.models import resnet as _resnet
+from fortress.models import resnet_s as _resnet_s
 from fortress.models import vgg as _vgg
 from fortress.models.io import load_model, load_state, save_model, save_state
+from fortress.models.recipes import TrainRecipe, recipe_for
 from fortress.models.staged import StagedBackbone, from_sequential, from_stages
 from fortress.models.train import TrainReport, evaluate_accuracy, predict_logits, train_classifier
 from fortress.registry import Registry
@@ -20,6 +23,7 @@ from fortress.registry import Registry
 __all__ = [
     "MODELS",
     "StagedBackbone",
+    "TrainRecipe",
     "TrainReport",
     "create_model",
     "evaluate_accuracy",
@@ -28,6 +32,7 @@ __all__ = [
     "load_model",
     "load_state",
     "predict_logits",
+    "recipe_for",
     "save_model",
     "save_state",
     "train_classifier",
@@ -50,6 +55,7 @@ MODELS.add("lenet5", _lenet5)
 MODELS.add("lenet5-half", _lenet5_half)
 MODELS.add("resnet18-8x", _resnet.resnet18_8x)
 MODELS.add("resnet34-8x", _resnet.resnet34_8x)
+MODELS.add("resnet14-s", _resnet_s.resnet14_s)
 MODELS.add("vgg11", _vgg.vgg11)
 MODELS.add("vgg16", _vgg.vgg16)
 

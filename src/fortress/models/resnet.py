@@ -24,6 +24,7 @@ __all__ = [
     "default_normalisation",
     "resnet18_8x",
     "resnet34_8x",
+    "staged_resnet",
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -109,9 +110,12 @@ def _layer(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequenti
     return nn.Sequential(*mods)
 
 
-def _resnet(
+def staged_resnet(
     blocks: Sequence[int],
     *,
+    planes: Sequence[int] = _PLANES,
+    strides: Sequence[int] = _STRIDES,
+    stem_stride: int = 1,
     num_classes: int,
     in_channels: int,
     image_size: int,
@@ -119,22 +123,48 @@ def _resnet(
     std: Sequence[float] | None,
     arch: str,
 ) -> StagedBackbone:
+    """Build a staged CIFAR-style ResNet of basic blocks, one stage per residual layer.
+
+    A 3×3 stem with ``planes[0]`` channels at stride ``stem_stride`` (no max-pool), then one layer
+    of ``blocks[i]`` basic blocks with ``planes[i]`` channels at stride ``strides[i]`` per stage,
+    global average pooling and one linear layer. Stage 0 is the stem plus the first layer.
+
+    Args:
+        blocks: basic blocks per layer (one positive count per stage).
+        planes: channels of each layer.
+        strides: stride of each layer's first block.
+        stem_stride: stride of the stem convolution (1 in CIFAR-style ResNets).
+        num_classes: output classes.
+        in_channels: image channels.
+        image_size: square input size (at least 8).
+        mean: normalisation mean (CIFAR-10's for 3 channels, 0.5 otherwise).
+        std: normalisation std.
+        arch: the registry name recorded in saved configs.
+
+    Raises:
+        ConfigError: a size is out of range or the per-stage lists differ in length.
+    """
     check_common(num_classes, in_channels, image_size, 8, arch)
     mean_t, std_t = default_normalisation(in_channels, mean, std)
+    if len(planes) != len(strides) or any(p < 1 for p in planes) or min(*strides, stem_stride) < 1:
+        raise ConfigError(
+            f"{arch}: need positive planes and strides per stage, got {list(planes)}, {list(strides)}, "
+            f"stem stride {stem_stride}"
+        )
     stem = nn.Sequential(
-        nn.Conv2d(in_channels, _PLANES[0], 3, stride=1, padding=1, bias=False),
-        nn.BatchNorm2d(_PLANES[0]),
+        nn.Conv2d(in_channels, planes[0], 3, stride=stem_stride, padding=1, bias=False),
+        nn.BatchNorm2d(planes[0]),
         nn.ReLU(),
     )
     layers: list[nn.Sequential] = []
-    in_planes = _PLANES[0]
-    if len(blocks) != len(_PLANES) or any(n < 1 for n in blocks):
-        raise ConfigError(f"{arch}: need {len(_PLANES)} positive block counts, got {list(blocks)}")
-    for planes, n, stride in zip(_PLANES, blocks, _STRIDES, strict=True):
-        layers.append(_layer(in_planes, planes, n, stride))
-        in_planes = planes
+    in_planes = planes[0]
+    if len(blocks) != len(planes) or any(n < 1 for n in blocks):
+        raise ConfigError(f"{arch}: need {len(planes)} positive block counts, got {list(blocks)}")
+    for width, n, stride in zip(planes, blocks, strides, strict=True):
+        layers.append(_layer(in_planes, width, n, stride))
+        in_planes = width
     stages: list[nn.Module] = [nn.Sequential(stem, layers[0]), *layers[1:]]
-    classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(_PLANES[-1], num_classes))
+    classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(planes[-1], num_classes))
     return StagedBackbone(
         stages,
         classifier,
@@ -168,7 +198,7 @@ def resnet18_8x(
         >>> resnet18_8x().stage_channels
         [64, 128, 256, 512]
     """
-    return _resnet(
+    return staged_resnet(
         (2, 2, 2, 2),
         num_classes=num_classes,
         in_channels=in_channels,
@@ -200,7 +230,7 @@ def resnet34_8x(
         >>> resnet34_8x().stage_shapes[-1]
         (512, 4, 4)
     """
-    return _resnet(
+    return staged_resnet(
         (3, 4, 6, 3),
         num_classes=num_classes,
         in_channels=in_channels,
