@@ -32,12 +32,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import sys
 import time
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal, cast, dataclass_transform
 
 import torch
 from torch import Tensor, nn
@@ -47,11 +46,6 @@ from fortress.errors import ConfigError
 from fortress.models.train import predict_logits
 from fortress.oracle import Oracle, OutputMode
 from fortress.tensors import check_labels
-
-if sys.version_info >= (3, 11):
-    from typing import dataclass_transform
-else:  # pragma: no cover - Python 3.10
-    from typing_extensions import dataclass_transform
 
 __all__ = [
     "Attack",
