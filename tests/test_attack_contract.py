@@ -51,6 +51,10 @@ TINY: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "disguide": ({"batch_size": 16, "nz": 16, "ngf": 4, "replay_iter": 1}, "soft"),
     "ideal": ({"batch_size": 40, "g_steps": 2, "nz": 16, "ngf": 4, "train_batch_size": 32}, "hard"),
+    "exit-aware": (
+        {"batch_size": 16, "grad_m": 1, "d_iter": 2, "nz": 16, "ngf": 4, "calib_queries": 16, "min_examples": 2},
+        "soft",
+    ),
     "smoothing": ({"repeats": 3, "epochs": 1, "batch_size": 32, "query_batch_size": 50}, "soft"),
     "ddae": (
         {

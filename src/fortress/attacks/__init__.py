@@ -15,6 +15,7 @@ from fortress.attacks.ddae import DDAE
 from fortress.attacks.dfme import DFME
 from fortress.attacks.dfms_hl import DFMSHL
 from fortress.attacks.disguide import DisGUIDE
+from fortress.attacks.exit_aware import ExitAware
 from fortress.attacks.hparams import hp
 from fortress.attacks.ideal import IDEAL
 from fortress.attacks.jbda import JBDA
@@ -38,6 +39,7 @@ __all__ = [
     "Checkpoint",
     "DisGUIDE",
     "EvalSet",
+    "ExitAware",
     "KnockoffNets",
     "PoolKind",
     "ProgressFn",
@@ -57,3 +59,4 @@ ATTACKS.add("disguide", DisGUIDE)
 ATTACKS.add("ideal", IDEAL)
 ATTACKS.add("smoothing", Smoothing)
 ATTACKS.add("ddae", DDAE)
+ATTACKS.add("exit-aware", ExitAware)
