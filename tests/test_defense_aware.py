@@ -133,7 +133,7 @@ def test_ddae_recovers_the_victims_answers_through_a_simulated_defense(victim: S
         budget=100,
         perturb_factory=perturb_factory("reverse-sigmoid", beta=0.7, gamma=0.4),
         shadow_epochs=2,
-        recovery_epochs=5,
+        recovery_epochs=40,
         refine_rounds=1,
         epochs=1,
     )
@@ -164,7 +164,19 @@ def test_perturb_factory_defends_a_shadow_as_the_registered_defense(victim: Stag
 
 def test_perturb_factory_for_a_saved_defense(tmp_path: Any, victim: StagedBackbone) -> None:
     ReverseSigmoid(victim, beta=0.3, gamma=0.1).save(tmp_path / "rs")
-    factory = perturb_factory_for(tmp_path / "rs")
+    factory = perturb_factory_for(tmp_path / "rs", seed=1)  # reverse sigmoid takes no seed: ignored
     assert repr(factory) == "reverse-sigmoid(beta=0.3, gamma=0.1)"
     x = torch.rand(2, 1, 28, 28)
     assert torch.allclose(factory(victim)(x), ReverseSigmoid(victim, beta=0.3, gamma=0.1)(x))
+
+
+def test_perturb_factory_for_a_saved_surrogate_defense_takes_the_attackers_seed(
+    tmp_path: Any, victim: StagedBackbone
+) -> None:
+    from fortress.defenses import MAD
+
+    MAD(victim, epsilon=0.5, seed=0).save(tmp_path / "mad")
+    factory = perturb_factory_for(tmp_path / "mad", seed=7)
+    assert factory.params["seed"] == 7 and factory.params["epsilon"] == 0.5
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.allclose(factory(victim)(x), MAD(victim, epsilon=0.5, seed=7)(x))

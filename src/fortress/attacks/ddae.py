@@ -154,7 +154,8 @@ class DDAE(Attack):
     3. **Simulated defense.** ``perturb_factory(shadow)`` defends the shadow with the victim's
        defense algorithm and parameters. On every pool image and ``pair_copies − 1`` jittered copies
        of it (shifts of up to 2 pixels; no query: the shadow is the attacker's), the shadow's clean
-       rows and its defended rows form the training pairs.
+       rows and its defended rows form the training pairs (with ``symmetrise``, each pair's classes
+       permuted at random).
     4. **Detector and recovery** (:func:`fit_recovery`), then every victim answer the detector flags
        is replaced by its recovery.
     5. ``refine_rounds`` times: the shadow is retrained on the recovered answers (soft
@@ -179,6 +180,11 @@ class DDAE(Attack):
         recovery_hidden: width of the detector and recovery networks.
         recovery_epochs: their training epochs.
         detect_threshold: detector probability at or above which an answer is recovered.
+        symmetrise: permute the classes of every shadow pair at random (the same permutation for
+            its clean and its perturbed row), so the detector and the recovery learn no preference
+            for particular classes: a defense's choices that depend on weights the attacker cannot
+            know (MAD's and GRAD²'s surrogate pick the class that receives the moved mass) differ
+            between the shadow and the victim.
         query_batch_size: rows per oracle call.
         epochs, batch_size, optimizer, lr: clone (and shadow) training, as Knockoff's.
 
@@ -205,6 +211,7 @@ class DDAE(Attack):
     recovery_hidden: int = hp(default=64, ge=1)
     recovery_epochs: int = hp(default=30, ge=1)
     detect_threshold: float = hp(default=0.5, gt=0, lt=1)
+    symmetrise: bool = hp(default=True)
     query_batch_size: int = hp(default=64, ge=1)
     epochs: int = hp(default=30, ge=1)
     batch_size: int = hp(default=64, ge=2, why="BatchNorm needs two samples")
@@ -245,6 +252,9 @@ class DDAE(Attack):
         with torch.no_grad():
             clean = F.softmax(predict_logits(shadow, views.to(device)), dim=1).cpu()
             perturbed = torch.cat([defended(c.to(device)).detach().float().cpu() for c in chunks])
+        if self.symmetrise:  # one random class permutation per pair, the same for its two rows
+            perm = torch.rand(clean.shape, generator=rng).argsort(dim=1)
+            clean, perturbed = clean.gather(1, perm), perturbed.gather(1, perm)
         return clean, perturbed
 
     def _extract(self, run: AttackRun) -> dict[str, Any]:

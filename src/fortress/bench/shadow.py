@@ -20,6 +20,7 @@ surrogate from its ``seed`` parameter, which the attacker chooses (it does not k
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from fortress.models.io import read_json
 from fortress.models.staged import StagedBackbone
 
 __all__ = ["SIMULABLE", "DefenseSimulator", "perturb_factory", "perturb_factory_for"]
+
+log = logging.getLogger(__name__)
 
 #: Defenses whose answers are a function of the model's output and of parameters alone (no training
 #: of their own, no exits): what a shadow model defended "the same way" can reproduce.
@@ -88,12 +91,17 @@ def perturb_factory_for(directory: Path, **overrides: Any) -> DefenseSimulator:
     """The algorithm and parameters of the defense saved in ``directory`` (its ``defense.json``).
 
     ``overrides`` replace saved parameters: what the attacker cannot know, e.g. a surrogate's
-    ``seed``. Only the parameters the constructor takes are kept (the record also holds derived
+    ``seed`` (an override the defense does not take is ignored, so one override fits every
+    defense). Only the parameters the constructor takes are kept (the record also holds derived
     facts such as a surrogate's training epochs).
     """
     meta = read_json(Path(directory) / "defense.json")
     name = str(meta.get("defense"))
     _, params = read_defense_meta(Path(directory), name)
     ctor = inspect.signature(DEFENSES.get(name)).parameters
-    kept = {k: v for k, v in params.items() if k in ctor and k != "victim" and not isinstance(v, dict | list)}
-    return DefenseSimulator(name, {**kept, **overrides})
+    takes = {k for k in ctor if k != "victim"}
+    kept = {k: v for k, v in params.items() if k in takes and not isinstance(v, dict | list)}
+    ignored = sorted(set(overrides) - takes)
+    if ignored:
+        log.info("defense %r takes no %s; the override is ignored", name, ", ".join(ignored))
+    return DefenseSimulator(name, {**kept, **{k: v for k, v in overrides.items() if k in takes}})
