@@ -116,9 +116,9 @@ class ExitAware(DFME):
     their answers are the detector's exit-0 examples. During the run, every student-step answer whose
     top probability is below ``min(thresholds)`` is a final-exit example (the last ``max_examples``
     are kept). Once ``min_examples`` of them exist the detector is fitted, and refitted every
-    ``refit_every`` iterations (``refit_every · d_iter`` student batches). Until then answers at or
-    above the smallest threshold are treated as suspect (the threshold rule of
-    ``adaptive-entropy``'s ``suspect_weight``).
+    ``refit_every`` iterations (``refit_every · d_iter`` student batches). Until then the attack is
+    plain DFME: dropping every confident answer before the detector exists would stall the clone
+    (and with it the generator) while DNF answers nearly everything from exit 0.
 
     Clone loss: DFME's per-sample disagreement, weighted 1 for answers below the smallest threshold
     and for answers the detector scores below 0.5, ``suspect_weight`` for the others. Generator
@@ -211,7 +211,7 @@ class ExitAware(DFME):
 
     def exit0_score(self, probs: Tensor, latency: Tensor | None = None) -> Tensor:
         """The attacker's belief that each answer came from exit 0 ``(B,)``: 0 below the smallest
-        threshold, else the detector's score (the threshold rule, 1, before the first fit)."""
+        threshold, else the detector's score (1 before the first fit: any confident answer may be)."""
         below = probs.amax(dim=1) < self._r_min
         if self.detector.ready:
             score = torch.from_numpy(self.detector.score(self._features(probs, latency))).to(probs)
@@ -268,8 +268,9 @@ class ExitAware(DFME):
         self._stats["batches"] += 1
         if not self.detector.ready or self._stats["batches"] % (self.refit_every * self.d_iter) == 0:
             self._refit()
-        score = self.exit0_score(probs, latency)
-        flagged = score >= 0.5
+        # until the detector has examples of both kinds, every answer counts (plain DFME): dropping
+        # all confident answers would stall the clone, and with it the generator, at the start
+        flagged = self.exit0_score(probs, latency) >= 0.5 if self.detector.ready else torch.zeros_like(below)
         weights = torch.where(flagged, self.suspect_weight, 1.0).to(probs.dtype)
         self._stats["answers"] += probs.shape[0]
         self._stats["below"] += int(below.sum())
