@@ -60,6 +60,15 @@ def test_disguide_spends_queries_only_on_student_batches(victim: StagedBackbone,
     assert result.extras["iterations"] == 3 and result.extras["replay_rows"] == 100
     assert len(result.extras["member_accs"]) == 2 and 0.0 <= result.extras["ensemble_acc"] <= 1.0
     assert result.extras["member_accs"][0] == result.clone_acc  # the clone returned is member 0
+    assert result.extras["mean_disagreement"] > 1e-4  # two different clones, something to disagree on
+
+
+def test_disguide_clones_start_apart_when_the_clone_was_made_under_the_attack_seed(victim: StagedBackbone) -> None:
+    """The benchmark seeds torch with the attack's seed before creating the clone; the second clone must differ."""
+    torch.manual_seed(0)
+    clone = create_model("lenet5-half")
+    result = DisGUIDE(LocalOracle(Undefended(victim)), budget=32, batch_size=16, ngf=4, nz=8, seed=0).run(clone)
+    assert result.extras["mean_disagreement"] > 1e-4
 
 
 def test_disguide_hard_label_mode_matches_a_hard_oracle(victim: StagedBackbone) -> None:
@@ -94,12 +103,18 @@ def test_replay_memory_keeps_the_newest_rows() -> None:
         ReplayMemory(3).sample(1, torch.Generator())
 
 
-def test_a_reinitialised_copy_has_the_architecture_but_new_weights(victim: StagedBackbone) -> None:
-    twin = reinitialised_copy(victim)
-    assert type(twin) is type(victim)
-    pairs = list(zip(victim.parameters(), twin.parameters(), strict=True))
+def test_a_reinitialised_copy_has_the_architecture_but_new_weights() -> None:
+    """Even right after the seed the model was made under (the attack seeds torch with its own seed)."""
+    torch.manual_seed(0)
+    model = create_model("lenet5-half")
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    twin = reinitialised_copy(model, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's global stream is untouched
+    assert type(twin) is type(model)
+    pairs = list(zip(model.parameters(), twin.parameters(), strict=True))
     assert all(a.shape == b.shape for a, b in pairs)
-    assert any(not torch.equal(a, b) for a, b in pairs)
+    assert all(not torch.equal(a, b) for a, b in pairs if a.dim() > 1)
 
 
 # -- IDEAL ----------------------------------------------------------------------------------------

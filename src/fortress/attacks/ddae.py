@@ -266,7 +266,7 @@ class DDAE(Attack):
         images = pool[torch.randperm(pool.shape[0], generator=rng)[:n]]
         answers = run.query_batches(images, self.query_batch_size).cpu()
 
-        shadow = reinitialised_copy(run.clone).to(device)
+        shadow = reinitialised_copy(run.clone, rng).to(device)
         targets = top1_rows(answers)
         flagged: list[float] = []
         quality: list[dict[str, float]] = []

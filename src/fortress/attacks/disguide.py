@@ -200,21 +200,22 @@ class DisGUIDE(Attack):
     def _generator_step(
         self, run: AttackRun, clones: nn.ModuleList, generator: DFMEGenerator, opt_g: torch.optim.Optimizer
     ) -> float:
-        """One generator update toward clone disagreement and class diversity (no query)."""
+        """One generator update toward clone disagreement and class diversity (no query); returns the disagreement."""
         clones.eval()
         generator.train()
         z = torch.randn(self.batch_size, self.nz, generator=run.rng).to(run.device)
         with keep_requires_grad(clones):
             clones.requires_grad_(False)  # white-box through the clones; only the generator learns here
             probs = F.softmax(torch.stack([c(to_unit(generator(z))) for c in clones]), dim=2)
-            loss = -disagreement(probs)
+            spread = disagreement(probs)
+            loss = -spread
             if self.diversity_weight > 0:
                 mean = probs.mean(dim=(0, 1)) + 1e-6
                 loss = loss + self.diversity_weight * (mean * mean.log()).sum()
             opt_g.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
         opt_g.step()
-        return loss.item()
+        return spread.item()
 
     @torch.no_grad()
     def _sample(self, run: AttackRun, generator: DFMEGenerator, n: int) -> Tensor:
@@ -226,11 +227,13 @@ class DisGUIDE(Attack):
         """Extract ``run.clone`` (ensemble member 0) from the oracle (data-free: no pool).
 
         Extras of the result: ``iterations``, ``cost_per_iteration``, ``replay_rows``,
-        ``final_clone_loss``, ``final_generator_loss``, ``generator_s`` and ``student_s`` (wall
+        ``final_clone_loss``, ``mean_disagreement`` (the clones' disagreement on the generator's
+        batches, averaged over the generator steps), ``generator_s`` and ``student_s`` (wall
         time), and with an eval set ``member_accs`` (every clone) and ``ensemble_acc`` (soft vote).
         """
         c, s, _ = self.oracle.input_shape
-        clones = nn.ModuleList([run.clone, *(reinitialised_copy(run.clone) for _ in range(self.ensemble_size - 1))])
+        twins = [reinitialised_copy(run.clone, run.rng) for _ in range(self.ensemble_size - 1)]
+        clones = nn.ModuleList([run.clone, *twins])
         clones = clones.to(run.device)
         generator = DFMEGenerator(nz=self.nz, ngf=self.ngf, out_channels=c, image_size=s).to(run.device)
         opt_s = make_optimizer(
@@ -242,7 +245,8 @@ class DisGUIDE(Attack):
         scheds = [torch.optim.lr_scheduler.MultiStepLR(o, steps, gamma=self.lr_gamma) for o in (opt_s, opt_g)]
         memory = ReplayMemory(self.replay_size)
         t_gen = t_stu = 0.0
-        g_loss = s_loss = float("nan")
+        s_loss = float("nan")
+        spreads: list[float] = []
         log.info("DisGUIDE: %d iterations of %d queries (budget %d)", n_iter, self.cost_per_iteration, self.budget)
 
         def student_batch(n: int) -> float:
@@ -255,7 +259,7 @@ class DisGUIDE(Attack):
         for _ in range(n_iter):
             t0 = time.perf_counter()
             for _ in range(self.g_iter):
-                g_loss = self._generator_step(run, clones, generator, opt_g)
+                spreads.append(self._generator_step(run, clones, generator, opt_g))
             t1 = time.perf_counter()
             for _ in range(self.d_iter):
                 s_loss = student_batch(self.batch_size)
@@ -278,7 +282,7 @@ class DisGUIDE(Attack):
             "cost_per_iteration": self.cost_per_iteration,
             "replay_rows": len(memory),
             "final_clone_loss": s_loss,
-            "final_generator_loss": g_loss,
+            "mean_disagreement": sum(spreads) / len(spreads) if spreads else float("nan"),
             "generator_s": t_gen,
             "student_s": t_stu,
         }

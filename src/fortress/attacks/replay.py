@@ -77,21 +77,28 @@ class ReplayMemory:
         return self._x[idx], self._y[idx]
 
 
-def reinitialised_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` with every layer re-initialised (draws from torch's global generator).
+def reinitialised_copy(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """A deep copy of ``module`` with every layer re-initialised from a seed drawn from ``generator``.
 
-    Layers without ``reset_parameters`` (activations, pooling, containers) have nothing to reset;
-    BatchNorm running statistics are reset too.
+    The layers' own initialisers draw from torch's global generator; they run under a seed taken
+    from ``generator`` (the caller's global state is left as it was). Seeding them from the
+    caller's stream matters: a clone created right after ``torch.manual_seed(s)`` and a copy
+    re-initialised right after the same call would otherwise be identical. Layers without
+    ``reset_parameters`` (activations, pooling, containers) have nothing to reset; BatchNorm
+    running statistics are reset too.
 
     Example:
         >>> a = nn.Linear(3, 2)
-        >>> b = reinitialised_copy(a)
+        >>> b = reinitialised_copy(a, torch.Generator().manual_seed(0))
         >>> b.weight.shape == a.weight.shape and not torch.equal(a.weight, b.weight)
         True
     """
     twin = copy.deepcopy(module)
-    for layer in twin.modules():
-        reset = getattr(layer, "reset_parameters", None)
-        if callable(reset):
-            reset()
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in twin.modules():
+            reset = getattr(layer, "reset_parameters", None)
+            if callable(reset):
+                reset()
     return twin
