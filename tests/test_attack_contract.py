@@ -23,6 +23,17 @@ from fortress.oracle import LocalOracle
 
 BUDGET = 240
 
+
+def lifted_floor(model: nn.Module) -> Any:
+    """A toy perturbation defense for D-DAE's shadow: every probability lifted by 0.1, renormalised."""
+
+    def perturb(x: Tensor) -> Tensor:
+        p = model(x).softmax(1)
+        return (p + 0.1) / (1 + 0.1 * p.shape[1])
+
+    return perturb
+
+
 #: Per attack: (constructor settings small enough for a few seconds, output mode).
 TINY: dict[str, tuple[dict[str, Any], str]] = {
     "dfme": ({"batch_size": 16, "grad_m": 1, "d_iter": 2, "nz": 16, "ngf": 4}, "soft"),
@@ -36,6 +47,25 @@ TINY: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "adaptive-entropy": (
         {"variant": "ee-entropy", "batch_size": 16, "grad_m": 1, "d_iter": 2, "nz": 16, "ngf": 4},
+        "soft",
+    ),
+    "disguide": ({"batch_size": 16, "nz": 16, "ngf": 4, "replay_iter": 1}, "soft"),
+    "ideal": ({"batch_size": 40, "g_steps": 2, "nz": 16, "ngf": 4, "train_batch_size": 32}, "hard"),
+    "exit-aware": (
+        {"batch_size": 16, "grad_m": 1, "d_iter": 2, "nz": 16, "ngf": 4, "calib_queries": 16, "min_examples": 2},
+        "soft",
+    ),
+    "smoothing": ({"repeats": 3, "epochs": 1, "batch_size": 32, "query_batch_size": 50}, "soft"),
+    "ddae": (
+        {
+            "perturb_factory": lifted_floor,
+            "shadow_epochs": 1,
+            "refine_rounds": 0,
+            "pair_copies": 1,
+            "recovery_epochs": 1,
+            "epochs": 1,
+            "batch_size": 32,
+        },
         "soft",
     ),
 }

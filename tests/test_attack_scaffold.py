@@ -160,7 +160,9 @@ def test_every_declared_range_is_enforced_naming_the_value(name: str, victim: St
 def test_each_attack_declares_its_pool(name: str) -> None:
     cls = ATTACKS.get(name)
     assert isinstance(cls.pool_kind, PoolKind)
-    assert (cls.default_pool is None) == (name in {"dfme", "adaptive-entropy", "arch-steal"})
+    assert (cls.default_pool is None) == (
+        name in {"dfme", "adaptive-entropy", "arch-steal", "disguide", "ideal", "exit-aware"}
+    )
 
 
 def test_declared_types_are_checked_and_normalised(victim: StagedBackbone) -> None:

@@ -11,17 +11,24 @@ from fortress.attacks.activethief import ActiveThief
 from fortress.attacks.adaptive import AdaptiveEntropy
 from fortress.attacks.arch_steal import ArchSteal
 from fortress.attacks.base import Attack, AttackResult, AttackRun, Checkpoint, EvalSet, PoolKind, ProgressFn
+from fortress.attacks.ddae import DDAE
 from fortress.attacks.dfme import DFME
 from fortress.attacks.dfms_hl import DFMSHL
+from fortress.attacks.disguide import DisGUIDE
+from fortress.attacks.exit_aware import ExitAware
 from fortress.attacks.hparams import hp
+from fortress.attacks.ideal import IDEAL
 from fortress.attacks.jbda import JBDA
 from fortress.attacks.knockoff import KnockoffNets
+from fortress.attacks.smoothing import Smoothing
 from fortress.registry import Registry
 
 __all__ = [
     "ATTACKS",
+    "DDAE",
     "DFME",
     "DFMSHL",
+    "IDEAL",
     "JBDA",
     "ActiveThief",
     "AdaptiveEntropy",
@@ -30,10 +37,13 @@ __all__ = [
     "AttackResult",
     "AttackRun",
     "Checkpoint",
+    "DisGUIDE",
     "EvalSet",
+    "ExitAware",
     "KnockoffNets",
     "PoolKind",
     "ProgressFn",
+    "Smoothing",
     "hp",
 ]
 
@@ -45,3 +55,8 @@ ATTACKS.add("arch-steal", ArchSteal)
 ATTACKS.add("activethief", ActiveThief)
 ATTACKS.add("dfms-hl", DFMSHL)
 ATTACKS.add("adaptive-entropy", AdaptiveEntropy)
+ATTACKS.add("disguide", DisGUIDE)
+ATTACKS.add("ideal", IDEAL)
+ATTACKS.add("smoothing", Smoothing)
+ATTACKS.add("ddae", DDAE)
+ATTACKS.add("exit-aware", ExitAware)

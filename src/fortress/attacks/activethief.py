@@ -178,6 +178,7 @@ class ActiveThief(GrowingSetAttack):
         lr: Adam learning rate of the clone.
         batch_size: training mini-batch size (original: 50).
         retrain_from_scratch: reset the clone to its initial weights before each training (original).
+        top1: train on the top-1 label of every answer only (the attacker's counter to output perturbation).
         deepfool_iters: DeepFool iterations (original: 20).
         overshoot: DeepFool overshoot.
         dfal_candidates: unlabelled images DeepFool scores per round (``None``: all of them).

@@ -277,6 +277,10 @@ class DFME(Attack):
             return F.l1_loss(logits, centered_log_probs(probs))
         return F.kl_div(F.log_softmax(logits, dim=1), safe_log(probs), log_target=True, reduction="batchmean")
 
+    def _student_query(self, run: AttackRun, x: Tensor) -> Tensor:
+        """The victim's answers to a student batch (a hook for subclasses; the labels are counted by the step)."""
+        return run.query(x, count=False)
+
     @torch.no_grad()
     def _sample(self, run: AttackRun, generator: DFMEGenerator) -> Tensor:
         # G stays in train mode (batch statistics), as in the original student step.
@@ -316,7 +320,7 @@ class DFME(Attack):
                     x, p = base_x, base_p
                 else:
                     x = self._sample(run, generator)
-                    p = run.query(x, count=False)
+                    p = self._student_query(run, x)
                 last_loss = self._student_step(clone, opt_s, x, p, run.label_hist)
             for sched in scheds:
                 sched.step()
@@ -328,7 +332,7 @@ class DFME(Attack):
         while self.tail_student_steps and run.queries_left >= self.batch_size:
             t1 = time.perf_counter()
             x = self._sample(run, generator)
-            last_loss = self._student_step(clone, opt_s, x, run.query(x, count=False), run.label_hist)
+            last_loss = self._student_step(clone, opt_s, x, self._student_query(run, x), run.label_hist)
             t_stu += time.perf_counter() - t1
             tail += 1
             run.step_done()

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fortress.attacks.answers import top1_rows
 from fortress.attacks.base import Attack, AttackRun
 from fortress.attacks.common import train_clone
 from fortress.attacks.hparams import hp
@@ -36,6 +37,8 @@ class GrowingSetAttack(Attack):
         lr: Adam learning rate of the clone.
         batch_size: training mini-batch size.
         retrain_from_scratch: reset the clone to its initial weights before each training.
+        top1: train on the top-1 label of every answer only (one-hot rows): the attacker's counter
+            to defenses that distort the rest of the row.
     """
 
     output_modes = (OutputMode.SOFT, OutputMode.HARD, OutputMode.TOPK)
@@ -44,6 +47,7 @@ class GrowingSetAttack(Attack):
     lr: float = hp(default=1e-3, gt=0)
     batch_size: int = hp(default=64, ge=1)
     retrain_from_scratch: bool = hp(default=True)
+    top1: bool = hp(default=False)
 
     @abstractmethod
     def _epochs(self) -> int:
@@ -67,6 +71,11 @@ class GrowingSetAttack(Attack):
     def _seeded(self, run: AttackRun, indices: Tensor) -> None:
         """Told which pool rows form the seed set (a hook for attacks that track pool rows)."""
 
+    def _answers(self, run: AttackRun, x: Tensor) -> Tensor:
+        """The oracle's rows for ``x`` as the clone trains on them (top-1 only with ``top1``)."""
+        answers = run.query(x)
+        return top1_rows(answers) if self.top1 else answers
+
     def _extract(self, run: AttackRun) -> dict[str, Any]:
         """Seed set, then rounds of training and growing.
 
@@ -79,7 +88,7 @@ class GrowingSetAttack(Attack):
         first = torch.randperm(run.pool.shape[0], generator=run.rng)[: self._seed_count()]
         self._seeded(run, first)
         x = run.pool[first]
-        y = run.query(x)
+        y = self._answers(run, x)
         sizes: list[int] = []
         losses: list[float] = []
         while True:
@@ -94,6 +103,6 @@ class GrowingSetAttack(Attack):
             new = self._grow(run, x, y, len(sizes) - 1)
             if new is None:
                 break
-            x, y = torch.cat([x, new]), torch.cat([y, run.query(new)])
+            x, y = torch.cat([x, new]), torch.cat([y, self._answers(run, new)])
             log.debug("%s round %d: %d labelled, %d queries used", self.name, len(sizes), x.shape[0], run.queries_used)
         return {"rounds": len(sizes) - 1, "round_sizes": sizes, "train_loss": losses}

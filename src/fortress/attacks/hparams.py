@@ -160,7 +160,14 @@ def settle(obj: Any) -> None:
 
 
 def plain(value: Any) -> Any:
-    """``value`` with tuples turned into lists, recursively (as JSON would hold it)."""
+    """``value`` with tuples turned into lists, recursively (as JSON would hold it).
+
+    An injected algorithm (a callable, e.g. D-DAE's ``perturb_factory``) is recorded by its
+    ``repr`` when it is an object that describes itself, else by its qualified name.
+    """
     if isinstance(value, tuple | list):
         return [plain(v) for v in value]
+    if callable(value) and not isinstance(value, type):
+        name = getattr(value, "__qualname__", None)
+        return name if isinstance(name, str) else repr(value)
     return value

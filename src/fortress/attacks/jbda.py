@@ -77,6 +77,8 @@ class JBDA(GrowingSetAttack):
         batch_size: training mini-batch size.
         retrain_from_scratch: reset the clone to its initial weights before each round's training
             (ModelGuard); otherwise fine-tune across rounds.
+        top1: train on the top-1 label of every answer only (the attacker's counter to output
+            perturbation; with JBDA-TR this is ModelGuard's "top-1" attacker variant).
 
     Example:
         >>> from fortress.defenses import Undefended

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fortress.attacks.answers import top1_rows
 from fortress.attacks.bandit import BanditPolicy, check_ids, kmeans, rank_within
 from fortress.attacks.base import Attack, AttackResult, AttackRun, EvalSet, PoolKind, ProgressFn
 from fortress.attacks.common import OptimizerName, make_optimizer, soft_cross_entropy, train_clone
@@ -103,6 +104,8 @@ class KnockoffNets(Attack):
         bandit_batch_size: paths drawn (and images queried) per bandit step (paper: 1).
         online_steps: clone optimiser steps on each new batch during the adaptive phase.
         diversity_window: Δ, past queries the ``div`` reward averages over (current one included).
+        top1: use only the top-1 label of every answer (one-hot rows), for rewards and training
+            alike: the attacker's counter to defenses that distort the rest of the row.
 
     Example:
         >>> from fortress.defenses.undefended import Undefended
@@ -139,6 +142,7 @@ class KnockoffNets(Attack):
     bandit_batch_size: int = hp(default=8, ge=1)
     online_steps: int = hp(default=1, ge=0)
     diversity_window: int = hp(default=25, ge=1)
+    top1: bool = hp(default=False)
 
     def run(
         self,
@@ -191,6 +195,7 @@ class KnockoffNets(Attack):
         if self.strategy == "random":
             images = pool[torch.randperm(n_pool, generator=run.rng)[:n]]
             targets = run.query_batches(images, self.query_batch_size)
+            targets = top1_rows(targets) if self.top1 else targets
         else:
             images, targets, extras = self._adaptive(run, n, labels, groups)
         losses = train_clone(
@@ -290,6 +295,7 @@ class KnockoffNets(Attack):
             idx = members[start[a] + taken[a] + rank]
             x = pool[idx]
             y = run.query(x).float()
+            y = top1_rows(y) if self.top1 else y
             clone.eval()
             with torch.no_grad():
                 logits = clone(x.to(device)).float().cpu()
