@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fortress.config import ProtectConfig, from_dict
+from fortress.data.spec import DataSpec
 from fortress.defenses import DEFENSES, Defense, TrainableDefense, Undefended
 from fortress.errors import ConfigError
 from fortress.models.staged import StagedBackbone
@@ -43,11 +44,11 @@ class BuildContext:
     """What a builder may use besides the victim.
 
     Attributes:
-        dataset: the victim's data set name (the defender's own training data).
+        data: the defender's own data (``None``: the spec the victim remembers, else the embedded digits).
         out: directory to save into and to keep checkpoints in (``None``: nothing is written).
     """
 
-    dataset: str = "mnist"
+    data: DataSpec | None = None
     out: Path | None = None
 
 
@@ -76,7 +77,7 @@ def _protect_config(params: dict[str, Any]) -> ProtectConfig:
 def _build_dnf(victim: StagedBackbone, params: dict[str, Any], ctx: BuildContext) -> Defense:
     from fortress.bench.pipeline import protect
 
-    return protect(victim, _protect_config(params), dataset=ctx.dataset, out=ctx.out, resume=True)
+    return protect(victim, _protect_config(params), data=ctx.data, out=ctx.out, resume=True)
 
 
 def _check_dnf(params: dict[str, Any]) -> None:
@@ -156,11 +157,11 @@ def build_defense(name: str, victim: StagedBackbone, params: dict[str, Any], ctx
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build defense {name!r} with params {ctor}: {exc}") from exc
     if fit is not None:
-        from fortress.bench.pipeline import defender_data
+        from fortress.bench.pipeline import data_for, defender_data
 
         assert isinstance(defense, TrainableDefense)  # checked with the params above
         defense.fit(
-            defender_data(ctx.dataset),
+            defender_data(data_for(victim, ctx.data)),
             _fit_config(type(defense), fit, name),
             checkpoint_dir=None if ctx.out is None else Path(ctx.out) / "checkpoints",  # an interrupted build resumes
         )
