@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from fortress.bench.build import BuildContext, build_defense
+from fortress.bench.build import BuildContext, build_defense, read_utility_match
 from fortress.bench.grid import Cell, GridConfig, defense_artifact_key, expand_grid, victim_artifact_key
 from fortress.bench.records import ResultRecord, append_record, read_records
 from fortress.config import VictimConfig, dump_toml, to_dict
@@ -198,12 +198,19 @@ def run_cell(cell: Cell, out: Path | str, threads: int | None = None, after: obj
             "grid": cell.grid,
             "victim_artifact": cell.victim_key,
             "defense_artifact": cell.defense_key,
+            **_matched(cell, out),
         },
     )
     facts = {"id_s_per_1k_queries": id_s, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
     rec = replace(rec, defense=cell.defense.display, extra={**rec.extra, **facts})
     data: dict[str, Any] = json.loads(rec.to_json())
     return data
+
+
+def _matched(cell: Cell, out: Path) -> dict[str, Any]:
+    """``{"utility_match": ...}`` for a defense built to a matched utility, else nothing (records keep their form)."""
+    found = read_utility_match(Path(out) / ARTIFACTS / cell.defense_key)
+    return {} if found is None else {"utility_match": found}
 
 
 def _ensure_victim_task(victim: VictimConfig, out: str, threads: int | None) -> str:
