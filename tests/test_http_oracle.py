@@ -47,7 +47,7 @@ class Served:
 @pytest.fixture
 def served(tmp_path: Path, saved: Path) -> Iterator[Served]:
     s = ServeSettings(saved, tmp_path / "keys.db", max_batch=16)
-    store = KeyStore(s.keys_path)
+    store = KeyStore(s.keys_path, create=True)
     with TestClient(create_app(s)) as client:
         yield Served(client, store, load_defense(saved))
     store.close()

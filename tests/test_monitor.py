@@ -30,6 +30,7 @@ from fortress.monitor import (
 )
 from fortress.monitor.exit_sprt import conservative_exit_probs, cusum, exit_llr
 from fortress.monitor.service import Watch
+from fortress.monitor.store import ProfileRecord
 
 ID_P = torch.tensor([0.002, 0.003, 0.005, 0.99])  # an ID exit profile: almost everything at the last exit
 
@@ -202,15 +203,34 @@ def test_profile_welford_equals_torch_over_stream() -> None:
         prof.update(_probs(2, 5), torch.tensor([0, 3]))
 
 
-def test_profile_store_roundtrip(tmp_path: Path) -> None:
+def test_profile_store_adds_batches_and_keeps_flags(tmp_path: Path) -> None:
+    """Each record adds its batch (never overwrites); a stored flag stays until a reset, which bumps the epoch."""
+    p1, p2 = _probs(3, 4), _probs(5, 4)
+    e1, e2 = torch.tensor([0, 1, 1]), torch.tensor([1, 1, 1, 0, 0])
+    a, b = KeyProfile(num_exits=2), KeyProfile(num_exits=2)
+    a.update(p1, e1)
+    b.update(p2, e2)
     store = ProfileStore(tmp_path / "keys.db")
-    store.save("k", {"queries": 3}, monitor="exit-sprt", state={"s": 1.5}, flagged_at=None)
-    store.save("k", {"queries": 5}, monitor="exit-sprt", state={"s": 2.5}, flagged_at=4)
+    store.save(ProfileRecord("k", a, monitor="exit-sprt", state={"s": 1.5}))
+    store.save(ProfileRecord("k", b, monitor="exit-sprt", state={"s": 2.5}, flagged_at=4))
+    store.save(ProfileRecord("k", a, monitor="exit-sprt", state={"s": 3.0}))  # later batches never clear a flag
     store.close()
-    rec = ProfileStore(tmp_path / "keys.db").load("k")
-    assert (
-        rec is not None and rec["profile"] == {"queries": 5} and rec["state"] == {"s": 2.5} and rec["flagged_at"] == 4
-    )
+    store = ProfileStore(tmp_path / "keys.db")
+    rec = store.load("k")
+    whole = KeyProfile(num_exits=2)
+    whole.update(torch.cat([p1, p2, p1]), torch.cat([e1, e2, e1]))
+    assert rec is not None and rec["flagged_at"] == 4 and rec["state"] == {"s": 3.0} and rec["epoch"] == 0
+    got = KeyProfile.from_dict(rec["profile"])
+    assert got.queries == 11 and got.exit_counts == whole.exit_counts == [4, 7]
+    assert got.entropy.mean == pytest.approx(whole.entropy.mean) and got.entropy.var == pytest.approx(whole.entropy.var)
+    assert got.confidence.var == pytest.approx(whole.confidence.var)
+    assert store.clear_flag("k") and not store.clear_flag("nobody")
+    store.save(ProfileRecord("k", a, state={"s": 9.0}, flagged_at=1, epoch=0))  # evidence from before the reset
+    rec = store.load("k")
+    assert rec is not None and rec["flagged_at"] is None and rec["state"] is None and rec["epoch"] == 1
+    assert rec["profile"]["queries"] == 14  # its counts still add up
+    assert store.flag("k") == (None, 1) and store.flag("nobody") == (None, 0)
+    store.close()
 
 
 @pytest.mark.parametrize("response", list(Response))

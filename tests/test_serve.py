@@ -77,7 +77,7 @@ class Server:
 
 def make_server(tmp: Path, model_dir: Path, **settings: Any) -> Iterator[Server]:
     s = ServeSettings(model_dir, tmp / "keys.db", **settings)
-    store = KeyStore(s.keys_path)
+    store = KeyStore(s.keys_path, create=True)
     with TestClient(create_app(s), raise_server_exceptions=False) as client:
         yield Server(client, store)
     store.close()
@@ -180,7 +180,7 @@ def test_invalid_input_charges_nothing(dnf_server: Server) -> None:
 
 
 def test_concurrent_charges_never_pass_the_budget(tmp_path: Path) -> None:
-    store = KeyStore(tmp_path / "k.db")
+    store = KeyStore(tmp_path / "k.db", create=True)
     key, _ = store.add("c", budget=1000)
     granted: list[int] = []
     lock = threading.Lock()
@@ -208,12 +208,12 @@ def test_concurrent_charges_never_pass_the_budget(tmp_path: Path) -> None:
 
 def test_ledger_is_wal_hashed_and_durable(tmp_path: Path) -> None:
     path = tmp_path / "k.db"
-    store = KeyStore(path)
+    store = KeyStore(path, create=True)
     key, secret = store.add("alice", budget=5)
     assert store.journal_mode == "wal"
     store.charge(key.key_id, 3)
     store.close()
-    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    raw = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     assert secret.encode() not in raw and secret.split("_")[-1].encode() not in raw
     reopened = KeyStore(path)
     assert reopened.authenticate(secret).used == 3
@@ -225,7 +225,7 @@ def test_ledger_is_wal_hashed_and_durable(tmp_path: Path) -> None:
 
 
 def test_keys_reject_bad_settings_and_revoke_by_name(tmp_path: Path) -> None:
-    store = KeyStore(tmp_path / "k.db")
+    store = KeyStore(tmp_path / "k.db", create=True)
     with pytest.raises(ConfigError, match="output mode"):
         store.add("x", output_mode="logits")
     with pytest.raises(ConfigError, match="budget"):
@@ -295,9 +295,16 @@ GOOD = np.random.default_rng(1).random((2, *SHAPE), dtype=np.float32)
 TRUNC = base64.b64encode(_npy_bytes(GOOD)[:-100]).decode()
 JSON = "application/json"
 BAD_INPUTS: list[tuple[str, bytes | None, str, int, str]] = [
-    ("nan", b'{"images": [[[[NaN]]]]}', JSON, 422, "shape"),
+    ("nan", b'{"images": [[[[NaN]]]]}', JSON, 422, "images[0][0][0][0] is 'NaN', not a JSON number"),
     ("nan-full", json.dumps({"images": [[[[0.5] * 28] * 27 + [[float("nan")] * 28]]]}).encode(), JSON, 422, "NaN"),
-    ("inf", json.dumps({"images": [[[[float("inf")] * 28] * 28]]}).encode(), JSON, 422, "NaN or infinite"),
+    ("inf", json.dumps({"images": [[[[float("inf")] * 28] * 28]]}).encode(), JSON, 422, "'Infinity', not a JSON"),
+    (
+        "overflow",
+        json.dumps({"images": [[[[0.5] * 28] * 28]]}).replace("0.5", "1e999", 1).encode(),
+        JSON,
+        422,
+        "NaN or infinite",
+    ),
     ("range", json.dumps({"npy": _npy(GOOD * 255)}).encode(), JSON, 422, "expected [0, 1]"),
     ("negative", json.dumps({"npy": _npy(-GOOD)}).encode(), JSON, 422, "expected [0, 1]"),
     ("shape", json.dumps({"npy": _npy(GOOD[:, :, :20])}).encode(), JSON, 422, "expected (C, H, W) = (1, 28, 28)"),
@@ -310,10 +317,16 @@ BAD_INPUTS: list[tuple[str, bytes | None, str, int, str]] = [
     ("both", json.dumps({"npy": _npy(GOOD), "images": GOOD.tolist()}).encode(), JSON, 422, "exactly one"),
     ("neither", b"{}", JSON, 422, "exactly one"),
     ("extra", b'{"npy": "", "x": 1}', JSON, 422, "x"),
-    ("ragged", json.dumps({"images": [[[[0.1] * 28] * 28], [[[0.1] * 27] * 28]]}).encode(), JSON, 422, "ragged"),
+    (
+        "ragged",
+        json.dumps({"images": [[[[0.1] * 28] * 28], [[[0.1] * 27] * 28]]}).encode(),
+        JSON,
+        422,
+        "images[1][0][0] has 27 values, expected 28",
+    ),
     ("empty", b'{"images": []}', JSON, 422, "empty batch"),
-    ("strings", b'{"images": [[[["a"]]]]}', JSON, 422, "images"),
-    ("not-json", b"{nope", JSON, 422, "invalid JSON"),
+    ("strings", b'{"images": [[[["a"]]]]}', JSON, 422, "images[0][0][0][0] is the string 'a'"),
+    ("not-json", b"{nope", JSON, 422, "expected a field name at byte 1"),
     ("batch", json.dumps({"npy": _npy(np.zeros((65, *SHAPE), np.float32))}).encode(), JSON, 413, "max batch of 64"),
     ("body", json.dumps({"images": [[[[0.123456789] * 28] * 28]] * 64}).encode(), JSON, 413, "limit"),
     ("media", b"x", "text/plain", 415, "application/json"),
@@ -375,25 +388,28 @@ class _Broken(Undefended):
 
 def test_timeout_is_503_and_refunds(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
     s = ServeSettings(model_dirs["victim"], tmp_path / "k.db", request_timeout_s=0.1)
-    store = KeyStore(s.keys_path)
+    store = KeyStore(s.keys_path, create=True)
     _, key = store.add("t", budget=10)
     with TestClient(create_app(s, defense=_Slow(create_model("lenet5"))), raise_server_exceptions=False) as c:
         r = c.post("/v1/predict", json={"npy": _npy(GOOD)}, headers={"X-API-Key": key})
         assert r.status_code == 503 and "nothing was charged" in r.json()["message"]
-    assert store.authenticate(key).used == 0
+        time.sleep(0.8)  # the abandoned batch finishes computing meanwhile: it is released, not charged
+    rec = store.authenticate(key)
+    assert rec.used == 0 and rec.reserved == 0
     store.close()
 
 
 def test_a_server_fault_is_a_json_500_without_details_and_refunds(tmp_path: Path, model_dirs: dict[str, Path]) -> None:
     s = ServeSettings(model_dirs["victim"], tmp_path / "k.db")
-    store = KeyStore(s.keys_path)
+    store = KeyStore(s.keys_path, create=True)
     _, key = store.add("t", budget=10)
     with TestClient(create_app(s, defense=_Broken(create_model("lenet5"))), raise_server_exceptions=False) as c:
         r = c.post("/v1/predict", json={"npy": _npy(GOOD)}, headers={"X-API-Key": key})
     assert r.status_code == 500
     assert "secret internal detail" not in r.text and "Traceback" not in r.text
     assert r.json()["request_id"] == r.headers["x-request-id"]
-    assert store.authenticate(key).used == 0
+    rec = store.authenticate(key)
+    assert rec.used == 0 and rec.reserved == 0
     store.close()
 
 
@@ -443,7 +459,7 @@ def test_schemathesis_fuzz_finds_no_5xx_and_no_schema_violation(tmp_path: Path, 
     seq = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 3))
     tiny = DNF(from_sequential(seq, (1, 4, 4), 3, cut_after=[1]), thresholds=[0.5], seed=0)
     s = ServeSettings(model_dirs["dnf"], tmp_path / "k.db", max_batch=8)
-    store = KeyStore(s.keys_path)
+    store = KeyStore(s.keys_path, create=True)
     _, key = store.add("fuzz", budget=10_000, admin=True)
     store.close()
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(s, defense=tiny))
@@ -482,6 +498,11 @@ def test_import_fortress_does_not_import_the_web_stack() -> None:
 def test_keys_cli_add_list_revoke(tmp_path: Path) -> None:
     runner = CliRunner()
     db = str(tmp_path / "k.db")
+    res = runner.invoke(cli_app, ["keys", "add", "alice", "--keys", db])  # no ledger yet: one line, nothing created
+    assert res.exit_code == 1 and f"fortress keys init {db}" in res.output and not Path(db).exists()
+    assert runner.invoke(cli_app, ["keys", "init", db]).exit_code == 0
+    res = runner.invoke(cli_app, ["keys", "init", db])
+    assert res.exit_code == 1 and "already exists" in res.output
     res = runner.invoke(cli_app, ["keys", "add", "alice", "--keys", db, "--budget", "500", "--output-mode", "hard"])
     assert res.exit_code == 0, res.output
     secret = res.stdout.strip().splitlines()[-1]

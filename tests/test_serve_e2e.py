@@ -74,7 +74,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]
     root = tmp_path_factory.mktemp("e2e")
     sharp_random_dnf().save(root / "dnf")
     keys = root / "keys.db"
-    store = KeyStore(keys)
+    store = KeyStore(keys, create=True)
     state: dict[str, object] = {"root": root, "keys": keys, "store": store}
     state["server"] = RealServer(root / "dnf", keys, root / "server.log")
     yield state

@@ -44,7 +44,7 @@ def _settings(tmp: Path, **kw: object) -> ServeSettings:
 
 def test_profile_route_guard_and_persistence(dnf: DNF, tmp_path: Path) -> None:
     settings = _settings(tmp_path)
-    store = KeyStore(settings.keys_path)
+    store = KeyStore(settings.keys_path, create=True)
     user, user_secret = store.add("user")
     _, admin_secret = store.add("ops", admin=True)
     x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -75,7 +75,7 @@ def test_profile_route_guard_and_persistence(dnf: DNF, tmp_path: Path) -> None:
 
 def test_degrade_label_changes_answers(dnf: DNF, tmp_path: Path) -> None:
     settings = _settings(tmp_path, monitor_response="degrade-label")
-    store = KeyStore(settings.keys_path)
+    store = KeyStore(settings.keys_path, create=True)
     _, secret = store.add("user")
     x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with TestClient(create_app(settings, defense=dnf)) as client:
@@ -86,7 +86,7 @@ def test_degrade_label_changes_answers(dnf: DNF, tmp_path: Path) -> None:
 
 def test_degrade_exit0_answers_from_first_exit(dnf: DNF, tmp_path: Path) -> None:
     settings = _settings(tmp_path, monitor_response="degrade-exit0")
-    store = KeyStore(settings.keys_path)
+    store = KeyStore(settings.keys_path, create=True)
     _, secret = store.add("user")
     x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     with TestClient(create_app(settings, defense=dnf)) as client:
@@ -107,7 +107,7 @@ def test_monitor_settings_validation(tmp_path: Path) -> None:
 
 def test_reset_clears_the_flag_keeps_the_profile_and_persists(dnf: DNF, tmp_path: Path) -> None:
     settings = _settings(tmp_path)
-    store = KeyStore(settings.keys_path)
+    store = KeyStore(settings.keys_path, create=True)
     user, user_secret = store.add("user")
     _, admin_secret = store.add("ops", admin=True)
     x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))

@@ -131,7 +131,7 @@ def test_padded_compute_needs_a_dynamic_dnf() -> None:
 def test_padded_server_holds_each_answer_until_the_target(tmp_path: Path) -> None:
     dnf = tiny_dnf()
     keys = tmp_path / "keys.db"
-    store = KeyStore(keys)
+    store = KeyStore(keys, create=True)
     _, secret = store.add("t")
     store.close()
     app = create_app(ServeSettings(tmp_path, keys, compute="padded", profiles=False), defense=dnf)
@@ -155,6 +155,7 @@ def test_settings_and_cli_know_the_padded_mode(tmp_path: Path) -> None:
         ServeSettings(tmp_path, tmp_path / "k.db", compute="sometimes")  # type: ignore[arg-type]
     # the padding target's quantile and window reach the server's clock
     settings = ServeSettings(tmp_path, tmp_path / "k.db", compute="padded", pad_quantile=0.9, pad_window=32)
+    KeyStore(settings.keys_path, create=True).close()
     svc = create_app(settings, defense=tiny_dnf()).state.service
     assert svc.padded.clock.quantile == 0.9 and svc.padded.clock.window == 32
     with pytest.raises(ConfigError, match="pad_quantile must be in"):

@@ -215,7 +215,7 @@ def _server(model_dir: Path, compute: str, *, workers: int, threads: int) -> Ite
 
     with tempfile.TemporaryDirectory(prefix="fortress-timing-") as tmp:
         keys = Path(tmp) / "keys.db"
-        store = KeyStore(keys)
+        store = KeyStore(keys, create=True)
         _, secret = store.add("timing")
         store.close()
         port = _free_port()

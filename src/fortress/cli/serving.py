@@ -15,7 +15,7 @@ from fortress.errors import ConfigError
 __all__ = ["ComputeMode", "keys_app", "monitor_app", "serve_cmd"]
 
 KeysFile = Annotated[
-    Path, typer.Option("--keys", envvar="FORTRESS_KEYS", help="The SQLite key ledger (created if missing).")
+    Path, typer.Option("--keys", envvar="FORTRESS_KEYS", help="The SQLite key ledger (fortress keys init).")
 ]
 DEFAULT_KEYS = Path("fortress-keys.db")
 
@@ -62,9 +62,8 @@ def serve_cmd(
 ) -> None:
     """Serve predictions over HTTP behind API keys and per-key query budgets (needs the serve extra)."""
     try:
-        import uvicorn
-
         from fortress.serve.app import create_app
+        from fortress.serve.protocol import run_server
     except ImportError as exc:
         raise ConfigError(f'fortress serve needs the serve extra: pip install "fortress[serve]" ({exc})') from None
     from fortress.serve.edge import ACCESS_LOGGER
@@ -98,11 +97,21 @@ def serve_cmd(
     access.propagate = False
     logging.getLogger("fortress.serve").setLevel(logging.INFO)
     err_console.print(f"serving {model_dir} on http://{host}:{port} (compute={compute.value}, keys {keys})")
-    uvicorn.run(application, host=host, port=port, access_log=False, log_level="info", timeout_graceful_shutdown=10)
+    run_server(application, host=host, port=port)
 
 
 keys_app = typer.Typer(help="Manage the API keys of `fortress serve` (budgets, output modes, revocation).")
 app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+@friendly
+def keys_init_cmd(path: Annotated[Path, typer.Argument(help="The new ledger file (must not exist).")]) -> None:
+    """Create an empty key ledger; `serve` and the other `keys` verbs only open existing ones."""
+    from fortress.serve.keys import init_ledger
+
+    init_ledger(path)
+    console.print(f"created key ledger {path}: add keys with `fortress keys add NAME --keys {path}`", highlight=False)
 
 
 @keys_app.command("add")
@@ -169,8 +178,7 @@ def keys_reset_cmd(
     key: Annotated[str, typer.Argument(help="Key id.")],
     keys: KeysFile = DEFAULT_KEYS,
 ) -> None:
-    """Clear a key's monitor flag and evidence in the ledger (server stopped; a running server:
-    POST /v1/admin/keys/{key_id}/reset, since it keeps the live state in memory)."""
+    """Clear a key's monitor flag and evidence in the ledger (running servers drop theirs on the key's next request)."""
     from fortress.monitor import ProfileStore
     from fortress.serve.keys import KeyStore
 

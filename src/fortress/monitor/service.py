@@ -1,18 +1,19 @@
 """The server side of monitoring: per-key profiles, a detector, persistence and the response to flags.
 
-:class:`Watch` is what ``fortress serve`` calls once per answered batch. It updates the key's
-:class:`~fortress.monitor.profile.KeyProfile`, feeds the batch to the configured monitor, saves both
-in the ledger file (:class:`~fortress.monitor.store.ProfileStore`) and, for a flagged key, turns
-the answer into what the configured :class:`~fortress.monitor.base.Response` allows.
+:class:`Watch` is what ``fortress serve`` calls once per answered batch. It computes the batch's
+:class:`~fortress.monitor.profile.KeyProfile` increment, feeds the batch to the configured monitor,
+reads the key's flag from the ledger (:class:`~fortress.monitor.store.ProfileStore`: a flag raised by
+any process counts) and, for a flagged key, turns the answer into what the configured
+:class:`~fortress.monitor.base.Response` allows. The increment, the evidence and a newly raised
+flag go to the ledger in the same transaction as the batch's charge.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from fortress.errors import ConfigError
 from fortress.monitor.base import Monitor, Response, Verdict
 from fortress.monitor.exit_sprt import ExitSPRT
 from fortress.monitor.profile import KeyProfile
-from fortress.monitor.store import ProfileStore
+from fortress.monitor.store import ProfileRecord, ProfileStore
 
 __all__ = ["ALERT_LOGGER", "Answer", "Watch", "first_exit_probs"]
 
@@ -50,23 +51,34 @@ def first_exit_probs(defense: Defense) -> Callable[[Tensor], Tensor]:
 
 @dataclass(frozen=True)
 class Answer:
-    """What the server sends for one batch after monitoring.
+    """What the server sends for one batch after monitoring, and what the batch adds to the ledger.
 
     Attributes:
         probs: ``(B, K)`` rows to answer with (degraded for a flagged key under ``degrade-exit0``).
         labels_only: answer with labels only (``degrade-label`` for a flagged key).
         delay_s: seconds to hold the answer back (``throttle`` for a flagged key).
-        verdict: the monitor's verdict (``None`` without a monitor).
+        verdict: the monitor's verdict, flagged also when another process flagged the key
+            (``None`` without a monitor).
+        record: the batch's profile increment, state and new flag, to commit with the batch's charge.
+        flagged: the key is flagged (by this process or, as stored in the ledger, by any).
     """
 
     probs: Tensor
     labels_only: bool
     delay_s: float
     verdict: Verdict | None
+    record: ProfileRecord | None = None
+    flagged: bool = False
 
 
 class Watch:
     """Per-key profiles and monitoring for the server (module docstring).
+
+    Profiles and flags live in the ledger (:class:`~fortress.monitor.store.ProfileStore`), shared by
+    every server process on the file: each batch adds its own counts, a raised flag is stored at once
+    and honoured by every process from its next batch of the key on, and an operator's reset (from
+    any process or the CLI) makes every process drop its evidence for the key. The monitor's evidence
+    itself is per process (restored from the ledger when a process first sees the key).
 
     Args:
         path: the key ledger file (profiles live in its ``key_profiles`` table).
@@ -76,8 +88,6 @@ class Watch:
         exit0: first-exit answers (needed by ``degrade-exit0``; see :func:`first_exit_probs`).
         webhook: URL the ``alert`` response POSTs a JSON event to (``None``: log line only).
         throttle_s_per_query: ``throttle`` delay per image of a flagged key's requests.
-        flush_s: a key's profile is written to the ledger at most this often (and at once when the
-            key is flagged, and on :meth:`close`), keeping the write off most batches' path.
     """
 
     def __init__(
@@ -90,7 +100,6 @@ class Watch:
         exit0: Callable[[Tensor], Tensor] | None = None,
         webhook: str | None = None,
         throttle_s_per_query: float = 0.01,
-        flush_s: float = 1.0,
     ) -> None:
         if response is Response.DEGRADE_EXIT0 and exit0 is None:
             raise ConfigError("the degrade-exit0 response needs the defense's first exit (a DNF)")
@@ -103,66 +112,80 @@ class Watch:
         self.exit0 = exit0
         self.webhook = webhook
         self.throttle_s_per_query = throttle_s_per_query
-        self.flush_s = flush_s
-        self._profiles: dict[str, KeyProfile] = {}
-        self._saved_at: dict[str, float] = {}
+        self._epochs: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        """Write every profile not yet saved and close the ledger connection."""
-        with self._lock:
-            for key_id in self._profiles:
-                self._save(key_id)
+        """Close the ledger connection (every answered batch is already stored)."""
         self.store.close()
 
-    def _save(self, key_id: str) -> None:
-        verdict = None if self.monitor is None else self.monitor.verdict(key_id)
-        self.store.save(
-            key_id,
-            self._profiles[key_id].as_dict(),
-            monitor=None if self.monitor is None else self.monitor.name,
-            state=None if self.monitor is None else self.monitor.state(key_id),
-            flagged_at=None if verdict is None else verdict.flagged_at,
-        )
-        self._saved_at[key_id] = time.monotonic()
-
-    def _profile(self, key_id: str) -> KeyProfile:
-        prof = self._profiles.get(key_id)
-        if prof is None:  # first batch since start: continue from the ledger
-            rec = self.store.load(key_id)
-            prof = KeyProfile(num_exits=self.num_exits)
-            if rec is not None and int(rec["profile"].get("num_exits", -1)) == self.num_exits:
-                prof = KeyProfile.from_dict(rec["profile"])
-                if self.monitor is not None and rec["monitor"] == self.monitor.name and rec["state"] is not None:
+    def _sync(self, key_id: str) -> tuple[int | None, int]:
+        """The key's stored flag and epoch; on first sight or after a reset, reload this process's evidence."""
+        flagged_at, epoch = self.store.flag(key_id)
+        if self._epochs.get(key_id) != epoch:
+            if self.monitor is not None:
+                self.monitor.reset(key_id)
+                rec = self.store.load(key_id)
+                if rec is not None and rec["monitor"] == self.monitor.name and rec["state"] is not None:
                     self.monitor.restore(key_id, rec["state"])
-            self._profiles[key_id] = prof
-        return prof
+            self._epochs[key_id] = epoch
+        return flagged_at, epoch
 
-    def observe(self, key_id: str, images: Tensor, probs: Tensor, exits: Tensor | None) -> Answer:
-        """Record one answered batch of ``key_id`` and return the answer to send."""
+    def _verdict(self, key_id: str, stored_flag: int | None) -> Verdict | None:
+        if self.monitor is None:
+            return None
+        verdict = self.monitor.verdict(key_id)
+        if stored_flag is not None and not verdict.flagged:  # flagged by another process
+            verdict = replace(verdict, flagged=True, flagged_at=stored_flag)
+        return verdict
+
+    def assess(self, key_id: str, images: Tensor, probs: Tensor, exits: Tensor | None) -> Answer:
+        """Judge one answered batch of ``key_id``; return the answer to send and the record to commit.
+
+        Nothing is stored: the server commits ``answer.record`` with the batch's charge
+        (:meth:`ProfileStore.apply`); :meth:`observe` stores it at once.
+        """
+        delta = KeyProfile(num_exits=self.num_exits)
+        delta.update(probs, exits)
+        newly = None
         with self._lock:
-            prof = self._profile(key_id)
-            prof.update(probs, exits)
-            verdict = was = None
+            stored_flag, epoch = self._sync(key_id)
+            state = None
             if self.monitor is not None:
                 was = self.monitor.verdict(key_id).flagged
-                verdict = self.monitor.observe(key_id, images, probs, exits)
-            newly = verdict is not None and verdict.flagged and not was
-            if newly or time.monotonic() - self._saved_at.get(key_id, -float("inf")) >= self.flush_s:
-                self._save(key_id)
-        if verdict is None or not verdict.flagged:
-            return Answer(probs, False, 0.0, verdict)
-        if not was:
-            self._announce(verdict)
+                now = self.monitor.observe(key_id, images, probs, exits)
+                state = self.monitor.state(key_id)
+                if now.flagged and not was:
+                    newly = now
+            verdict = self._verdict(key_id, stored_flag)
+        record = ProfileRecord(
+            key_id,
+            delta,
+            monitor=None if self.monitor is None else self.monitor.name,
+            state=state,
+            flagged_at=None if newly is None else newly.flagged_at,
+            epoch=epoch,
+        )
+        if stored_flag is None and newly is None and (verdict is None or not verdict.flagged):
+            return Answer(probs, False, 0.0, verdict, record, False)
+        if newly is not None and stored_flag is None:
+            self._announce(newly)
         n = int(probs.shape[0])
         if self.response is Response.DEGRADE_LABEL:
-            return Answer(probs, True, 0.0, verdict)
+            return Answer(probs, True, 0.0, verdict, record, True)
         if self.response is Response.DEGRADE_EXIT0:
             assert self.exit0 is not None
-            return Answer(self.exit0(images), False, 0.0, verdict)
+            return Answer(self.exit0(images), False, 0.0, verdict, record, True)
         if self.response is Response.THROTTLE:
-            return Answer(probs, False, n * self.throttle_s_per_query, verdict)
-        return Answer(probs, False, 0.0, verdict)
+            return Answer(probs, False, n * self.throttle_s_per_query, verdict, record, True)
+        return Answer(probs, False, 0.0, verdict, record, True)
+
+    def observe(self, key_id: str, images: Tensor, probs: Tensor, exits: Tensor | None) -> Answer:
+        """:meth:`assess` one answered batch and store its record at once; return the answer to send."""
+        answer = self.assess(key_id, images, probs, exits)
+        assert answer.record is not None
+        self.store.save(answer.record)
+        return answer
 
     def _announce(self, verdict: Verdict) -> None:
         what = self.monitor.name if self.monitor is not None else "monitor"
@@ -193,27 +216,30 @@ class Watch:
         """Clear a key's flag and restart its monitor's evidence (after an operator's review).
 
         The profile's statistics (queries, exits, entropy, confidence) are kept; the monitor starts
-        over from this point, so the key is flagged again only by new evidence. The cleared state is
-        written to the ledger at once. Returns :meth:`profile` after the reset.
+        over from this point, so the key is flagged again only by new evidence. The cleared flag is
+        written to the ledger at once, and every other server process drops its evidence for the key
+        on its next batch of it. Returns :meth:`profile` after the reset.
         """
         with self._lock:
-            self._profile(key_id)
             if self.monitor is not None:
                 self.monitor.reset(key_id)
-            self._save(key_id)
+            self.store.clear_flag(key_id)
+            self._epochs[key_id] = self.store.flag(key_id)[1]
         log.warning("API key %s: monitor flag and evidence reset", key_id)
         return self.profile(key_id)
 
     def profile(self, key_id: str) -> dict[str, Any]:
-        """The key's profile, monitor verdict and the ID reference (what ``GET .../profile`` shows)."""
+        """The key's stored profile, monitor verdict and the ID reference (what ``GET .../profile`` shows)."""
         with self._lock:
-            prof = self._profile(key_id).as_dict()
-            verdict = None if self.monitor is None else self.monitor.verdict(key_id).as_dict()
+            stored_flag, _ = self._sync(key_id)
+            verdict = self._verdict(key_id, stored_flag)
+        rec = self.store.load(key_id)
+        prof = KeyProfile(num_exits=self.num_exits).as_dict() if rec is None else rec["profile"]
         reference = self.monitor.calibration.id_profile if isinstance(self.monitor, ExitSPRT) else None
         return {
             "key_id": key_id,
             "profile": prof,
             "monitor": None if self.monitor is None else self.monitor.name,
-            "verdict": verdict,
+            "verdict": None if verdict is None else verdict.as_dict(),
             "id_reference": reference,
         }

@@ -9,10 +9,11 @@ for a refused or failed batch, and the answers equal a :class:`~fortress.oracle.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -22,20 +23,28 @@ import torch
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import Response as HttpResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
-from fortress.defenses import DNF, Defense, DefenseOutput, load_defense
-from fortress.errors import BudgetExceeded, ConfigError, FortressError, InvalidInput
+from fortress.defenses import DNF, Defense, load_defense
+from fortress.errors import ArtifactError, BudgetExceeded, ConfigError, FortressError, InvalidInput
 from fortress.monitor import Response, create_monitor
-from fortress.monitor.service import Answer, Watch, first_exit_probs
-from fortress.oracle import OutputMode, apply_output_mode
+from fortress.monitor.service import Watch, first_exit_probs
+from fortress.serve.answer import Job, Service, Unavailable, answer_tail, profile_commit
+from fortress.serve.body import (
+    BodyTimeout,
+    BodyTooLarge,
+    Busy,
+    ClientGone,
+    declared_length,
+    read_body,
+    split_multipart,
+)
 from fortress.serve.decode import TooLarge, decode_json_body, decode_pngs
-from fortress.serve.edge import EdgeMiddleware
+from fortress.serve.edge import EdgeMiddleware, Gate, Refusal, Scope
 from fortress.serve.keys import ApiKey, KeyRejected, KeyStore
-from fortress.serve.metrics import Metrics
 from fortress.serve.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -53,70 +62,26 @@ __all__ = ["Unavailable", "create_app"]
 log = logging.getLogger(__name__)
 
 
-class Unavailable(FortressError):
-    """The batch could not be answered in time (HTTP 503; nothing charged)."""
-
-
 class UnsupportedMedia(InvalidInput):
     """The body's content type is not one the route reads (HTTP 415)."""
 
 
 _ERRORS: dict[int, str] = {
-    400: "Malformed request (unreadable multipart body, bad Content-Length).",
-    401: "Missing or unknown API key.",
+    400: "Malformed request (bad Content-Length, unreadable HTTP).",
+    401: "Missing, malformed or unknown API key.",
     403: "Revoked API key, or not allowed.",
     408: "The request body arrived too slowly.",
-    413: "Body or batch over the server's limits.",
+    413: "Body, batch or upload over the server's limits (the message names the limit).",
     415: "Unsupported content type.",
-    422: "Invalid input: the message says what was wrong.",
+    422: "Invalid input: the message names the first offending element.",
     429: "The batch would pass the key's query budget; nothing was charged.",
-    503: "Not answered in time; nothing was charged.",
+    431: "Request line and headers over the server's limit.",
+    503: "Not answered in time, or the server is busy; nothing was charged.",
 }
 
 
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorResponse, "description": _ERRORS[c]} for c in codes}
-
-
-class _Service:
-    """The loaded defense, the key ledger and the metrics, shared by every request."""
-
-    def __init__(self, settings: ServeSettings, defense: Defense) -> None:
-        self.settings = settings
-        self.defense = defense
-        self.store = KeyStore(settings.keys_path)
-        self.metrics = Metrics()
-        self.slots = threading.BoundedSemaphore(settings.inference_workers)
-        self.watch = _watch(settings, defense) if settings.profiles else None
-        self.padded = (
-            PaddedCompute(defense, FullPathClock(quantile=settings.pad_quantile, window=settings.pad_window))
-            if settings.compute == "padded" and defense.num_exits
-            else None
-        )
-
-    def respond(
-        self, x: Tensor, deadline: float, key_id: str | None = None
-    ) -> tuple[DefenseOutput, float, Answer | None]:
-        """Answer ``x`` on a worker thread, unless no slot frees up before ``deadline``.
-
-        With profiles on, the key's monitoring step runs on the same thread right after the answer
-        (outside the inference slot), so monitoring costs no extra thread hop per request.
-        """
-        if not self.slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise Unavailable("server busy: no inference slot freed up in time; nothing was charged")
-        try:
-            if time.monotonic() > deadline:  # the client has been answered 503 already
-                raise Unavailable("request timed out while queued; nothing was charged")
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = self.defense.respond(x) if self.padded is None else self.padded.respond(x)
-            seconds = time.perf_counter() - t0
-        finally:
-            self.slots.release()
-        watched = None
-        if self.watch is not None and key_id is not None:
-            watched = self.watch.observe(key_id, x, out.probs, out.exits)
-        return out, seconds, watched
 
 
 _header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The key `fortress keys add` printed.")
@@ -129,11 +94,44 @@ async def current_key(
     creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> ApiKey:
     """The caller's active key (401 missing/unknown, 403 revoked), from X-API-Key or a bearer token."""
-    svc: _Service = request.app.state.service
+    gated = getattr(request.state, "api_key", None)  # the edge's gate authenticated it already
+    if isinstance(gated, ApiKey):
+        return gated
+    svc: Service = request.app.state.service
     secret = x_api_key or (creds.credentials if creds is not None else None)
-    key = await anyio.to_thread.run_sync(svc.store.authenticate, secret)
+    key = svc.store.authenticate(secret)  # one indexed read (~10 µs in WAL mode): cheaper inline than a thread hop
     request.state.key_id = key.key_id
     return key
+
+
+def _predict_gate(svc: Service) -> Gate:
+    """The predict route's key and budget checks, run at the edge before routing or reading the body.
+
+    A missing, unknown or revoked key (401/403) or a key whose budget is spent (429) is answered
+    here; an accepted key is handed to the route in the request's state.
+    """
+
+    def gate(scope: Scope, headers: dict[str, str]) -> Refusal | None:
+        if scope.get("path") != "/v1/predict" or scope.get("method") != "POST":
+            return None
+        auth = headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        secret = headers.get("x-api-key") or (token.strip() if scheme.lower() == "bearer" else None)
+        state = scope.setdefault("state", {})
+        try:
+            key = svc.store.authenticate(secret)
+        except KeyRejected as exc:
+            more = [(b"www-authenticate", b'ApiKey header="X-API-Key"')] if exc.status == 401 else []
+            return exc.status, "unauthorized" if exc.status == 401 else "forbidden", str(exc), {}, more
+        state["key_id"] = key.key_id
+        if key.budget is not None and key.used >= key.budget:  # nothing left: refused before the body is read
+            svc.metrics.observe_refusal(key.key_id, "budget")
+            err = BudgetExceeded(1, key.used, key.budget)
+            return 429, "budget_exceeded", str(err), {"requested": 1, "used": key.used, "budget": key.budget}, []
+        state["api_key"] = key
+        return None
+
+    return gate
 
 
 Key = Annotated[ApiKey, Depends(current_key)]
@@ -150,16 +148,31 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
         The FastAPI app; run it with uvicorn (``fortress serve`` does).
 
     Raises:
-        ArtifactError: the model directory is missing or corrupt (safetensors + JSON only).
+        ArtifactError: the model directory is missing or corrupt (safetensors + JSON only), or the
+            key ledger is missing, empty or damaged (create one with ``fortress keys init``).
 
     Example:
         >>> app = create_app(ServeSettings(Path("dnf"), Path("keys.db"), compute="full"))
     """
-    if defense is None:
-        defense = load_defense(settings.model_dir)
-    if isinstance(defense, DNF):
-        defense.compute = "dynamic" if settings.compute == "padded" else settings.compute
-    svc = _Service(settings, defense)
+    store = KeyStore(settings.keys_path)  # first: an existing, readable ledger (`fortress keys init`)
+    watch = None
+    try:
+        if defense is None:
+            defense = load_defense(settings.model_dir)
+        if isinstance(defense, DNF):
+            defense.compute = "dynamic" if settings.compute == "padded" else settings.compute
+        watch = _watch(settings, defense) if settings.profiles else None
+        padded = (
+            PaddedCompute(defense, FullPathClock(quantile=settings.pad_quantile, window=settings.pad_window))
+            if settings.compute == "padded" and defense.num_exits
+            else None
+        )
+    except BaseException:
+        store.close()
+        if watch is not None:
+            watch.close()
+        raise
+    svc = Service(settings, defense, store, watch, padded)
     shape = defense.input_shape
 
     @asynccontextmanager
@@ -170,9 +183,7 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
         if not n_keys:
             log.warning("the key ledger %s holds no active key: every request will be refused", settings.keys_path)
         yield
-        svc.store.close()
-        if svc.watch is not None:
-            svc.watch.close()
+        svc.close()
 
     app = FastAPI(
         title="fortress prediction API",
@@ -186,7 +197,7 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
         metrics=svc.metrics,
         routes=frozenset({"/v1/predict", "/v1/info", "/v1/health", "/metrics", "/openapi.json", "/docs"}),
         max_body_bytes=settings.max_body_bytes,
-        read_timeout_s=settings.request_timeout_s,
+        gate=_predict_gate(svc),
     )
     _install_error_handlers(app)
 
@@ -217,63 +228,61 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
-        responses=_responses(400, 401, 403, 408, 413, 415, 422, 429, 503),
+        responses=_responses(400, 401, 403, 408, 413, 415, 422, 429, 431, 503),
         tags=["predict"],
         openapi_extra={
+            # the key is checked at the edge (before routing), not by a dependency: state the schemes here
+            "security": [{"APIKeyHeader": []}, {"HTTPBearer": []}],
             "requestBody": {
                 "required": True,
                 "content": {
                     "application/json": {"schema": json_request_schema(shape, settings.max_batch)},
                     "multipart/form-data": {"schema": multipart_schema()},
                 },
-            }
+            },
         },
     )
-    async def predict(request: Request, key: Key) -> PredictResponse:
-        """Answer a batch of images; each image is one query charged to the key."""
-        x = await _read_images(request, shape, settings.max_batch)
-        n = int(x.shape[0])
-        request.state.images = n
-        try:
-            charged = await anyio.to_thread.run_sync(svc.store.charge, key.key_id, n)
-        except BudgetExceeded:
-            svc.metrics.observe_refusal(key.key_id, "budget")
-            raise
-        deadline = time.monotonic() + settings.request_timeout_s
-        try:
-            with anyio.fail_after(settings.request_timeout_s):
-                out, seconds, ans = await anyio.to_thread.run_sync(
-                    svc.respond, x, deadline, key.key_id, abandon_on_cancel=True
-                )
-        except BaseException as exc:
-            await anyio.to_thread.run_sync(svc.store.refund, key.key_id, n)
-            svc.metrics.observe_refusal(key.key_id, "timeout" if isinstance(exc, TimeoutError) else "error")
-            if isinstance(exc, TimeoutError):
-                raise Unavailable(
-                    f"the batch was not answered within {settings.request_timeout_s:g} s; nothing was charged"
-                ) from None
-            raise
-        if svc.padded is not None:  # hold the answer until the full path's time (the slot is free meanwhile)
-            await anyio.to_thread.run_sync(svc.padded.pad, n, seconds)
-        exits = None
-        if out.exits is not None and defense.num_exits:
-            exits = torch.bincount(out.exits, minlength=defense.num_exits).tolist()
-        svc.metrics.observe_queries(key.key_id, n, exits, seconds)
-        probs, mode = out.probs, key.output_mode
-        if ans is not None:
-            probs, mode = ans.probs, OutputMode.HARD if ans.labels_only else mode
-            if ans.delay_s:
-                await anyio.sleep(ans.delay_s)
-        rows = apply_output_mode(probs, mode, key.top_k)
-        return PredictResponse(
-            output_mode=mode.value,
-            labels=probs.argmax(1).tolist(),
-            probabilities=None if mode is OutputMode.HARD else rows.tolist(),
-            queries_charged=n,
-            queries_used=charged.used,
-            budget=charged.budget,
-            budget_left=charged.budget_left,
-        )
+    async def predict(request: Request) -> HttpResponse:
+        """Answer a batch of images; each image is one query charged to the key.
+
+        The key is authenticated and its budget checked (at the edge) before a byte of the body is read; the
+        batch's queries are reserved once it is decoded, and charged (durably) only when its answer
+        is ready to leave.
+        """
+        key = getattr(request.state, "api_key", None)  # authenticated by the edge's gate (_predict_gate)
+        if not isinstance(key, ApiKey):  # only when the app runs without its edge (never from create_app)
+            raise KeyRejected("missing API key: send it in the X-API-Key header (or Authorization: Bearer)", 401)
+        timeout = settings.request_timeout_s
+        job = Job(svc.store)
+        async with svc.bodies.hold(_body_size(request, settings), timeout):
+            decode = await _decoder(request, settings, shape)
+            deadline = time.monotonic() + timeout
+            work = asyncio.wrap_future(svc.pool.submit(svc.prepare, job, decode, key, deadline))
+            try:
+                prep = await asyncio.wait_for(asyncio.shield(work), timeout)
+            except TimeoutError:
+                if job.abandon():
+                    svc.metrics.observe_refusal(key.key_id, "timeout")
+                    raise Unavailable(f"the batch was not answered within {timeout:g} s; nothing was charged") from None
+                prep = await work  # the charge has begun: the answer is being sent
+            except asyncio.CancelledError:
+                job.abandon()
+                raise
+        request.state.images = prep.n
+        charged = prep.charged
+        if charged is None:  # a held answer: charge it when the hold is over
+            await anyio.sleep(prep.delay_s)
+            try:
+                charged = await asyncio.wrap_future(svc.store.commit_async(prep.res, also=profile_commit(prep.record)))
+            except BaseException as exc:
+                svc.store.release_async(prep.res)
+                svc.metrics.observe_refusal(key.key_id, "budget" if isinstance(exc, BudgetExceeded) else "error")
+                if isinstance(exc, ArtifactError):
+                    msg = f"the answer could not be recorded, so it was not sent; nothing was charged ({exc})"
+                    raise Unavailable(msg) from None
+                raise
+        svc.metrics.observe_queries(key.key_id, prep.n, prep.exits, prep.seconds)
+        return HttpResponse(prep.head + answer_tail(prep.n, charged), media_type="application/json")
 
     @app.get(
         "/metrics",
@@ -331,23 +340,23 @@ def _watch(settings: ServeSettings, defense: Defense) -> Watch:
     )
 
 
-async def _read_images(request: Request, shape: tuple[int, int, int], max_batch: int) -> Tensor:
-    """Decode the body by its content type (JSON arrays / base64 npy, or PNG uploads)."""
+def _body_size(request: Request, settings: ServeSettings) -> int:
+    """The bytes a request's body may take (its declared size, or the limit when it is not declared)."""
+    return declared_length(request) or settings.max_body_bytes
+
+
+async def _decoder(request: Request, settings: ServeSettings, shape: tuple[int, int, int]) -> Callable[[], Tensor]:
+    """Read the body (within its limits) and return the function that decodes it by its content type."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("application/json", "multipart/form-data"):
+        raise UnsupportedMedia(
+            f"content type {ctype[:60] or '(none)'!r} is not accepted; send application/json or multipart/form-data"
+        )
+    body = await read_body(request, settings.max_body_bytes, settings.request_timeout_s)
     if ctype == "application/json":
-        body = await request.body()
-        return await anyio.to_thread.run_sync(decode_json_body, body, shape, max_batch)
-    if ctype == "multipart/form-data":
-        form = await request.form(max_files=max_batch + 1, max_fields=max_batch + 1)  # ours says 413
-        files: list[tuple[str, bytes]] = []
-        for name, value in form.multi_items():
-            if name != "files" or not isinstance(value, UploadFile):
-                raise InvalidInput(f'unexpected form field {name!r}: upload PNG files in the "files" field')
-            files.append((value.filename or f"file{len(files)}", await value.read()))
-        return await anyio.to_thread.run_sync(decode_pngs, files, shape, max_batch)
-    raise UnsupportedMedia(
-        f"content type {ctype or '(none)'!r} is not accepted; send application/json or multipart/form-data"
-    )
+        return functools.partial(decode_json_body, body, shape, settings.max_batch)
+    files = await split_multipart(body, request.headers, settings.max_batch)
+    return functools.partial(decode_pngs, files, shape, settings.max_batch)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -366,14 +375,25 @@ def _install_error_handlers(app: FastAPI) -> None:
             return reply(
                 request, 429, "budget_exceeded", str(exc), requested=exc.requested, used=exc.used, budget=exc.budget
             )
+        if isinstance(exc, BodyTooLarge):
+            return reply(request, 413, "body_too_large", str(exc))
         if isinstance(exc, TooLarge):
             return reply(request, 413, "too_large", str(exc))
+        if isinstance(exc, BodyTimeout):
+            return reply(request, 408, "request_timeout", str(exc))
+        if isinstance(exc, ClientGone):
+            return reply(request, 400, "client_disconnected", str(exc))
+        if isinstance(exc, Busy):
+            return reply(request, 503, "busy", str(exc))
         if isinstance(exc, UnsupportedMedia):
             return reply(request, 415, "unsupported_media_type", str(exc))
         if isinstance(exc, InvalidInput):
             return reply(request, 422, "invalid_input", str(exc))
         if isinstance(exc, Unavailable):
             return reply(request, 503, "unavailable", str(exc))
+        if isinstance(exc, ArtifactError):  # the ledger failed under a request: nothing was charged
+            log.error("%s", exc)
+            return reply(request, 503, "unavailable", "the key ledger is unavailable; nothing was charged")
         log.error("unexpected library error: %s", exc)
         return reply(request, 500, "internal_error", "the server failed to answer")
 

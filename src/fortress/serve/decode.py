@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fortress.data.images import ImageLimits, decode_image
 from fortress.errors import InvalidInput, TooLarge
-from fortress.serve.schemas import PredictRequest
+from fortress.serve.jsonbody import parse_predict_body
 from fortress.tensors import check_images
 
 __all__ = ["NPY_MAX_HEADER_BYTES", "TooLarge", "decode_json_body", "decode_npy", "decode_pngs", "validation_message"]
@@ -44,29 +44,23 @@ def _check_batch(n: int, max_batch: int) -> None:
         raise TooLarge(f"batch of {n} images is over the server's max batch of {max_batch}; split it")
 
 
-def decode_json_body(body: bytes, shape: Sequence[int], max_batch: int) -> Tensor:
-    """Decode an ``application/json`` predict body (see :class:`~fortress.serve.schemas.PredictRequest`).
+def decode_json_body(body: bytes | bytearray, shape: Sequence[int], max_batch: int) -> Tensor:
+    """Decode an ``application/json`` predict body strictly (:mod:`fortress.serve.jsonbody`).
 
     Shape:
         body → ``(N, C, H, W)`` float32, checked against ``shape`` = ``(C, H, W)`` and [0, 1].
+
+    Raises:
+        InvalidInput: not exactly one of ``images`` / ``npy``, a pixel that is not a JSON number,
+            a wrong shape, NaN/Inf or a value outside [0, 1] — naming the first offending element.
+        TooLarge: more than ``max_batch`` images.
     """
-    try:
-        req = PredictRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise InvalidInput(f"invalid JSON body: {validation_message(exc)}") from None
-    if (req.images is None) == (req.npy is None):
-        raise InvalidInput('send exactly one of "images" (nested arrays) or "npy" (base64 .npy)')
-    if req.npy is not None:
-        return decode_npy(req.npy, shape, max_batch)
-    assert req.images is not None
-    if not req.images:
-        raise InvalidInput(f"images is an empty batch; send at least one (C, H, W) = {tuple(shape)} image")
-    _check_batch(len(req.images), max_batch)
-    try:
-        arr = np.asarray(req.images, dtype=np.float32)
-    except ValueError:
-        raise InvalidInput(f"images is ragged: every image must be a full (C, H, W) = {tuple(shape)} array") from None
-    return check_images(torch.from_numpy(arr), shape, name="images")
+    kind, value = parse_predict_body(body, shape, max_batch)
+    if kind == "npy":
+        assert isinstance(value, str)
+        return decode_npy(value, shape, max_batch)
+    assert isinstance(value, np.ndarray)
+    return check_images(torch.from_numpy(value), shape, name="images")
 
 
 def decode_npy(data: str, shape: Sequence[int], max_batch: int) -> Tensor:

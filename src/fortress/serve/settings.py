@@ -21,7 +21,7 @@ class ServeSettings:
     Args:
         model_dir: a saved defense or victim (``fortress protect`` / ``fortress train-victim``);
             only safetensors weights and JSON configs are read from it.
-        keys_path: the SQLite key ledger (created if missing).
+        keys_path: the SQLite key ledger; it must exist (``fortress keys init``).
         compute: DNF compute mode. ``"dynamic"`` skips the stages a query no longer needs (fastest;
             response time reveals how deep a query went); ``"full"`` runs every stage for every query
             (constant work per query, so timing does not reveal the exit taken; paper §4.2);
@@ -31,6 +31,9 @@ class ServeSettings:
             architecture or the defense: those are not the client's business.
         max_batch: images per request at most (413 above).
         max_body_bytes: request body size at most (413 above).
+        buffered_bodies: request bodies of the maximum size the server holds at once (all requests
+            together: ``buffered_bodies * max_body_bytes`` bytes); a request waits for room, and is
+            answered 503 if none frees up within ``request_timeout_s``.
         request_timeout_s: longest wait for a batch's answer (queueing included; 503 after it, and
             nothing charged); reading a slow request body is capped by the same time (408).
         inference_workers: batches answered at once (each on its own thread).
@@ -56,6 +59,7 @@ class ServeSettings:
     model_name: str | None = None
     max_batch: int = 1024
     max_body_bytes: int = 32 * 2**20
+    buffered_bodies: int = 2
     request_timeout_s: float = 30.0
     inference_workers: int = 2
     torch_threads: int = 1
@@ -74,6 +78,7 @@ class ServeSettings:
         for label, value in (
             ("max_batch", self.max_batch),
             ("max_body_bytes", self.max_body_bytes),
+            ("buffered_bodies", self.buffered_bodies),
             ("inference_workers", self.inference_workers),
             ("torch_threads", self.torch_threads),
             ("pad_window", self.pad_window),
