@@ -135,3 +135,19 @@ def test_the_saved_card_tells_protect_its_data_even_when_the_default_would_fit(v
     assert data_for(victim).name == "fashion-mnist"
     assert data_for(victim, DataSpec()).name == "mnist"  # an explicit spec wins (shape and classes fit)
     assert torch.equal(data_for(victim).test.x, resolve_data(victim.data_card.spec).test.x)  # type: ignore[union-attr]
+
+
+def test_serve_names_the_classes_the_saved_model_remembers(victim_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from fortress.data.registry import FASHION_CLASSES
+    from fortress.serve import KeyStore, ServeSettings, create_app
+
+    settings = ServeSettings(victim_dir, tmp_path / "keys.db")
+    store = KeyStore(settings.keys_path, create=True)
+    key = store.add("t")[1]
+    with TestClient(create_app(settings)) as client:
+        info = client.get("/v1/info", headers={"X-API-Key": key}).json()
+    store.close()
+    assert info["classes"] == list(FASHION_CLASSES) and info["input_shape"] == [1, 28, 28]
