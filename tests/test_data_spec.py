@@ -218,3 +218,21 @@ def test_a_saved_model_remembers_its_data(fashion_dir: Path, tmp_path: Path) -> 
     save_model(model, tmp_path / "m")
     assert load_model(tmp_path / "m").data_card == card
     assert load_model(save_model(create_model("lenet5"), tmp_path / "plain")).data_card is None
+
+
+# -- the real files (slow; skipped where the Debian package is not installed) -----------------------
+
+
+@pytest.mark.slow
+def test_the_real_fashion_mnist_files() -> None:
+    from fortress.data.registry import FASHION_MNIST_DIR
+
+    if not all((FASHION_MNIST_DIR / f"{stem}.gz").is_file() for stem in STEMS):
+        pytest.skip(f"Fashion-MNIST is not installed in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
+    data = resolve_data(DataSpec("fashion-mnist"))
+    assert [len(getattr(data, s)) for s in ("train", "val", "test", "attacker")] == [52_800, 6_000, 10_000, 1_200]
+    assert data.classes == FASHION_CLASSES and data.image_shape == (1, 28, 28)
+    assert torch.bincount(data.test.targets).tolist() == [1000] * 10
+    assert torch.bincount(data.val.targets).tolist() == [600] * 10
+    _cached.cache_clear()
+    assert resolve_data(DataSpec("fashion-mnist")).sha256 == data.sha256

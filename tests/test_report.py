@@ -215,3 +215,17 @@ def test_matched_and_paper_budget_settings_sit_beside_the_clone_accuracy(run_dir
     assert fair.endswith("| -0.30 | matched utility (≤ 0.5 pp lost): epsilon = 0.406 |")
     util = make_report(run_dir).tables["utility"][0].read_text()
     assert "| randp-l1 | 20.00 ± 0.00 | 97.00 | -77.00 | ⚠ no | paper budget ℓ1 = 1 |" in util
+
+
+def test_an_attack_run_with_two_pools_gets_two_columns(run_dir: Path) -> None:
+    for rec in _records():
+        if rec.attack == "knockoff":
+            append_record(
+                run_dir / "results.jsonl",
+                dataclasses.replace(rec, clone_acc=0.01, config={**rec.config, "pool": "mnist"}),
+            )
+    md = make_report(run_dir).tables["clone_accuracy"][0].read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| defense |"))
+    assert "knockoff[mnist] soft @500" in header and "knockoff[None] soft @500" in header
+    row = next(line for line in md.splitlines() if line.startswith("| dnf |"))
+    assert "1.00 ± 0.00" in row  # the digit-pool runs are not averaged with the others

@@ -23,6 +23,7 @@ The std is the sample standard deviation over seeds (0 with one seed).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -459,6 +460,17 @@ def _slug(*parts: str) -> str:
     return "-".join("".join(ch if ch.isalnum() else "_" for ch in p) for p in parts)
 
 
+def _name_pools(records: Sequence[ResultRecord]) -> list[ResultRecord]:
+    """Records of an attack run with several pools (Knockoff on photos and on digits) get the pool in their name."""
+    pools: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        pools[r.attack].add(str(r.config.get("pool")))
+    return [
+        dataclasses.replace(r, attack=f"{r.attack}[{r.config.get('pool')}]") if len(pools[r.attack]) > 1 else r
+        for r in records
+    ]
+
+
 # -- entry points ---------------------------------------------------------------------------------
 
 
@@ -470,6 +482,7 @@ def write_report(records: Sequence[ResultRecord], out: Path, *, title: str = "fo
     """
     if not records:
         raise ArtifactError("no result records to report on")
+    records = _name_pools(records)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tables = [
