@@ -502,7 +502,7 @@ def app_client(tmp_path: Path) -> Iterator[tuple[TestClient, KeyStore]]:
     torch.manual_seed(0)
     save_model(create_model("lenet5").eval(), tmp_path / "victim")
     settings = ServeSettings(tmp_path / "victim", tmp_path / "keys.db", max_batch=8)
-    store = KeyStore(settings.keys_path)
+    store = KeyStore(settings.keys_path, create=True)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client, store
     store.close()

@@ -142,7 +142,7 @@ def test_timing_table_has_a_latency_column_per_exit_seen() -> None:
 
 def test_keys_table_and_profile_lines_from_a_real_ledger(tmp_path: Path) -> None:
     path = tmp_path / "keys.db"
-    store = KeyStore(path)
+    store = KeyStore(path, create=True)
     try:
         alice, secret = store.add("alice", budget=1_000)
         store.add("bob", output_mode="topk", top_k=3, admin=True)
