@@ -180,3 +180,37 @@ def test_victim_configs_in_grids_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="invalid victim training"):
         _grid(tmp_path, GRID.replace("epochs = 1\n", "epochs = 0\n", 1))
     assert _grid(tmp_path).victims == (VictimConfig(arch="lenet5-half", epochs=1),)
+
+
+# ------------------------------------------------------------------------------------ data specs
+
+
+@pytest.mark.parametrize("name", ["mnist-quick", "mnist-paper"])
+def test_the_committed_mnist_grids_keep_their_cell_keys(name: str) -> None:
+    from fortress.bench.runner import finished_keys
+
+    cells = expand_grid(load_grid(ROOT / "benchmarks" / f"{name}.toml"))
+    assert {c.key for c in cells} == finished_keys(ROOT / "benchmarks" / "results" / name / "results.jsonl")
+    assert all(c.victim.data is not None and c.victim.data.is_default for c in cells)
+
+
+def test_the_data_table_reaches_every_victim_that_names_none(tmp_path: Path) -> None:
+    npz = tmp_path / "d.npz"
+    import numpy as np
+
+    np.savez(npz, x=np.zeros((20, 28, 28), np.uint8), y=np.arange(20) % 2)
+    text = GRID + '\n[[victims]]\narch = "lenet5"\ndataset = "mnist"\nepochs = 1\n'
+    text += f'\n[data]\nname = "npz"\npath = "{npz}"\noptions = {{ val_size = 2 }}\n'
+    grid = _grid(tmp_path, text)
+    cells = expand_grid(grid)
+    by_arch = {c.victim.arch: c for c in cells}
+    assert by_arch["lenet5-half"].victim.data == grid.data and by_arch["lenet5"].victim.spec.is_default
+    half = by_arch["lenet5-half"]
+    assert half.canonical()["victim"]["data"] == {"name": "npz", "path": str(npz), "options": {"val_size": 2}}
+    assert Cell.from_dict(half.to_dict()) == half
+    dump_toml(grid, tmp_path / "again.toml")
+    assert load_grid(tmp_path / "again.toml") == grid
+    with pytest.raises(UnknownComponent, match="unknown dataset 'nope'"):
+        _grid(tmp_path, text.replace('name = "npz"', 'name = "nope"'))
+    with pytest.raises(ConfigError, match="does not take option"):
+        _grid(tmp_path, text.replace("val_size", "colour"))

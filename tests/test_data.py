@@ -603,6 +603,7 @@ def test_registry_names() -> None:
         "patches",
         "noise",
         "mnist-idx",
+        "fashion-mnist",
         "cifar10",
         "cifar100",
         "imagefolder",

@@ -140,7 +140,7 @@ def test_a_search_that_cannot_run_on_the_victim_fails_before_training(monkeypatc
     monkeypatch.setattr(DNF, "fit", must_not_run)
     wide = create_model("lenet5", in_channels=3, image_size=32)
     bundle = DefenderData(torch.rand(8, 3, 32, 32), torch.arange(8) % 10, torch.rand(4, 3, 32, 32), torch.arange(4), 10)
-    with pytest.raises(ConfigError, match=r"query set has images \(1, 28, 28\), the victim takes \(3, 32, 32\)"):
+    with pytest.raises(ConfigError, match=r"no default query set for \(3, 32, 32\) images with patches=0"):
         protect(wide, bundle, config(search=SEARCH))
 
 

@@ -76,10 +76,10 @@ def _pm(values: list[float]) -> str:
 def test_clone_table_holds_mean_and_std_over_seeds(run_dir: Path) -> None:
     rep = make_report(run_dir)
     md = rep.tables["clone_accuracy"][0].read_text()
-    assert "| defense | dfme soft @1k | dfme soft @4k | knockoff soft @500 |" in md
+    assert "| defense | dfme soft @1k | dfme soft @4k | knockoff soft @500 | utility Δ pp | setting |" in md
     for defense in ("undefended", "dnf"):
         row = next(line for line in md.splitlines() if line.startswith(f"| {defense} |"))
-        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        cells = [c.strip() for c in row.strip("|").split("|")][1:4]
         assert cells == [
             _pm(CLONE[(defense, "dfme", 1000)]),
             _pm(CLONE[(defense, "dfme", 4000)]),
@@ -166,7 +166,7 @@ def test_protection_table_gives_ratios_to_undefended_and_marks_the_lowest(run_di
     md = rep.tables["protection"][0].read_text()
     dnf = next(line for line in md.splitlines() if line.startswith("| dnf |"))
     cells = [c.strip() for c in dnf.strip("|").split("|")]
-    assert cells[1] == f"{100 * (DEFENDED['dnf'] - 0.97):+.2f}"
+    assert cells[1] == f"{100 * (DEFENDED['dnf'] - 0.97):+.2f} ⚠"  # loses more than 0.5 points: marked
     ratio = statistics.fmean(CLONE[("dnf", "dfme", 4000)]) / statistics.fmean(CLONE[("undefended", "dfme", 4000)])
     assert f"**{ratio:.2f}× ({100 * statistics.fmean(CLONE[('dnf', 'dfme', 4000)]):.1f})**" in cells
     undefended = next(line for line in md.splitlines() if line.startswith("| undefended |"))
@@ -196,3 +196,36 @@ def test_protection_marks_the_lowest_defense_that_keeps_utility(run_dir: Path) -
     wrecked = next(line for line in md.splitlines() if line.startswith("| wreck |"))
     assert wrecked.count("**") == 2 * 3 and "✓" not in wrecked  # lowest in every column, utility gone
     assert dnf.count("✓") == 3 and "**" not in dnf
+
+
+def test_matched_and_paper_budget_settings_sit_beside_the_clone_accuracy(run_dir: Path) -> None:
+    base = next(r for r in _records() if r.defense == "undefended")
+    matched = {"parameter": "epsilon", "value": 0.40625, "target": {"max_drop": 0.5, "measure": "accuracy"}}
+    for label, extra, defended in (("randp-l1", {}, 0.2), ("randp-matched", {"utility_match": matched}, 0.967)):
+        eps = 1.0 if not extra else 0.40625
+        cfg = {**base.config, "defense": {"epsilon": eps}, "cell": {"defense": {"name": "randp"}}}
+        append_record(
+            run_dir / "results.jsonl",
+            dataclasses.replace(base, defense=label, defended_acc=defended, config={**cfg, **extra}),
+        )
+    md = make_report(run_dir).tables["clone_accuracy"][0].read_text()
+    l1 = next(line for line in md.splitlines() if line.startswith("| randp-l1 |"))
+    assert l1.endswith("| -77.00 ⚠ | paper budget ℓ1 = 1 |")
+    fair = next(line for line in md.splitlines() if line.startswith("| randp-matched |"))
+    assert fair.endswith("| -0.30 | matched utility (≤ 0.5 pp lost): epsilon = 0.406 |")
+    util = make_report(run_dir).tables["utility"][0].read_text()
+    assert "| randp-l1 | 20.00 ± 0.00 | 97.00 | -77.00 | ⚠ no | paper budget ℓ1 = 1 |" in util
+
+
+def test_an_attack_run_with_two_pools_gets_two_columns(run_dir: Path) -> None:
+    for rec in _records():
+        if rec.attack == "knockoff":
+            append_record(
+                run_dir / "results.jsonl",
+                dataclasses.replace(rec, clone_acc=0.01, config={**rec.config, "pool": "mnist"}),
+            )
+    md = make_report(run_dir).tables["clone_accuracy"][0].read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| defense |"))
+    assert "knockoff[mnist] soft @500" in header and "knockoff[None] soft @500" in header
+    row = next(line for line in md.splitlines() if line.startswith("| dnf |"))
+    assert "1.00 ± 0.00" in row  # the digit-pool runs are not averaged with the others

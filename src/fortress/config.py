@@ -15,16 +15,18 @@ import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import tomli_w
 
+from fortress.data.spec import DataSpec
 from fortress.defenses.dnf.losses import DNFLossWeights
 from fortress.defenses.dnf.recipe import OODConfig, ProtectConfig
 from fortress.errors import ArtifactError, ConfigError
 
 __all__ = [
     "AttackConfig",
+    "DataSpec",
     "DemoConfig",
     "OODConfig",
     "ProtectConfig",
@@ -44,7 +46,9 @@ class VictimConfig:
 
     Attributes:
         arch: model registry name.
-        dataset: ``"mnist"`` (the embedded digits; other sets come through the Python API).
+        data: the data spec it trains on (``None``: the grid's ``[data]``, else the embedded MNIST
+            digits). TOML: a table ``{ name = "fashion-mnist", path = "...", options = {...} }`` or
+            ``"NAME[:PATH]"``; the older ``dataset = "NAME"`` is read as ``data``.
         epochs: training epochs.
         lr: Adam learning rate.
         batch_size: mini-batch size.
@@ -52,8 +56,11 @@ class VictimConfig:
         seed: seeds initialisation and batches.
     """
 
+    #: Keys of older config files read under their new name.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"dataset": "data"}
+
     arch: str = "lenet5"
-    dataset: str = "mnist"
+    data: DataSpec | None = None
     epochs: int = 20
     lr: float = 1e-3
     batch_size: int = 64
@@ -63,6 +70,18 @@ class VictimConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.max_shift < 0:
             raise ConfigError(f"invalid victim training settings: {self}")
+        if isinstance(self.data, str):
+            object.__setattr__(self, "data", DataSpec.parse(self.data))
+
+    @property
+    def spec(self) -> DataSpec:
+        """The data spec it trains on (the embedded digits when none is set)."""
+        return self.data or DataSpec()
+
+    @property
+    def dataset(self) -> str:
+        """The data set's registry name (what records and tables call it)."""
+        return self.spec.name
 
 
 @dataclass(frozen=True)
@@ -124,6 +143,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return None
         return _convert(args[0], value, where) if len(args) == 1 else value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        parse = getattr(tp, "parse", None)
+        if isinstance(value, str) and callable(parse):  # written as text, e.g. a data spec "NAME[:PATH]"
+            return parse(value)
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a table, got {type(value).__name__}")
         return from_dict(tp, value, where=where)
@@ -150,6 +172,12 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T
         raise TypeError(f"{cls} is not a dataclass")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    renamed: dict[str, str] = getattr(cls, "RENAMED_KEYS", {})
+    for old, new in renamed.items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"{where} gives both {old!r} and {new!r}; {old!r} is the older name of {new!r}")
+            data = {(new if k == old else k): v for k, v in data.items()}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown keys {unknown} in {where}; valid keys: {sorted(names)}")

@@ -11,6 +11,17 @@ the misinformation network of adaptive misinformation and GRAD²'s distilled sur
     name = "adaptive-misinformation"
     params = { tau = 0.5, fit = { epochs = 5 } }
 
+A ``match_utility`` table sets a perturbation defense's strength (ε of RandP, MAD, GRAD²; β of
+reverse sigmoid) to the strongest value that keeps a stated utility on the defender's ID validation
+data (:func:`fortress.defenses.utility_match.match_utility`; the table is a
+:class:`~fortress.defenses.utility_match.UtilityTarget`); the value found and what it keeps are
+written to ``OUT/utility_match.json`` and recorded with every result::
+
+    [[defenses]]
+    name = "randp"
+    label = "randp-matched"
+    params = { match_utility = { max_drop = 0.5 } }    # at most 0.5 points of ID accuracy lost
+
 A defense whose build needs more registers a :class:`DefenseBuilder` in :data:`BUILDERS` under its
 registry name. DNF's builder runs the protection recipe (:func:`fortress.defenses.dnf.recipe.protect`,
 through :func:`fortress.bench.pipeline.protect`) with ``params`` read as a
@@ -24,18 +35,34 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fortress.config import ProtectConfig, from_dict
+from fortress.data.spec import DataSpec
 from fortress.defenses import DEFENSES, Defense, TrainableDefense, Undefended
+from fortress.defenses.utility_match import STRENGTH, UtilityTarget, match_utility
 from fortress.errors import ConfigError
 from fortress.models.staged import StagedBackbone
 from fortress.registry import Registry
 
-__all__ = ["BUILDERS", "BuildContext", "DefenseBuilder", "build_defense", "check_defense_params"]
+__all__ = [
+    "BUILDERS",
+    "MATCH_FILE",
+    "BuildContext",
+    "DefenseBuilder",
+    "build_defense",
+    "check_defense_params",
+    "read_utility_match",
+]
+
+#: Written next to a defense built with ``match_utility``: the strength found and what it keeps.
+MATCH_FILE = "utility_match.json"
+#: The ``params`` entries the build step reads itself (never passed to the constructor).
+_BUILD_KEYS = ("fit", "match_utility")
 
 
 @dataclass(frozen=True)
@@ -43,11 +70,11 @@ class BuildContext:
     """What a builder may use besides the victim.
 
     Attributes:
-        dataset: the victim's data set name (the defender's own training data).
+        data: the defender's own data (``None``: the spec the victim remembers, else the embedded digits).
         out: directory to save into and to keep checkpoints in (``None``: nothing is written).
     """
 
-    dataset: str = "mnist"
+    data: DataSpec | None = None
     out: Path | None = None
 
 
@@ -76,7 +103,7 @@ def _protect_config(params: dict[str, Any]) -> ProtectConfig:
 def _build_dnf(victim: StagedBackbone, params: dict[str, Any], ctx: BuildContext) -> Defense:
     from fortress.bench.pipeline import protect
 
-    return protect(victim, _protect_config(params), dataset=ctx.dataset, out=ctx.out, resume=True)
+    return protect(victim, _protect_config(params), data=ctx.data, out=ctx.out, resume=True)
 
 
 def _check_dnf(params: dict[str, Any]) -> None:
@@ -93,11 +120,31 @@ BUILDERS.add("undefended", DefenseBuilder(lambda victim, _p, _c: Undefended(vict
 
 
 def _split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    ctor = {k: v for k, v in params.items() if k != "fit"}
+    ctor = {k: v for k, v in params.items() if k not in _BUILD_KEYS}
     fit = params.get("fit")
     if fit is not None and not isinstance(fit, dict):
         raise ConfigError(f"defense 'fit' params must be a table, got {fit!r}")
     return ctor, fit
+
+
+def _utility_target(name: str, params: dict[str, Any]) -> UtilityTarget | None:
+    """The ``match_utility`` table of ``params`` read into a :class:`UtilityTarget` (``None`` without one)."""
+    table = params.get("match_utility")
+    if table is None:
+        return None
+    if name not in STRENGTH:
+        raise ConfigError(
+            f"defense {name!r} has no strength to match to a utility; match_utility works for: "
+            f"{', '.join(sorted(STRENGTH))}"
+        )
+    if not isinstance(table, dict):
+        raise ConfigError(f"defense {name!r} match_utility must be a table (e.g. {{ max_drop = 0.5 }}), got {table!r}")
+    target = from_dict(UtilityTarget, table, where=f"defense {name!r} match_utility")
+    if STRENGTH[name].parameter in params:
+        raise ConfigError(
+            f"defense {name!r} params set {STRENGTH[name].parameter!r} and match_utility; the match sets it, give one"
+        )
+    return target
 
 
 def _fit_config(cls: type[Defense], fit: dict[str, Any], name: str) -> Any:
@@ -123,6 +170,7 @@ def _constructor_check(name: str, params: dict[str, Any]) -> None:
         ) from None
     if fit is not None:
         _fit_config(cls, fit, name)
+    _utility_target(name, params)
 
 
 def check_defense_params(name: str, params: dict[str, Any]) -> None:
@@ -156,12 +204,29 @@ def build_defense(name: str, victim: StagedBackbone, params: dict[str, Any], ctx
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build defense {name!r} with params {ctor}: {exc}") from exc
     if fit is not None:
-        from fortress.bench.pipeline import defender_data
+        from fortress.bench.pipeline import data_for, defender_data
 
         assert isinstance(defense, TrainableDefense)  # checked with the params above
         defense.fit(
-            defender_data(ctx.dataset),
+            defender_data(data_for(victim, ctx.data)),
             _fit_config(type(defense), fit, name),
             checkpoint_dir=None if ctx.out is None else Path(ctx.out) / "checkpoints",  # an interrupted build resumes
         )
+    target = _utility_target(name, params)
+    if target is not None:
+        from fortress.bench.pipeline import data_for
+        from fortress.models.io import atomic_write_text
+
+        val = data_for(victim, ctx.data).val
+        matched = match_utility(defense, val.x, val.targets, target)
+        if ctx.out is not None:
+            atomic_write_text(Path(ctx.out) / MATCH_FILE, json.dumps(matched.as_dict(), indent=2))
     return defense
+
+
+def read_utility_match(directory: Path) -> dict[str, Any] | None:
+    """The ``utility_match.json`` of a built defense (``None`` when it was not matched)."""
+    from fortress.models.io import read_json
+
+    path = Path(directory) / MATCH_FILE
+    return read_json(path) if path.is_file() else None

@@ -11,6 +11,10 @@ Example grid (``benchmarks/mnist-quick.toml`` is a complete one)::
     seeds = [0, 1]
     output_modes = ["soft"]
 
+    [data]                            # optional: the default is the embedded MNIST digits
+    name = "fashion-mnist"            # a data spec: registry name, optional path and options
+    options = { train_size = 20000 }
+
     [[victims]]
     arch = "lenet5"
     epochs = 10
@@ -27,7 +31,8 @@ Example grid (``benchmarks/mnist-quick.toml`` is a complete one)::
     budgets = [100000, 200000]
     params = { batch_size = 256 }
 
-An attack runs against every victim and defense unless it names some: ``defenses = ["undefended",
+The ``[data]`` table is the data of every victim that names none (a victim may carry its own
+``data``). An attack runs against every victim and defense unless it names some: ``defenses = ["undefended",
 "dnf"]`` (defense labels) and ``victims = ["lenet5"]`` (victim architectures). These filters do not
 enter the cell keys, so adding one to a grid keeps the cells it already finished.
 
@@ -39,11 +44,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from fortress.config import AttackConfig, VictimConfig, from_dict, load_toml, to_dict
+from fortress.data.spec import DataSpec
 from fortress.errors import ConfigError
 
 __all__ = [
@@ -56,6 +62,7 @@ __all__ = [
     "expand_grid",
     "load_grid",
     "victim_artifact_key",
+    "victim_key_view",
 ]
 
 OutputMode = Literal["soft", "hard", "topk"]
@@ -137,6 +144,7 @@ class GridConfig:
         seeds: attack seeds; tables report mean ± std over them.
         output_modes: oracle output modes (``soft``: probabilities, ``hard``: labels).
         eval_every: also evaluate the clone every this many queries (clone accuracy curves); ``None``: at the end only.
+        data: the data of every victim that names none (the ``[data]`` table; ``None``: the embedded digits).
     """
 
     name: str = "grid"
@@ -146,6 +154,7 @@ class GridConfig:
     seeds: tuple[int, ...] = (0,)
     output_modes: tuple[OutputMode, ...] = ("soft",)
     eval_every: int | None = None
+    data: DataSpec | None = None
 
     def __post_init__(self) -> None:
         for what, items in (
@@ -180,14 +189,21 @@ class GridConfig:
         """Check every registry name and build parameter now, before hours of running.
 
         Raises:
-            UnknownComponent: a defense, attack, model or pool name is not registered.
-            ConfigError: a defense's build parameters are invalid.
+            UnknownComponent: a defense, attack, model, data set or pool name is not registered.
+            ConfigError: a defense's build parameters or a data spec's options are invalid.
+            ArtifactError: a data set's files are missing.
         """
         from fortress.attacks import ATTACKS
         from fortress.bench.build import check_defense_params
+        from fortress.data.defaults import attacker_split_pool
         from fortress.data.registry import DATASETS
+        from fortress.data.resolve import check_spec
         from fortress.models import MODELS
 
+        specs = {self.victim_data(v).canonical(): self.victim_data(v) for v in self.victims}
+        for spec in specs.values():
+            check_spec(spec)
+        own_splits = {attacker_split_pool(s.name) for s in specs.values()}
         for v in self.victims:
             MODELS.get(v.arch)
         for d in self.defenses:
@@ -196,8 +212,12 @@ class GridConfig:
             ATTACKS.get(a.name)
             if a.clone is not None:
                 MODELS.get(a.clone)
-            if a.pool is not None:
-                DATASETS.get(a.pool)
+            if a.pool is not None and a.pool not in own_splits:
+                DATASETS.get(DataSpec.parse(a.pool).name)
+
+    def victim_data(self, victim: VictimConfig) -> DataSpec:
+        """The data ``victim`` trains on: its own ``data``, else the grid's ``[data]``, else the embedded digits."""
+        return victim.data or self.data or DataSpec()
 
     @property
     def num_cells(self) -> int:
@@ -235,7 +255,7 @@ class Cell:
         """The fields that define the cell's result (everything but the grid name)."""
         return {
             "format": CELL_FORMAT,
-            "victim": to_dict(self.victim),
+            "victim": victim_key_view(self.victim),
             "defense": to_dict(self.defense),
             "attack": to_dict(self.attack),
             "eval_every": self.eval_every,
@@ -282,14 +302,31 @@ class Cell:
         )
 
 
+def victim_key_view(victim: VictimConfig) -> dict[str, Any]:
+    """The victim's config as cell keys and records see it.
+
+    The data spec is written ``"dataset": NAME`` when it is a bare registry name (no path, no
+    options), as in grids before data specs existed, so every earlier cell keeps its key (and
+    ``--resume`` its records); a spec with a path or options is written in full as ``"data"``.
+    """
+    out: dict[str, Any] = to_dict(victim)
+    out.pop("data", None)
+    spec = victim.spec
+    if spec.path is None and not spec.options:
+        out["dataset"] = spec.name
+    else:
+        out["data"] = spec.to_dict()
+    return out
+
+
 def victim_artifact_key(victim: VictimConfig) -> str:
     """Cache directory name of a victim: ``victim-<arch>-<hash>``."""
-    return f"victim-{victim.arch}-{config_hash(to_dict(victim), length=12)}"
+    return f"victim-{victim.arch}-{config_hash(victim_key_view(victim), length=12)}"
 
 
 def defense_artifact_key(victim: VictimConfig, defense: DefenseSpec) -> str:
     """Cache directory name of a defense built on a victim (the label does not matter): ``<name>-<hash>``."""
-    data = {"victim": to_dict(victim), "name": defense.name, "params": to_dict(defense.params)}
+    data = {"victim": victim_key_view(victim), "name": defense.name, "params": to_dict(defense.params)}
     return f"{defense.name}-{config_hash(data, length=12)}"
 
 
@@ -299,7 +336,7 @@ def expand_grid(grid: GridConfig) -> list[Cell]:
     Seeds vary slowly, so an interrupted grid already holds whole tables for its first seeds.
     """
     cells: list[Cell] = []
-    for victim in grid.victims:
+    for victim in (replace(v, data=grid.victim_data(v)) for v in grid.victims):
         for seed in grid.seeds:
             for spec in filter(lambda a: a.runs_on(victim), grid.attacks):
                 for budget in spec.budgets:

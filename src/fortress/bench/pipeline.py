@@ -1,8 +1,9 @@
 """The library calls behind the CLI verbs: train a victim, protect it with DNF, attack a defense.
 
 Each function does one job and returns what it made; the CLI only parses arguments, shows
-progress and prints. Everything here works on the embedded MNIST data (``dataset="mnist"``);
-other data sets plug in through the Python API (``fortress.data.loaders``).
+progress and prints. Data are named by a :class:`~fortress.data.spec.DataSpec` (default: the
+embedded MNIST digits); a model trained here remembers its spec (``model.data_card``, saved in
+``model.json``), so the steps after training find the data without being told (:func:`data_for`).
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ from typing import Any
 import torch
 
 from fortress.attacks import ATTACKS, EvalSet, ProgressFn
+from fortress.attacks.base import PoolKind
 from fortress.bench.records import ResultRecord
 from fortress.config import AttackConfig, ProtectConfig, VictimConfig, to_dict
 from fortress.data.base import ImageSet
-from fortress.data.embedded import MnistSplits, mnist_splits
-from fortress.data.registry import load_dataset
+from fortress.data.defaults import PoolRole, default_pool, load_pool
+from fortress.data.resolve import ResolvedData, resolve_data
+from fortress.data.spec import DataSpec
 from fortress.defenses.base import Defense
 from fortress.defenses.dnf import DNF, StepInfo
 from fortress.defenses.dnf.recipe import protect as protect_recipe
 from fortress.defenses.trainable import DefenderData
-from fortress.errors import ConfigError
+from fortress.errors import ConfigError, InvalidInput
 from fortress.models import (
     StagedBackbone,
     create_model,
@@ -38,6 +41,8 @@ from fortress.oracle import HttpOracle, LocalOracle, Oracle
 from fortress.tensors import check_labels
 
 __all__ = [
+    "attack_pool",
+    "data_for",
     "defended_accuracy",
     "defender_data",
     "id_data",
@@ -50,14 +55,43 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def id_data(dataset: str) -> MnistSplits:
-    """The defender's data for ``dataset`` (the embedded MNIST digits)."""
-    if dataset != "mnist":
-        raise ConfigError(
-            f"dataset {dataset!r} is not available to the CLI pipeline; valid: 'mnist' "
-            "(use fortress.data.loaders with the Python API for your own data)"
+def id_data(data: DataSpec | str | None = None) -> ResolvedData:
+    """The defender's and attacker's splits of ``data`` (a spec, ``NAME[:PATH]`` text, ``None``: the embedded digits).
+
+    Raises:
+        UnknownComponent, ConfigError, ArtifactError: as :func:`fortress.data.resolve.resolve_data`.
+    """
+    spec = DataSpec.parse(data) if isinstance(data, str) else data
+    return resolve_data(spec)
+
+
+def data_for(victim: StagedBackbone, data: DataSpec | None = None) -> ResolvedData:
+    """The data to use with ``victim``: ``data`` if given, else the spec the victim remembers, else the default.
+
+    Resolved and checked against the victim before anything trains or queries. Data whose content
+    hash differs from the one the victim was trained on are used, with a warning.
+
+    Raises:
+        InvalidInput: the images' shape or the class count do not fit the victim.
+        UnknownComponent, ConfigError, ArtifactError: as :func:`fortress.data.resolve.resolve_data`.
+    """
+    card = victim.data_card
+    spec = data if data is not None else (card.spec if card is not None else DataSpec())
+    resolved = resolve_data(spec)
+    if resolved.image_shape != victim.input_shape or resolved.num_classes != victim.num_classes:
+        raise InvalidInput(
+            f"data {spec.text()!r} have images {resolved.image_shape} in {resolved.num_classes} classes; the "
+            f"{victim.arch} victim takes {victim.input_shape} in {victim.num_classes} classes"
         )
-    return mnist_splits()
+    if card is not None and card.sha256 != resolved.sha256:
+        log.warning(
+            "data %r (sha256 %s) are not the data the victim was trained on (%r, sha256 %s)",
+            spec.text(),
+            resolved.sha256[:12],
+            card.spec.text(),
+            card.sha256[:12],
+        )
+    return resolved
 
 
 def train_victim(
@@ -66,15 +100,19 @@ def train_victim(
     *,
     on_epoch: Callable[[int, float, float | None], None] | None = None,
 ) -> tuple[StagedBackbone, float]:
-    """Train a victim on the ID training split; save it to ``out`` if given.
+    """Train a victim on the ID training split of ``cfg.data``; save it to ``out`` if given.
+
+    The data are resolved and the architecture built before training starts, and nothing is written
+    before training ends, so a bad spec or architecture leaves ``out`` as it was. The saved model
+    remembers its data (``model.data_card``).
 
     Returns:
         The model (eval mode) and its ID-test accuracy.
     """
-    data = id_data(cfg.dataset)
+    data = id_data(cfg.spec)
     torch.manual_seed(cfg.seed)
-    c, h, _ = data.train.x.shape[1:]
-    model = create_model(cfg.arch, num_classes=10, in_channels=int(c), image_size=int(h))
+    c, h, _ = data.image_shape
+    model = create_model(cfg.arch, num_classes=data.num_classes, in_channels=c, image_size=h)
     train_classifier(
         model,
         data.train.x,
@@ -87,38 +125,36 @@ def train_victim(
         on_epoch=on_epoch,
     )
     acc = evaluate_accuracy(model, data.test.x, data.test.targets)
+    model.data_card = data.card()
     if out is not None:
         save_model(model, out, extra={"test_acc": acc, "config": to_dict(cfg)})
     return model, acc
 
 
-def defender_data(dataset: str) -> DefenderData:
-    """The defender's data for ``dataset`` as the bundle every ``fit`` takes (training and validation splits)."""
-    data = id_data(dataset)
-    k = data.train.num_classes
-    if k is None:
-        raise ConfigError(f"data set {dataset!r} does not name its classes")
-    return DefenderData.from_splits(data.train, data.val, num_classes=k, dataset=dataset)
+def defender_data(data: ResolvedData) -> DefenderData:
+    """The defender's data as the bundle every ``fit`` takes (training and validation splits)."""
+    return DefenderData.from_splits(data.train, data.val, num_classes=data.num_classes, dataset=data.name)
 
 
 def protect(
     victim: StagedBackbone,
     cfg: ProtectConfig,
     *,
-    dataset: str = "mnist",
+    data: DataSpec | None = None,
     out: Path | None = None,
     resume: bool = True,
     on_step: Callable[[StepInfo], None] | None = None,
     on_dcgan_epoch: Callable[[int, float, float], None] | None = None,
 ) -> DNF:
-    """Protect ``victim`` with the DNF recipe (:func:`fortress.defenses.dnf.recipe.protect`) on ``dataset``.
+    """Protect ``victim`` with the DNF recipe (:func:`fortress.defenses.dnf.recipe.protect`) on its data.
 
-    Saves to ``out`` (checkpoints in ``out/checkpoints``, so an interrupted run resumes) and, after a
-    threshold search, plots its trials to ``out/threshold_search.png``.
+    ``data`` defaults to the spec the victim remembers (:func:`data_for`). Saves to ``out``
+    (checkpoints in ``out/checkpoints``, so an interrupted run resumes) and, after a threshold
+    search, plots its trials to ``out/threshold_search.png``.
     """
     dnf = protect_recipe(
         victim,
-        defender_data(dataset),
+        defender_data(data_for(victim, data)),
         cfg,
         out=out,
         resume=resume,
@@ -202,7 +238,7 @@ def run_attack(
     *,
     reference: Defense | None = None,
     api_key: str | None = None,
-    dataset: str = "mnist",
+    data: DataSpec | None = None,
     eval_every: int | None = None,
     progress: ProgressFn | None = None,
     extra_config: dict[str, Any] | None = None,
@@ -216,20 +252,23 @@ def run_attack(
     :class:`~fortress.errors.BudgetExceeded` propagates — no record is produced for an unfinished
     attack.
 
-    The evaluation set (ID test) and the victim's own labels for fidelity are computed directly on
-    the reference models, off-budget; the attack sees only the oracle.
+    The data (``data``, default: the spec the victim remembers, :func:`data_for`) give the
+    evaluation set (ID test) and the attacker's ID split; the pool (``cfg.pool``, default: the data
+    defaults for the attack's kind of pool, :func:`attack_pool`) is loaded and checked against the
+    victim's input shape before the first query. The evaluation and the victim's own labels for
+    fidelity are computed directly on the reference models, off-budget; the attack sees only the oracle.
     """
-    oracle, defense = resolve_target(target, cfg, reference=reference, api_key=api_key, api_budget=api_budget)
-    data = id_data(dataset)
     attack_cls = ATTACKS.get(cfg.name)
+    oracle, defense = resolve_target(target, cfg, reference=reference, api_key=api_key, api_budget=api_budget)
     victim = defense.victim
-    victim_labels = predict_logits(victim, data.test.x).argmax(1)
-    victim_acc = float((victim_labels == data.test.targets).float().mean())
-    defended_acc, hist_id = defended_accuracy(defense, data.test)
-    eval_set = EvalSet(data.test.x, data.test.targets, victim_labels)
+    resolved = data_for(victim, data)
+    pool_name = attack_pool(cfg, resolved, victim.input_shape)
+    pool = None if pool_name is None else load_pool(pool_name, victim.input_shape, resolved).x
+    victim_labels = predict_logits(victim, resolved.test.x).argmax(1)
+    victim_acc = float((victim_labels == resolved.test.targets).float().mean())
+    defended_acc, hist_id = defended_accuracy(defense, resolved.test)
+    eval_set = EvalSet(resolved.test.x, resolved.test.targets, victim_labels)
     attack = attack_cls(oracle, budget=cfg.budget, seed=cfg.seed, **cfg.params)
-    pool_name = cfg.pool or attack_cls.default_pool
-    pool = None if pool_name is None else load_dataset(pool_name).x
     torch.manual_seed(cfg.seed)
     c, h, _ = victim.input_shape
     clone = create_model(cfg.clone, num_classes=victim.num_classes, in_channels=c, image_size=h)
@@ -240,7 +279,7 @@ def run_attack(
     return ResultRecord(
         defense=defense.name,
         attack=cfg.name,
-        dataset=dataset,
+        dataset=resolved.name,
         victim_arch=victim.arch,
         clone_arch=cfg.clone,
         budget=cfg.budget,
@@ -273,7 +312,30 @@ def run_attack(
             for c in result.checkpoints
         ],
         extra={"oracle_log": qlog.as_dict(), "attack_extras": _jsonable(result.extras)},
+        data=resolved.describe(),
     )
+
+
+#: The data defaults' pool role for each kind of pool an attack declares.
+_POOL_ROLES: dict[PoolKind, PoolRole] = {PoolKind.ID_SEEDS: "id_seeds", PoolKind.NATURAL: "natural"}
+
+
+def attack_pool(cfg: AttackConfig, data: ResolvedData, image_shape: tuple[int, int, int]) -> str | None:
+    """The pool an attack queries: ``cfg.pool``, else the data defaults' pool for the attack's kind of pool.
+
+    An attack that declares no default pool (``default_pool = None``: data-free attacks, and
+    attacks whose pool is optional) gets none. Otherwise its :attr:`~fortress.attacks.Attack.pool_kind`
+    picks the role and :func:`fortress.data.defaults.default_pool` the set for the victim's data:
+    the attacker's ID split (``mnist-attacker`` on the embedded digits) for ID seeds, photo crops
+    (``patches``) for natural images.
+    """
+    if cfg.pool is not None:
+        return cfg.pool
+    attack_cls = ATTACKS.get(cfg.name)
+    role = _POOL_ROLES.get(attack_cls.pool_kind)
+    if attack_cls.default_pool is None or role is None:
+        return None
+    return default_pool(role, data.name, image_shape)
 
 
 def _jsonable(obj: Any) -> Any:

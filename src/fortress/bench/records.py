@@ -20,7 +20,12 @@ __all__ = ["ResultRecord", "append_record", "read_records"]
 
 @dataclass
 class ResultRecord:
-    """One attack against one defense (DESIGN §3). Accuracies are fractions in [0, 1]."""
+    """One attack against one defense (DESIGN §3). Accuracies are fractions in [0, 1].
+
+    ``dataset`` is the data spec's registry name; ``data`` the whole spec with what resolving it
+    gave: path and options, the content hash (``sha256``), classes, image shape and split sizes
+    (:meth:`fortress.data.resolve.ResolvedData.describe`).
+    """
 
     defense: str
     attack: str
@@ -43,6 +48,7 @@ class ResultRecord:
     clone_acc_best: float | None = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """One line of JSON."""

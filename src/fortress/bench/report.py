@@ -3,7 +3,9 @@
 Tables (each as Markdown and CSV, one section per data set × victim architecture):
 
 * ``clone_accuracy`` — clone accuracy (%) per defense × attack (output mode, budget, and the clone
-  architecture where it is not the victim's), mean ± std over seeds (paper Tables 1, 2, 7, 17);
+  architecture where it is not the victim's), mean ± std over seeds (paper Tables 1, 2, 7, 17), with
+  each defense's utility change and its setting beside it (a perturbation defense matched to a
+  utility, or at the paper's ℓ1 budget); ⚠ marks a defense that loses more than 0.5 points;
 * ``protection`` — each defense's clone accuracy as a fraction of the undefended clone's at the same
   attack and budget, the lowest per column marked, next to the defense's utility change: the paper's
   claims ("lowest clone accuracy", "utility kept") checked at a glance;
@@ -21,6 +23,7 @@ The std is the sample standard deviation over seeds (0 with one seed).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -162,12 +165,52 @@ def _pivot(
     return {k: mean_std(v) for k, v in acc.items()}
 
 
+#: A defense "keeps utility" when its defended ID accuracy is within this many points of the victim's
+#: (the paper's bar for DNF, and the threshold search's default tolerance).
+UTILITY_TOLERANCE_PP = 0.5
+#: Defenses whose strength is an output-space ℓ1 budget ``epsilon`` (the paper's setting: 1.0).
+_L1_BUDGET = frozenset({"randp", "mad", "mad-argmax", "grad2"})
+
+
+def _registry_name(r: ResultRecord) -> str:
+    cell = r.config.get("cell")
+    defense = cell.get("defense") if isinstance(cell, dict) else None
+    return str(defense.get("name", r.defense)) if isinstance(defense, dict) else r.defense
+
+
+def _setting(r: ResultRecord) -> str:
+    """How a perturbation defense's strength was set: matched to a utility, or the paper's ℓ1 budget."""
+    match = r.config.get("utility_match")
+    if isinstance(match, dict):
+        target = match.get("target", {})
+        what = "top-1 kept" if target.get("measure") == "top1" else f"≤ {target.get('max_drop', 0.5):g} pp lost"
+        return f"matched utility ({what}): {match.get('parameter')} = {float(match.get('value', 0.0)):.3g}"
+    hp = r.config.get("defense")
+    if isinstance(hp, dict) and _registry_name(r) in _L1_BUDGET and "epsilon" in hp:
+        return f"paper budget ℓ1 = {float(hp['epsilon']):g}"
+    return ""
+
+
+def _utility_delta(recs: Sequence[ResultRecord], defense: str) -> float:
+    """Mean defended − victim ID accuracy of ``defense``, in percentage points."""
+    return 100 * statistics.fmean(r.defended_acc - r.victim_acc for r in recs if r.defense == defense)
+
+
+def _delta_text(delta: float) -> str:
+    return f"{delta:+.2f}" + (" ⚠" if delta < -UTILITY_TOLERANCE_PP else "")
+
+
 def _clone_table(records: Sequence[ResultRecord]) -> _Table:
-    t = _Table("clone_accuracy", "Clone accuracy (%), mean ± std over seeds")
+    t = _Table(
+        "clone_accuracy",
+        "Clone accuracy (%), mean ± std over seeds; the defense's utility change on ID test data (pp; "
+        f"⚠: loses more than {UTILITY_TOLERANCE_PP} pp) and its setting beside it",
+    )
     all_cols: list[Column] = sorted({_column(r) for r in records})
     t.csv_header = ["dataset", "victim_arch", "defense"]
     for c in all_cols:
         t.csv_header += [f"{_col_name(c)} mean", f"{_col_name(c)} std", f"{_col_name(c)} n"]
+    t.csv_header += ["utility_delta_pp", "loses_utility", "setting"]
     for (dataset, arch), recs in _by_section(records).items():
         cols = sorted({_column(r) for r in recs})
         stats = _pivot(recs, _column, lambda r: r.clone_acc)
@@ -181,16 +224,15 @@ def _clone_table(records: Sequence[ResultRecord]) -> _Table:
                 if c in cols:
                     row.append("—" if s is None else s.pct(show_n=s.n != n_max))
                 csv_row += ["", "", ""] if s is None else [round(100 * s.mean, 4), round(100 * s.std, 4), s.n]
+            delta = _utility_delta(recs, d)
+            setting = next((x for x in (_setting(r) for r in recs if r.defense == d) if x), "")
+            row += [_delta_text(delta), setting]
+            csv_row += [round(delta, 4), delta < -UTILITY_TOLERANCE_PP, setting]
             rows.append(row)
             t.csv_rows.append(csv_row)
         t.md += [f"### {dataset}, victim {arch} ({n_max} seeds)", ""]
-        t.md += [*_md_table(["defense", *(_col_name(c) for c in cols)], rows), ""]
+        t.md += [*_md_table(["defense", *(_col_name(c) for c in cols), "utility Δ pp", "setting"], rows), ""]
     return t
-
-
-#: A defense "keeps utility" when its defended ID accuracy is within this many points of the victim's
-#: (the paper's bar for DNF, and the threshold search's default tolerance).
-UTILITY_TOLERANCE_PP = 0.5
 
 
 def _lowest(stats: dict[tuple[str, Any], Stat], col: Column, among: set[str]) -> float | None:
@@ -203,8 +245,8 @@ def _protection_table(records: Sequence[ResultRecord]) -> _Table:
     t = _Table(
         "protection",
         "Protection: clone accuracy as a fraction of the undefended clone's (× undefended, lower is better) "
-        f"and the defense's utility change (pp). **Bold**: lowest in its column; ✓: lowest among the "
-        f"defenses that keep utility (within {UTILITY_TOLERANCE_PP} pp of the victim)",
+        f"and the defense's utility change (pp; ⚠: loses more than {UTILITY_TOLERANCE_PP} pp). **Bold**: lowest in "
+        f"its column; ✓: lowest among the defenses that keep utility (within {UTILITY_TOLERANCE_PP} pp of the victim)",
     )
     t.csv_header = [
         "dataset",
@@ -230,7 +272,7 @@ def _protection_table(records: Sequence[ResultRecord]) -> _Table:
         best_kept = {c: _lowest(stats, c, keeps) for c in cols}
         rows: list[list[str]] = []
         for d in _ordered(r.defense for r in recs):
-            row = [d, f"{delta[d]:+.2f}"]
+            row = [d, _delta_text(delta[d])]
             for c in cols:
                 s, base = stats.get((d, c)), stats.get(("undefended", c))
                 if s is None or base is None or base.mean <= 0:
@@ -250,7 +292,16 @@ def _protection_table(records: Sequence[ResultRecord]) -> _Table:
 
 def _utility_table(records: Sequence[ResultRecord]) -> _Table:
     t = _Table("utility", "Defended utility: ID test accuracy (%) of the defense's answers (paper Table 4)")
-    t.csv_header = ["dataset", "victim_arch", "defense", "defended_acc mean", "defended_acc std", "victim_acc", "delta"]
+    t.csv_header = [
+        "dataset",
+        "victim_arch",
+        "defense",
+        "defended_acc mean",
+        "defended_acc std",
+        "victim_acc",
+        "delta",
+        "setting",
+    ]
     for (dataset, arch), recs in _by_section(records).items():
         rows: list[list[str]] = []
         for d in _ordered(r.defense for r in recs):
@@ -258,10 +309,13 @@ def _utility_table(records: Sequence[ResultRecord]) -> _Table:
             acc = mean_std(r.defended_acc for r in mine)
             victim = statistics.fmean(r.victim_acc for r in mine)
             delta = acc.mean - victim
-            rows.append([d, acc.pct(), f"{100 * victim:.2f}", f"{100 * delta:+.2f}"])
-            t.csv_rows.append([dataset, arch, d, 100 * acc.mean, 100 * acc.std, 100 * victim, 100 * delta])
+            setting = next((x for x in (_setting(r) for r in mine) if x), "")
+            kept = "✓" if 100 * delta >= -UTILITY_TOLERANCE_PP else "⚠ no"
+            rows.append([d, acc.pct(), f"{100 * victim:.2f}", f"{100 * delta:+.2f}", kept, setting])
+            t.csv_rows.append([dataset, arch, d, 100 * acc.mean, 100 * acc.std, 100 * victim, 100 * delta, setting])
         t.md += [f"### {dataset}, victim {arch}", ""]
-        t.md += [*_md_table(["defense", "defended acc %", "victim acc %", "Δ pp"], rows), ""]
+        header = ["defense", "defended acc %", "victim acc %", "Δ pp", f"within {UTILITY_TOLERANCE_PP} pp", "setting"]
+        t.md += [*_md_table(header, rows), ""]
     return t
 
 
@@ -406,6 +460,17 @@ def _slug(*parts: str) -> str:
     return "-".join("".join(ch if ch.isalnum() else "_" for ch in p) for p in parts)
 
 
+def _name_pools(records: Sequence[ResultRecord]) -> list[ResultRecord]:
+    """Records of an attack run with several pools (Knockoff on photos and on digits) get the pool in their name."""
+    pools: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        pools[r.attack].add(str(r.config.get("pool")))
+    return [
+        dataclasses.replace(r, attack=f"{r.attack}[{r.config.get('pool')}]") if len(pools[r.attack]) > 1 else r
+        for r in records
+    ]
+
+
 # -- entry points ---------------------------------------------------------------------------------
 
 
@@ -417,6 +482,7 @@ def write_report(records: Sequence[ResultRecord], out: Path, *, title: str = "fo
     """
     if not records:
         raise ArtifactError("no result records to report on")
+    records = _name_pools(records)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tables = [

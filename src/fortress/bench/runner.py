@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from fortress.bench.build import BuildContext, build_defense
+from fortress.bench.build import BuildContext, build_defense, read_utility_match
 from fortress.bench.grid import Cell, GridConfig, defense_artifact_key, expand_grid, victim_artifact_key
 from fortress.bench.records import ResultRecord, append_record, read_records
 from fortress.config import VictimConfig, dump_toml, to_dict
@@ -124,7 +124,7 @@ def ensure_defense(victim: VictimConfig, spec: Any, out: Path) -> Path:
     d = Path(out) / ARTIFACTS / defense_artifact_key(victim, spec)
     if not (d / BUILT).is_file():
         log.info("building defense %s", d.name)
-        defense = build_defense(spec.name, load_model(vdir), spec.params, BuildContext(dataset=victim.dataset, out=d))
+        defense = build_defense(spec.name, load_model(vdir), spec.params, BuildContext(data=victim.spec, out=d))
         try:
             if not (d / "defense.json").is_file():
                 defense.save(d)
@@ -148,7 +148,7 @@ def load_cell_defense(cell: Cell, out: Path) -> Defense:
     if read_json(d / BUILT).get("saved"):
         return load_defense(d)
     vdir = Path(out) / ARTIFACTS / cell.victim_key
-    ctx = BuildContext(dataset=cell.victim.dataset, out=None)
+    ctx = BuildContext(data=cell.victim.spec, out=None)
     return build_defense(cell.defense.name, load_model(vdir), cell.defense.params, ctx)
 
 
@@ -186,11 +186,11 @@ def run_cell(cell: Cell, out: Path | str, threads: int | None = None, after: obj
         torch.set_num_threads(threads)
     out = Path(out)
     defense = load_cell_defense(cell, out)
-    id_s = _id_seconds_per_1k(defense, id_data(cell.victim.dataset).test.x)
+    id_s = _id_seconds_per_1k(defense, id_data(cell.victim.spec).test.x)
     rec = run_attack(
         defense,
         cell.attack,
-        dataset=cell.victim.dataset,
+        data=cell.victim.spec,
         eval_every=cell.eval_every,
         extra_config={
             "cell": cell.to_dict(),
@@ -198,12 +198,19 @@ def run_cell(cell: Cell, out: Path | str, threads: int | None = None, after: obj
             "grid": cell.grid,
             "victim_artifact": cell.victim_key,
             "defense_artifact": cell.defense_key,
+            **_matched(cell, out),
         },
     )
     facts = {"id_s_per_1k_queries": id_s, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
     rec = replace(rec, defense=cell.defense.display, extra={**rec.extra, **facts})
     data: dict[str, Any] = json.loads(rec.to_json())
     return data
+
+
+def _matched(cell: Cell, out: Path) -> dict[str, Any]:
+    """``{"utility_match": ...}`` for a defense built to a matched utility, else nothing (records keep their form)."""
+    found = read_utility_match(Path(out) / ARTIFACTS / cell.defense_key)
+    return {} if found is None else {"utility_match": found}
 
 
 def _ensure_victim_task(victim: VictimConfig, out: str, threads: int | None) -> str:

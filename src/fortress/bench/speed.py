@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fortress.data.spec import DataSpec
 from fortress.defenses.base import Defense
 from fortress.exits.network import EarlyExitNet
 
@@ -128,20 +129,21 @@ class SpeedSuite:
         return asdict(self)
 
 
-def speed_traffic(input_shape: tuple[int, int, int], n: int, *, seed: int = 0) -> dict[str, Tensor]:
+def speed_traffic(
+    input_shape: tuple[int, int, int], n: int, *, seed: int = 0, id_images: Tensor | None = None
+) -> dict[str, Tensor]:
     """The traffic the speed benchmark times: ID test images, DFME-style synthetic queries and noise.
 
-    ID images are the embedded MNIST test digits when the shape is ``(1, 28, 28)`` (otherwise that entry
-    is absent); synthetic queries come from a randomly initialised DFME generator (what DFME sends early
-    on); noise is uniform.
+    ID images are ``id_images`` (the victim's ID test split; absent: no ID entry); synthetic queries
+    come from a randomly initialised DFME generator (what DFME sends early on); noise is uniform.
     """
-    from fortress.data.embedded import mnist_splits, noise_images
+    from fortress.data.embedded import noise_images
     from fortress.generative.dfme import DFMEGenerator, to_unit
 
     c, h, _ = input_shape
     out: dict[str, Tensor] = {}
-    if tuple(input_shape) == (1, 28, 28):
-        out["id_test"] = mnist_splits().test.x[:n]
+    if id_images is not None:
+        out["id_test"] = id_images[:n]
     torch.manual_seed(seed)
     gen = DFMEGenerator(nz=256, ngf=16, out_channels=c, image_size=h).eval()
     with torch.no_grad():
@@ -190,6 +192,7 @@ def bench_speed(
     batch_size: int = 256,
     repeats: int = 20,
     n: int = 1024,
+    data: DataSpec | None = None,
 ) -> SpeedSuite:
     """``fortress bench-speed``: every registered defense's per-query cost as a ratio to undefended, and
     ``forward_dynamic`` vs ``forward_all`` on ID and attack traffic, side by side in one run.
@@ -203,13 +206,17 @@ def bench_speed(
         batch_size: rows per timed call.
         repeats: timed calls per defense and traffic.
         n: images per traffic kind.
+        data: the ID data (default: the spec the saved victim remembers, else the embedded digits);
+            resolved and checked against the victim before anything is timed.
     """
     from fortress.bench.build import BuildContext, build_defense
+    from fortress.bench.pipeline import data_for
     from fortress.defenses import DEFENSES, DNF, load_defense
     from fortress.errors import FortressError
 
     loaded = load_defense(Path(target))
     victim = loaded.victim
+    resolved = data_for(victim, data)
     suite = SpeedSuite(batch_size=batch_size, repeats=repeats, threads=torch.get_num_threads())
     built: dict[str, Defense] = {}
     for name in defenses or DEFENSES.names():
@@ -219,12 +226,12 @@ def bench_speed(
             suite.skipped[name] = "needs a trained DNF: pass a directory made by `fortress protect`"
         else:
             try:
-                built[name] = build_defense(name, victim, {}, BuildContext(dataset="mnist"))
+                built[name] = build_defense(name, victim, {}, BuildContext(data=resolved.spec))
             except (FortressError, TypeError, NotImplementedError) as exc:
                 suite.skipped[name] = f"cannot be built from default parameters: {exc}"
     if "undefended" in built:  # first, so the ratios read against it
         built = {"undefended": built["undefended"], **{k: v for k, v in built.items() if k != "undefended"}}
-    traffic = speed_traffic(victim.input_shape, n)
+    traffic = speed_traffic(victim.input_shape, n, id_images=resolved.test.x)
     suite.costs = compare_defense_costs(built, traffic, batch_size=batch_size, repeats=repeats)
     for name, d in built.items():
         if isinstance(d, DNF):

@@ -7,8 +7,9 @@ Each step loads what it is given, runs the library call that does the work
 saves what it made and returns it with its figures. They are what the CLI verbs call; progress comes
 back through ``event(stage, completed, total)``.
 
-The defender's data are the embedded MNIST digits (:data:`DEFAULT_DATASET`), as for every CLI verb;
-other data sets plug in through the Python API (``fortress.data.loaders``).
+The data are named by a :class:`~fortress.data.spec.DataSpec`; without one, each step uses the
+spec the saved model remembers (``model.json``'s ``data``), else the embedded MNIST digits. The
+data are resolved and checked against the model before anything is trained, queried or written.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fortress.bench.records import ResultRecord
     from fortress.config import AttackConfig, ProtectConfig
+    from fortress.data.spec import DataSpec
     from fortress.defenses.base import Defense
     from fortress.defenses.dnf import DNF
     from fortress.monitor.exit_sprt import ExitCalibration
@@ -39,7 +41,7 @@ __all__ = [
     "protect_saved",
 ]
 
-#: The defender's data set of the single steps and the CLI: the embedded MNIST digits.
+#: The data set of a step whose model remembers none and that is given none: the embedded MNIST digits.
 DEFAULT_DATASET = "mnist"
 
 #: ``event(stage, completed, total)``: progress of one named stage.
@@ -101,7 +103,7 @@ def defend_saved(
     out: Path,
     params: dict[str, Any] | None = None,
     *,
-    dataset: str = DEFAULT_DATASET,
+    data: DataSpec | None = None,
     event: EventFn | None = None,
 ) -> Defended:
     """Build defense ``name`` on the victim saved in ``victim_dir`` as a grid builds it, save it to ``out``.
@@ -110,25 +112,29 @@ def defend_saved(
     ``defense.fit`` on the ID data when ``params`` holds a ``fit`` table); for ``dnf`` the DNF recipe
     with ``params`` read as a :class:`~fortress.config.ProtectConfig` (checkpoints in ``out/checkpoints``).
 
+    ``data`` defaults to the spec the victim remembers.
+
     Raises:
-        UnknownComponent: ``name`` is not a registered defense.
+        UnknownComponent: ``name`` is not a registered defense, or the data set is not.
         ConfigError: ``params`` do not fit the defense (checked before the victim is loaded).
-        ArtifactError: ``victim_dir`` holds no readable victim.
+        ArtifactError: ``victim_dir`` holds no readable victim, or the data's files are missing.
+        InvalidInput: the data do not fit the victim (checked before ``out`` is written).
     """
     from fortress.bench.build import BuildContext, build_defense, check_defense_params
-    from fortress.bench.pipeline import defended_accuracy, id_data
+    from fortress.bench.pipeline import data_for, defended_accuracy
     from fortress.models import load_model
 
     params = dict(params or {})
     check_defense_params(name, params)
     victim = load_model(victim_dir)
+    resolved = data_for(victim, data)
     out.mkdir(parents=True, exist_ok=True)
     stage = f"build {name}"
     _emit(event, stage, 0, 1)
-    defense = build_defense(name, victim, params, BuildContext(dataset=dataset, out=out))
+    defense = build_defense(name, victim, params, BuildContext(data=resolved.spec, out=out))
     _emit(event, stage, 1, 1)
     defense.save(out)
-    acc, hist = defended_accuracy(defense, id_data(dataset).test)
+    acc, hist = defended_accuracy(defense, resolved.test)
     return Defended(defense, out, acc, hist)
 
 
@@ -138,7 +144,7 @@ def protect_saved(
     cfg: ProtectConfig,
     *,
     resume: bool = True,
-    dataset: str = DEFAULT_DATASET,
+    data: DataSpec | None = None,
     event: EventFn | None = None,
 ) -> Protected:
     """Protect the victim saved in ``victim_dir`` with DNF (:func:`fortress.bench.pipeline.protect`), save to ``out``.
@@ -146,25 +152,29 @@ def protect_saved(
     Stages reported: ``train OOD generator`` (DCGAN epochs, when the OOD source has one) and
     ``train DNF exits`` (fractional epochs).
 
+    ``data`` defaults to the spec the victim remembers.
+
     Raises:
-        ArtifactError: ``victim_dir`` holds no readable victim.
+        ArtifactError: ``victim_dir`` holds no readable victim, or the data's files are missing.
         ConfigError: settings DNF cannot use (e.g. a threshold per head that does not fit the heads).
+        InvalidInput: the data do not fit the victim (checked before ``out`` is written).
     """
-    from fortress.bench.pipeline import defended_accuracy, id_data, protect
+    from fortress.bench.pipeline import data_for, defended_accuracy, protect
     from fortress.models import load_model
 
     victim = load_model(victim_dir)
+    resolved = data_for(victim, data)
     epochs = cfg.train.epochs
     dnf = protect(
         victim,
         cfg,
-        dataset=dataset,
+        data=resolved.spec,
         out=out,
         resume=resume,
         on_dcgan_epoch=lambda e, _g, _d: _emit(event, "train OOD generator", e + 1, cfg.ood.dcgan_epochs),
         on_step=lambda s: _emit(event, "train DNF exits", s.epoch + (s.step + 1) / s.steps_per_epoch, epochs),
     )
-    acc, hist = defended_accuracy(dnf, id_data(dataset).test)
+    acc, hist = defended_accuracy(dnf, resolved.test)
     return Protected(dnf, out, acc, hist)
 
 
@@ -176,7 +186,7 @@ def attack_saved(
     reference: Path | None = None,
     api_key: str | None = None,
     api_budget: int | None = None,
-    dataset: str = DEFAULT_DATASET,
+    data: DataSpec | None = None,
     event: EventFn | None = None,
 ) -> Attacked:
     """Attack a saved defense (or victim) directory or a ``fortress serve`` URL; append the record to ``out``.
@@ -193,7 +203,8 @@ def attack_saved(
         reference: URL targets: a local copy of the served defense, for off-budget evaluation.
         api_key: URL targets: the key the server issued.
         api_budget: the target's own query quota (default: the attack budget).
-        dataset: the defender's data (evaluation set).
+        data: the defender's data (evaluation set, attacker split); default: the spec the target's
+            (or the reference's) victim remembers. Checked, with the pool, before the first query.
         event: progress callback.
     """
     from fortress.bench.pipeline import run_attack
@@ -209,7 +220,7 @@ def attack_saved(
         cfg,
         reference=ref,
         api_key=api_key,
-        dataset=dataset,
+        data=data,
         progress=lambda used, budget: _emit(event, stage, used, budget),
         extra_config={"target": str(target)},
         api_budget=api_budget,
@@ -227,21 +238,22 @@ def calibrate_saved(
     horizon: int = 10_000,
     views: int = 3,
     seed: int = 0,
-    dataset: str = DEFAULT_DATASET,
+    data: DataSpec | None = None,
 ) -> Calibrated:
     """Calibrate the exit-sprt monitor for the DNF saved in ``model_dir`` on held-out ID data; save to ``out``.
 
     The held-out queries are the ID validation split plus ``views`` shifted, noisy copies of it
     (:func:`fortress.monitor.exit_sprt.light_views`); ``alpha`` is the share of ID keys flagged within
-    ``horizon`` queries (:func:`fortress.monitor.calibrate_from_defense`).
+    ``horizon`` queries (:func:`fortress.monitor.calibrate_from_defense`). ``data`` defaults to the
+    spec the model remembers.
     """
-    from fortress.bench.pipeline import id_data
+    from fortress.bench.pipeline import data_for
     from fortress.defenses import load_defense
     from fortress.monitor import calibrate_from_defense
     from fortress.monitor.exit_sprt import light_views
 
     defense = load_defense(model_dir)
-    x = light_views(id_data(dataset).val.x, views, seed=seed)
+    x = light_views(data_for(defense.victim, data).val.x, views, seed=seed)
     cal = calibrate_from_defense(defense, x, alpha=alpha, horizon=horizon, seed=seed)
     cal.save(out)
     return Calibrated(cal, out, len(x))

@@ -37,8 +37,8 @@ import torch
 from sklearn.tree import DecisionTreeClassifier
 from torch import Tensor
 
-from fortress.data.embedded import mnist_splits
-from fortress.data.registry import load_dataset
+from fortress.data.defaults import load_pool
+from fortress.data.spec import DataSpec
 from fortress.defenses import DNF, load_defense
 from fortress.errors import ConfigError, FortressError
 
@@ -106,17 +106,29 @@ def exit_inference(
     return ExitInference(accuracy=acc, chance=chance, n_train=int(train.size), n_test=int(test.size))
 
 
-def timing_queries(n: int, *, seed: int = 0) -> tuple[Tensor, list[str]]:
-    """``n`` single-image queries, shuffled: half MNIST test digits, a quarter noise, a quarter patches.
+def timing_queries(n: int, *, seed: int = 0, id_images: Tensor | None = None) -> tuple[Tensor, list[str]]:
+    """``n`` single-image queries, shuffled: half ID test images, a quarter noise, a quarter patches.
+
+    Args:
+        n: queries (at least 4).
+        seed: seeds the choice and the order.
+        id_images: the ID test images (default: the embedded MNIST test digits); noise and patches
+            are drawn at their shape.
 
     Returns:
-        Images ``(n, 1, 28, 28)`` and each image's source (``"id"``, ``"noise"``, ``"patches"``).
+        Images ``(n, C, H, W)`` and each image's source (``"id"``, ``"noise"``, ``"patches"``).
     """
     if n < 4:
         raise ConfigError(f"need at least 4 queries, got {n}")
+    if id_images is None:
+        from fortress.data.resolve import resolve_data
+
+        id_images = resolve_data().test.x
+    c, h, w = (int(v) for v in id_images.shape[1:])
     gen = torch.Generator().manual_seed(seed)
     n_id, n_noise = n // 2, n // 4
-    parts = [("id", mnist_splits().test.x), ("noise", load_dataset("noise").x), ("patches", load_dataset("patches").x)]
+    noise, patches = load_pool("noise", (c, h, w)).x, load_pool("patches", (c, h, w)).x
+    parts = [("id", id_images), ("noise", noise), ("patches", patches)]
     xs, kinds = [], []
     for (kind, pool), k in zip(parts, (n_id, n_noise, n - n_id - n_noise), strict=True):
         idx = torch.randperm(pool.shape[0], generator=gen)[:k]
@@ -295,6 +307,7 @@ def bench_timing(
     threads: int = 1,
     warmup: int = 30,
     seed: int = 0,
+    data: DataSpec | None = None,
 ) -> TimingReport:
     """Measure the exit-timing channel and the throughput of each compute mode against the real server.
 
@@ -309,6 +322,7 @@ def bench_timing(
         threads: the server's torch threads (``--threads``).
         warmup: untimed requests sent before the probe.
         seed: seeds the queries and the classifier's train/test split.
+        data: the ID data (default: the spec the model remembers, else the embedded digits).
 
     Returns:
         A :class:`TimingReport`; the same queries are sent, in the same order, to every mode.
@@ -327,7 +341,9 @@ def bench_timing(
     if not isinstance(defense, DNF):
         raise ConfigError(f"{model_dir} holds defense {defense.name!r}; the timing channel needs a DNF")
     defense.compute = "dynamic"
-    x, _ = timing_queries(queries, seed=seed)
+    from fortress.bench.pipeline import data_for
+
+    x, _ = timing_queries(queries, seed=seed, id_images=data_for(defense.victim, data).test.x)
     with torch.inference_mode():
         exits = defense.respond(x).exits
     assert exits is not None

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fortress.cli.base import app, console, friendly, progress
+from fortress.cli.base import DataOption, DataOptions, app, console, data_spec, friendly, progress
 
 __all__ = ["attack_cmd"]
 
@@ -32,6 +32,8 @@ def attack_cmd(
         Path | None,
         typer.Option(help="Server targets: a local copy of the served model, for off-budget evaluation."),
     ] = None,
+    data: DataOption = None,
+    data_option: DataOptions = None,
 ) -> None:
     """Run an extraction attack against a saved defense or a `fortress serve` URL; append its result record."""
     from fortress.bench.steps import attack_saved
@@ -48,6 +50,15 @@ def attack_cmd(
         params=parse_params(param or []),
     )
     with progress() as update:
-        done = attack_saved(target, cfg, out, reference=reference, api_key=api_key, api_budget=api_budget, event=update)
+        done = attack_saved(
+            target,
+            cfg,
+            out,
+            reference=reference,
+            api_key=api_key,
+            api_budget=api_budget,
+            data=data_spec(data, data_option),
+            event=update,
+        )
     console.print(records_table([done.record], f"{name} against {target}"))
     console.print(f"record appended to {done.results}", highlight=False)

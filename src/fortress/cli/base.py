@@ -9,15 +9,18 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fortress.errors import FortressError
+from fortress.errors import ConfigError, FortressError
 
-__all__ = ["app", "console", "err_console", "friendly", "progress"]
+if TYPE_CHECKING:
+    from fortress.data.spec import DataSpec
+
+__all__ = ["DataOption", "DataOptions", "app", "console", "data_spec", "err_console", "friendly", "progress"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -80,3 +83,38 @@ def progress() -> Iterator[Callable[[str, float, float], None]]:
             bar.update(tasks[stage], completed=completed, total=total)
 
         yield update
+
+
+#: ``--data NAME[:PATH]``: the data set of a verb (a data spec; see ``fortress list datasets``).
+DataOption = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Data set NAME[:PATH] (fortress list datasets). Default: the data the saved model was trained on, "
+        "else the embedded MNIST digits.",
+    ),
+]
+#: ``--data-option KEY=VALUE`` (repeatable): loader and split options of ``--data``.
+DataOptions = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--data-option",
+        help="Option of --data, KEY=VALUE (repeatable): loader options, or val_size, attacker_size, test_size, "
+        "train_size, split_seed.",
+    ),
+]
+
+
+def data_spec(data: str | None, options: list[str] | None) -> DataSpec | None:
+    """The data spec of ``--data``/``--data-option`` (``None`` when no ``--data`` was given).
+
+    Raises:
+        ConfigError: ``--data-option`` without ``--data``, or a malformed value.
+    """
+    from fortress.data.spec import DataSpec
+
+    if data is None:
+        if options:
+            raise ConfigError("--data-option needs --data NAME[:PATH] (the options belong to a named data set)")
+        return None
+    return DataSpec.parse(data, options or [])

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fortress.cli.base import app, console, err_console, friendly, progress
+from fortress.cli.base import DataOption, DataOptions, app, console, data_spec, err_console, friendly, progress
 
 if TYPE_CHECKING:
     from fortress.bench.runner import GridProgress
@@ -120,12 +120,15 @@ def bench_speed_cmd(
     batch_size: Annotated[int, typer.Option(help="Rows per timed call.")] = 256,
     repeats: Annotated[int, typer.Option(help="Timed calls per defense and traffic.")] = 20,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the measurements as JSON.")] = None,
+    data: DataOption = None,
+    data_option: DataOptions = None,
 ) -> None:
     """Per-query cost of every defense vs undefended, and forward_dynamic vs forward_all, in one run."""
     from fortress.bench.speed import bench_speed
     from fortress.bench.tables import speed_tables
 
-    suite = bench_speed(target, defenses=defense, batch_size=batch_size, repeats=repeats)
+    spec = data_spec(data, data_option)
+    suite = bench_speed(target, defenses=defense, batch_size=batch_size, repeats=repeats, data=spec)
     for table in speed_tables(suite):
         console.print(table)
     for name, why in suite.skipped.items():
@@ -146,6 +149,8 @@ def bench_timing_cmd(
     threads: Annotated[int, typer.Option(help="The server's torch threads.")] = 1,
     seed: Annotated[int, typer.Option(help="Seeds the queries and the train/test split.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON.")] = None,
+    data: DataOption = None,
+    data_option: DataOptions = None,
 ) -> None:
     """Play the attacker on the exit-timing channel: infer DNF's exit from response time, per compute mode."""
     from fortress.bench.tables import timing_table
@@ -160,6 +165,7 @@ def bench_timing_cmd(
         concurrency=concurrency,
         threads=threads,
         seed=seed,
+        data=data_spec(data, data_option),
     )
     console.print(timing_table(rep))
     console.print(f"throughput: batch {rep.batch}, {rep.concurrency} clients, {rep.threads} server thread(s)")
@@ -173,6 +179,8 @@ def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("demo-out"),
     quick: Annotated[bool, typer.Option("--quick", help="A few minutes instead of < 30 on 2 CPU cores.")] = False,
     seeds: Annotated[str, typer.Option(help="Comma-separated attack seeds.")] = "0",
+    data: DataOption = None,
+    data_option: DataOptions = None,
 ) -> None:
     """Train a LeNet-5 victim, protect it with DNF, attack both with DFME and Knockoff; print the table."""
     import torch
@@ -183,10 +191,11 @@ def demo_cmd(
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seed_list = tuple(int(s) for s in (parse_floats(seeds, "--seeds") or (0,)))
-    cfg = demo_config(quick=quick, seeds=seed_list)
+    cfg = demo_config(quick=quick, seeds=seed_list, data=data_spec(data, data_option))
     with progress() as update:
         result = run_demo(cfg, out, event=update)
-    console.print(records_table(result.records, f"fortress demo ({'quick' if quick else 'full'}), MNIST, LeNet-5"))
+    title = f"fortress demo ({'quick' if quick else 'full'}), {cfg.victim.spec.text()}, LeNet-5"
+    console.print(records_table(result.records, title))
     console.print(
         f"victim ID accuracy {100 * result.victim_acc:.2f}% · results: {out / 'results.jsonl'} · "
         f"exit histograms: {result.plot} · {result.wall_s / 60:.1f} min",

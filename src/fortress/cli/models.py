@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fortress.cli.base import app, console, friendly, progress
+from fortress.cli.base import DataOption, DataOptions, app, console, data_spec, friendly, progress
 
 __all__ = ["defend_cmd", "protect_cmd", "train_victim_cmd"]
 
@@ -21,15 +21,19 @@ def train_victim_cmd(
     epochs: Annotated[int, typer.Option(help="Training epochs (paper: 20).")] = 20,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    data: DataOption = None,
+    data_option: DataOptions = None,
 ) -> None:
-    """Train a victim on the embedded MNIST digits and save it (safetensors + JSON)."""
+    """Train a victim on a data set (default: the embedded MNIST digits) and save it (safetensors + JSON)."""
     from fortress.bench.pipeline import train_victim
     from fortress.config import VictimConfig
 
-    cfg = VictimConfig(arch=arch, epochs=epochs, lr=lr, seed=seed)
+    cfg = VictimConfig(arch=arch, data=data_spec(data, data_option), epochs=epochs, lr=lr, seed=seed)
     with progress() as update:
         _, acc = train_victim(cfg, out, on_epoch=lambda e, _l, _a: update("train victim", e + 1, epochs))
-    console.print(f"victim {arch}: ID test accuracy {100 * acc:.2f}% — saved to {out}", highlight=False)
+    console.print(
+        f"victim {arch} on {cfg.spec.text()}: ID test accuracy {100 * acc:.2f}% — saved to {out}", highlight=False
+    )
 
 
 @app.command("defend")
@@ -45,6 +49,8 @@ def defend_cmd(
         bool, typer.Option(help="Train the defense's own parts on the ID data (MeCo, adaptive misinformation, ...).")
     ] = False,
     fit_param: Annotated[list[str] | None, typer.Option(help="Training option KEY=VALUE (implies --fit).")] = None,
+    data: DataOption = None,
+    data_option: DataOptions = None,
 ) -> None:
     """Wrap a saved victim in a defense (trained where it trains), save it and report its utility.
 
@@ -56,7 +62,7 @@ def defend_cmd(
 
     params = defense_params(param or [], fit_param or [], fit=fit)
     with progress() as update:
-        made = defend_saved(name, victim, out, params, event=update)
+        made = defend_saved(name, victim, out, params, data=data_spec(data, data_option), event=update)
     console.print(
         f"{name} saved to {out}: defended ID test accuracy {100 * made.accuracy:.2f}%",
         highlight=False,
@@ -79,6 +85,8 @@ def protect_cmd(
         bool, typer.Option(help="Search exit thresholds with SMAC3 after training (paper App. H).")
     ] = False,
     search_trials: Annotated[int | None, typer.Option(help="Threshold-search trials (default 50).")] = None,
+    data: DataOption = None,
+    data_option: DataOptions = None,
 ) -> None:
     """Protect a saved victim with DNF: train exit heads on ID + OOD data, then save."""
     from fortress.bench.steps import protect_saved
@@ -96,7 +104,7 @@ def protect_cmd(
         search_trials=search_trials,
     )
     with progress() as update:
-        made = protect_saved(victim, out, cfg, resume=resume, event=update)
+        made = protect_saved(victim, out, cfg, resume=resume, data=data_spec(data, data_option), event=update)
     console.print(
         f"DNF saved to {out}: defended ID accuracy {100 * made.accuracy:.2f}%, "
         f"ID exits (%) {exit_hist(made.exit_hist)}, thresholds {made.dnf.thresholds}",

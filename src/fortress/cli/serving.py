@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from fortress.cli.base import app, console, err_console, friendly
+from fortress.cli.base import DataOption, DataOptions, app, console, data_spec, err_console, friendly
 from fortress.errors import ConfigError
 
 __all__ = ["ComputeMode", "keys_app", "monitor_app", "serve_cmd"]
@@ -227,11 +227,14 @@ def monitor_calibrate_cmd(
     horizon: Annotated[int, typer.Option(help="Queries per ID key the rate refers to.")] = 10_000,
     views: Annotated[int, typer.Option(help="Shifted+noisy copies of each held-out image added.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the augmentation and the simulation.")] = 0,
+    data: DataOption = None,
+    data_option: DataOptions = None,
 ) -> None:
-    """Calibrate the exit-sprt monitor on held-out ID data (the embedded MNIST validation split)."""
+    """Calibrate the exit-sprt monitor on held-out ID data (the validation split of the model's data)."""
     from fortress.bench.steps import calibrate_saved
 
-    made = calibrate_saved(model_dir, out, alpha=alpha, horizon=horizon, views=views, seed=seed)
+    spec = data_spec(data, data_option)
+    made = calibrate_saved(model_dir, out, alpha=alpha, horizon=horizon, views=views, seed=seed, data=spec)
     cal = made.calibration
     console.print(
         f"exit-sprt calibration: ID exits {list(cal.id_counts)} over {made.queries:,} held-out queries, "

@@ -21,7 +21,7 @@ from fortress.data._common import check_labels, require_exists, u8_to_images
 from fortress.data.base import ImageSet
 from fortress.errors import ArtifactError, ConfigError
 
-__all__ = ["load_cifar"]
+__all__ = ["cifar_files", "load_cifar"]
 
 # ------------------------------------------------------------------------------------------- CIFAR
 
@@ -175,6 +175,28 @@ def _cifar_dir(root: Path, folder: str, probe: str) -> Path:
     if (root / probe).is_file():
         return root
     raise ArtifactError(f"{root} holds neither {folder}/ nor {probe}; expected the extracted CIFAR python archive")
+
+
+def cifar_files(root: Path | str, variant: Literal["cifar10", "cifar100"] = "cifar10") -> tuple[Path, ...]:
+    """Every file :func:`load_cifar` reads for both splits of ``variant`` (meta file first).
+
+    Raises:
+        ConfigError: an unknown ``variant``.
+        ArtifactError: the folder or a file does not exist.
+    """
+    root = Path(root)
+    if variant == "cifar10":
+        folder = _cifar_dir(root, "cifar-10-batches-py", "batches.meta")
+        names = ["batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+    elif variant == "cifar100":
+        folder = _cifar_dir(root, "cifar-100-python", "meta")
+        names = ["meta", "train", "test"]
+    else:
+        raise ConfigError(f"variant must be 'cifar10' or 'cifar100', got {variant!r}")
+    for name in names:
+        if not (folder / name).is_file():
+            raise ArtifactError(f"CIFAR file {folder / name} does not exist")
+    return tuple(folder / name for name in names)
 
 
 def load_cifar(

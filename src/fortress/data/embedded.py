@@ -105,28 +105,41 @@ def digits28(size: int = 28) -> ImageSet:
 
 
 @lru_cache(maxsize=1)
-def _photos() -> tuple[torch.Tensor, ...]:
+def _rgb_photos() -> tuple[torch.Tensor, ...]:
+    """The photographs scikit-learn ships, as ``(3, H, W)`` float tensors in [0, 1]."""
     from sklearn.datasets import load_sample_images
 
     imgs = load_sample_images().images
-    grey = []
-    for im in imgs:
-        t = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        grey.append((t * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True))
-    return tuple(grey)
+    return tuple(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1) for im in imgs)
+
+
+@lru_cache(maxsize=1)
+def _photos() -> tuple[torch.Tensor, ...]:
+    """The same photographs in grey-scale (ITU-R 601 luma), ``(1, H, W)``."""
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    return tuple((t * weights).sum(0, keepdim=True) for t in _rgb_photos())
 
 
 def natural_patches(n: int, size: int = 28, *, channels: int = 1, seed: int = 0) -> ImageSet:
     """``n`` random crops of the natural photographs shipped with scikit-learn.
 
     Crops have random side 32–160 px, are resized to ``size``, randomly flipped and contrast
-    stretched per image; a proxy data set unrelated to digits.
+    stretched per image; a proxy data set unrelated to digits. ``channels=1`` crops the grey-scale
+    photographs; ``channels=3`` crops the colour photographs at the same places (the random draws
+    are the same for both, so the grey crops are the luma of the colour ones before stretching).
+
+    Raises:
+        ConfigError: ``n < 1``, ``size < 1`` or ``channels`` not 1 or 3.
     """
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
+    if size < 1:
+        raise ConfigError(f"size must be >= 1 pixel, got {size}")
+    if channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 (grey crops) or 3 (colour crops), got {channels}")
     gen = torch.Generator().manual_seed(seed)
-    photos = _photos()
-    out = torch.empty(n, 1, size, size)
+    photos = _photos() if channels == 1 else _rgb_photos()
+    out = torch.empty(n, channels, size, size)
     which = torch.randint(0, len(photos), (n,), generator=gen)
     sides = torch.randint(32, 161, (n,), generator=gen)
     # vectorised crops: build an affine grid per patch (no per-sample loop over pixels)
@@ -143,17 +156,15 @@ def natural_patches(n: int, size: int = 28, *, channels: int = 1, seed: int = 0)
         theta[:, 1, 1] = s / h
         theta[:, 0, 2] = 2 * cx / w - 1
         theta[:, 1, 2] = 2 * cy / h - 1
-        grid = F.affine_grid(theta, [sel.numel(), 1, size, size], align_corners=False)
-        crops = F.grid_sample(photo.expand(sel.numel(), 1, h, w), grid, align_corners=False)
+        grid = F.affine_grid(theta, [sel.numel(), channels, size, size], align_corners=False)
+        crops = F.grid_sample(photo.expand(sel.numel(), channels, h, w), grid, align_corners=False)
         out[sel] = crops
     flip = torch.rand(n, generator=gen) < 0.5
     out[flip] = out[flip].flip(-1)
     lo = out.amin(dim=(1, 2, 3), keepdim=True)
     hi = out.amax(dim=(1, 2, 3), keepdim=True)
     out = ((out - lo) / (hi - lo).clamp_min(1e-3)).clamp(0, 1)
-    if channels != 1:
-        out = out.expand(-1, channels, -1, -1).contiguous()
-    return ImageSet(out, None, None, "patches")
+    return ImageSet(out.contiguous(), None, None, "patches")
 
 
 def noise_images(

@@ -37,12 +37,14 @@ from fortress.data.images import DEFAULT_IMAGE_LIMITS, ImageLimits, decode_image
 from fortress.errors import ArtifactError, ConfigError, InvalidInput
 from fortress.tensors import check_labels as check_label_tensor
 
-__all__ = ["load_image_folder", "load_mnist_idx", "load_npz"]
+__all__ = ["IDX_STEMS", "idx_files", "load_image_folder", "load_mnist_idx", "load_npz"]
 
 # --------------------------------------------------------------------------------------------- IDX
 
 _IDX_IMAGES_MAGIC = 0x00000803
 _IDX_LABELS_MAGIC = 0x00000801
+#: The four standard MNIST-format files (each may also be gzipped, or spelled ``-images.idx3-ubyte``).
+IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _find_idx_file(root: Path, stem: str) -> Path:
@@ -56,6 +58,17 @@ def _find_idx_file(root: Path, stem: str) -> Path:
         f"no IDX file {stem!r} (or {stem}.gz) in {root}; expected the standard MNIST file names "
         "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)"
     )
+
+
+def idx_files(root: Path | str) -> tuple[Path, ...]:
+    """The four IDX files under ``root`` (:data:`IDX_STEMS`, plain or gzipped), in that order.
+
+    Raises:
+        ArtifactError: ``root`` or one of the files does not exist (the message names it).
+    """
+    root = Path(root)
+    require_exists(root, "MNIST IDX folder")
+    return tuple(_find_idx_file(root, stem) for stem in IDX_STEMS)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -93,16 +106,24 @@ def _parse_idx(path: Path, magic: int) -> npt.NDArray[np.uint8]:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def load_mnist_idx(root: Path | str, split: Literal["train", "test"] = "train") -> ImageSet:
+def load_mnist_idx(
+    root: Path | str,
+    split: Literal["train", "test"] = "train",
+    *,
+    classes: Sequence[str] = DIGIT_NAMES,
+    name: str = "mnist-idx",
+) -> ImageSet:
     """Load MNIST-format IDX files (MNIST, Fashion-MNIST, ...) from ``root``.
 
     Args:
         root: folder holding ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
             ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte`` (each optionally ``.gz``).
         split: ``"train"`` or ``"test"`` (the ``t10k`` files).
+        classes: the class names, label ``i`` is ``classes[i]`` (default ``"0"`` .. ``"9"``).
+        name: the set's name; the split is appended (``mnist-idx-train``).
 
     Returns:
-        ``(N, 1, H, W)`` images in [0, 1] with int64 labels and classes ``"0"`` .. ``"9"``.
+        ``(N, 1, H, W)`` images in [0, 1] with int64 labels and the class names.
 
     Raises:
         ConfigError: ``split`` is not ``"train"`` or ``"test"``.
@@ -126,9 +147,9 @@ def load_mnist_idx(root: Path | str, split: Literal["train", "test"] = "train") 
     if images.shape[0] == 0:
         raise ArtifactError(f"{images_path} holds no images")
     y = labels.astype(np.int64)
-    check_labels(y, len(DIGIT_NAMES), labels_path)
+    check_labels(y, len(classes), labels_path)
     x = u8_to_images(images[:, None, :, :])
-    return ImageSet(x, torch.from_numpy(y), DIGIT_NAMES, f"mnist-idx-{split}")
+    return ImageSet(x, torch.from_numpy(y), tuple(classes), f"{name}-{split}")
 
 
 # -------------------------------------------------------------------------------------- ImageFolder

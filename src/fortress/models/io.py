@@ -1,9 +1,11 @@
 """Saving and loading weights as safetensors plus a JSON config — never pickle.
 
 A saved model is a directory with ``model.safetensors`` (the state dict) and ``model.json``
-(architecture name, its parameters, shapes). Loading rebuilds the architecture from the registry,
-then checks every tensor name and shape before copying, so a truncated, corrupt or mismatched file
-is reported as an :class:`~fortress.errors.ArtifactError` naming the file and the problem.
+(architecture name, its parameters, shapes and, when known, the ``data`` it was trained on: its data
+spec, classes and content hash, :class:`~fortress.data.spec.DataCard`). Loading rebuilds the
+architecture from the registry, then checks every tensor name and shape before copying, so a
+truncated, corrupt or mismatched file is reported as an :class:`~fortress.errors.ArtifactError`
+naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from fortress.errors import ArtifactError
+from fortress.data.spec import DataCard
+from fortress.errors import ArtifactError, ConfigError
 from fortress.models.staged import StagedBackbone
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "read_json",
     "save_model",
     "save_state",
+    "saved_data_card",
 ]
 
 WEIGHTS = "model.safetensors"
@@ -181,6 +185,8 @@ def save_model(model: StagedBackbone, directory: Path, extra: Mapping[str, Any] 
         "num_classes": model.num_classes,
         "extra": dict(extra or {}),
     }
+    if model.data_card is not None:
+        cfg["data"] = model.data_card.to_dict()
     atomic_write_text(directory / CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
     return directory
 
@@ -210,5 +216,20 @@ def load_model(directory: Path, factory: Callable[..., StagedBackbone] | None = 
         raise ArtifactError(f"{directory / CONFIG} lacks the 'arch' entry") from exc
     model = factory(**params) if factory is not None else create_model(arch, **params)
     copy_state_checked(model, load_state(directory / WEIGHTS), directory / WEIGHTS)
+    model.data_card = saved_data_card(cfg, directory / CONFIG)
     model.eval()
     return model
+
+
+def saved_data_card(cfg: Mapping[str, Any], source: Path) -> DataCard | None:
+    """The ``data`` entry of a ``model.json`` (``None`` for a model saved without one).
+
+    Raises:
+        ArtifactError: the entry is malformed.
+    """
+    if cfg.get("data") is None:
+        return None
+    try:
+        return DataCard.from_dict(cfg["data"])
+    except ConfigError as exc:
+        raise ArtifactError(f"{source}: bad 'data' entry: {exc}") from None

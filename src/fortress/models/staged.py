@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fortress.data.spec import DataCard
 from fortress.errors import ConfigError
 
 __all__ = ["StagedBackbone", "from_sequential", "from_stages"]
@@ -43,6 +44,9 @@ class StagedBackbone(nn.Module):
 
     mean: Tensor
     std: Tensor
+    #: What the model was trained on (its data spec, classes, content hash), saved in ``model.json``;
+    #: ``None`` for a model whose data is unknown.
+    data_card: DataCard | None = None
 
     def __init__(
         self,

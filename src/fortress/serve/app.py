@@ -206,6 +206,9 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
         """Liveness: the process is up and the model is loaded."""
         return HealthResponse()
 
+    card = defense.victim.data_card  # the saved model remembers its data: class names without --data
+    class_names = list(card.classes) if card is not None else [str(i) for i in range(defense.num_classes)]
+
     @app.get("/v1/info", response_model=InfoResponse, responses=_responses(401, 403), tags=["service"])
     async def info(key: Key) -> InfoResponse:
         """The model's public facts and the caller's key settings."""
@@ -213,7 +216,7 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
         return InfoResponse(
             model=settings.display_name,
             num_classes=k,
-            classes=[str(i) for i in range(k)],
+            classes=class_names,
             input_shape=list(shape),
             value_range=[0.0, 1.0],
             formats=["application/json: images", "application/json: npy", "multipart/form-data: files (PNG)"],

@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fortress.data.defaults import fitted_options
 from fortress.data.registry import load_dataset
 from fortress.defenses.dnf.defense import DNF
 from fortress.defenses.dnf.provenance import Attempt, GuardResult, Provenance, SearchSummary
@@ -201,9 +202,8 @@ def build_ood(
     noise = NoiseOOD(image_shape)
     if cfg.kind == "noise":
         return noise
-    proxy = (
-        load_dataset(cfg.proxy, n=cfg.proxy_size, seed=cfg.seed) if cfg.proxy == "patches" else load_dataset(cfg.proxy)
-    )
+    drawn: dict[str, object] = {"n": cfg.proxy_size, "seed": cfg.seed} if cfg.proxy == "patches" else {}
+    proxy = load_dataset(cfg.proxy, None, **fitted_options(cfg.proxy, image_shape), **drawn)  # the victim's shape
     x = proxy.x[: cfg.proxy_size]
     if tuple(x.shape[1:]) != tuple(image_shape):
         raise ConfigError(f"proxy set {cfg.proxy!r} has images {tuple(x.shape[1:])}, the victim takes {image_shape}")
@@ -269,7 +269,7 @@ def _check(victim: StagedBackbone, data: DefenderData, cfg: ProtectConfig) -> Te
     _new_dnf(victim, cfg, data.dataset, cfg.train.seed)  # head options and thresholds
     if cfg.search is None:
         return None
-    query = default_query_set(cfg.search)
+    query = default_query_set(cfg.search, victim.input_shape)
     if tuple(query.shape[1:]) != victim.input_shape:
         raise ConfigError(
             f"the threshold search's query set has images {tuple(query.shape[1:])}, the victim takes "

@@ -217,18 +217,25 @@ class ThresholdSearchResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def default_query_set(config: ThresholdSearchConfig | None = None) -> Tensor:
+def default_query_set(
+    config: ThresholdSearchConfig | None = None, image_shape: tuple[int, int, int] = (1, 28, 28)
+) -> Tensor:
     """The defender's third data set: ``digits28`` plus fresh proxy-photo crops (paper App. H, Step 1).
 
     Disjoint from the ID splits and from the attacker pools (``mnist-attacker``; ``patches`` at
-    seed 0): the defender does not know the attacker's data.
+    seed 0): the defender does not know the attacker's data. Drawn at ``image_shape``; the grey
+    ``digits28`` are left out for colour victims.
     """
+    from fortress.data.defaults import fitted_options
     from fortress.data.registry import load_dataset
 
     cfg = config or ThresholdSearchConfig()
-    parts = [load_dataset("digits28").x]
+    parts = [load_dataset("digits28", **fitted_options("digits28", image_shape)).x] if image_shape[0] == 1 else []
     if cfg.patches:
-        parts.append(load_dataset("patches", n=cfg.patches, seed=QUERY_PATCH_SEED).x)
+        opts = fitted_options("patches", image_shape)
+        parts.append(load_dataset("patches", n=cfg.patches, seed=QUERY_PATCH_SEED, **opts).x)
+    if not parts:
+        raise ConfigError(f"no default query set for {image_shape} images with patches=0; pass query=<your images>")
     return torch.cat(parts)
 
 
@@ -313,7 +320,7 @@ def search_thresholds(
     x_val, y_val = val
     y_val = check_labels(y_val, len(x_val), net.num_classes, name="validation labels")
     _check_inputs(x_val, y_val, "validation data")
-    x_query = default_query_set(cfg) if query is None else query
+    x_query = default_query_set(cfg, net.backbone.input_shape) if query is None else query
     heads = net.num_exits - 1
     base = [float(t) for t in (default_thresholds(heads, dataset) if baseline is None else baseline)]
     if len(base) != heads:
