@@ -35,6 +35,7 @@ from fortress.models import (
     train_classifier,
 )
 from fortress.oracle import HttpOracle, LocalOracle, Oracle
+from fortress.reproducibility import runtime_facts
 from fortress.tensors import check_labels
 
 __all__ = [
@@ -217,7 +218,9 @@ def run_attack(
     attack.
 
     The evaluation set (ID test) and the victim's own labels for fidelity are computed directly on
-    the reference models, off-budget; the attack sees only the oracle.
+    the reference models, off-budget; the attack sees only the oracle. The record's ``extra`` holds
+    :func:`~fortress.reproducibility.runtime_facts` (torch threads and version, ...): what the
+    figures depend on besides the seeds.
     """
     oracle, defense = resolve_target(target, cfg, reference=reference, api_key=api_key, api_budget=api_budget)
     data = id_data(dataset)
@@ -272,7 +275,7 @@ def run_attack(
             }
             for c in result.checkpoints
         ],
-        extra={"oracle_log": qlog.as_dict(), "attack_extras": _jsonable(result.extras)},
+        extra={"oracle_log": qlog.as_dict(), "attack_extras": _jsonable(result.extras), **runtime_facts()},
     )
 
 

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from fortress.cli.base import app, console, friendly, progress
+from fortress.cli.base import DEFAULT_THREADS, Threads, app, console, friendly, progress
+from fortress.reproducibility import pin_threads
 
 __all__ = ["attack_cmd"]
 
@@ -32,8 +33,10 @@ def attack_cmd(
         Path | None,
         typer.Option(help="Server targets: a local copy of the served model, for off-budget evaluation."),
     ] = None,
+    threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Run an extraction attack against a saved defense or a `fortress serve` URL; append its result record."""
+    pin_threads(threads)
     from fortress.bench.steps import attack_saved
     from fortress.bench.tables import records_table
     from fortress.config import AttackConfig, parse_params

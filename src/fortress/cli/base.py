@@ -16,8 +16,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fortress.errors import FortressError
+from fortress.reproducibility import DEFAULT_THREADS
 
-__all__ = ["app", "console", "err_console", "friendly", "progress"]
+__all__ = ["DEFAULT_THREADS", "Threads", "app", "console", "err_console", "friendly", "progress"]
+
+#: The ``--threads`` option of every seeded verb: torch's intra-op threads, pinned before any work
+#: (the same command gives the same figures only at the same thread count).
+Threads = Annotated[
+    int,
+    typer.Option(
+        help="Torch threads; results are bit-identical only at the same count (recorded with every result).",
+        min=1,
+    ),
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
