@@ -57,7 +57,7 @@ class ProbeConfig:
             candidates are compared under the same probe.
     """
 
-    iterations: int = 60
+    iterations: int = 120
     batch_size: int = 128
     student_steps: int = 5
     student: str = "lenet5-half"
