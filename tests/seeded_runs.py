@@ -33,7 +33,9 @@ from fortress.defenses.dnf import (
     GeneratorOOD,
     MixtureOOD,
     NoiseOOD,
+    ProbeConfig,
     ThresholdSearchConfig,
+    extraction_probe,
     search_thresholds,
     train_dcgan,
 )
@@ -123,6 +125,13 @@ def threshold_search(out: Path) -> str:
     return digest(res.baseline, res.best, res.trials)
 
 
+def extraction_probe_run(out: Path) -> str:
+    dnf, _ = _trained_dnf()
+    val = mnist_splits().val
+    cfg = ProbeConfig(iterations=3, batch_size=32, student_steps=2, nz=8, ngf=4)
+    return digest(extraction_probe(dnf, val.x[:100], val.targets[:100], cfg))
+
+
 def baseline_defense_training(out: Path) -> str:
     data = mnist_splits()
     x, y = data.train.x[:64], data.train.targets[:64]
@@ -174,6 +183,7 @@ PROCEDURES: dict[str, Callable[[Path], str]] = {
     "dcgan training": dcgan_training,
     "dnf training": dnf_training,
     "threshold search": threshold_search,
+    "dnf extraction probe": extraction_probe_run,
     "meco + adaptive misinformation training": baseline_defense_training,
     **{f"attack {name}": _attack(name, *TINY[name]) for name in ATTACKS.names()},
     "attack knockoff (adaptive)": _attack("knockoff", {**TINY["knockoff"][0], "strategy": "adaptive"}, "soft"),

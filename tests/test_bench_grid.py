@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from fortress.bench.build import BUILDERS, BuildContext, build_defense, check_defense_params
+from fortress.bench.build import (
+    BUILDERS,
+    BuildContext,
+    build_defense,
+    check_defense_params,
+    seeded_params,
+    training_seed,
+)
 from fortress.bench.grid import AttackSpec, Cell, DefenseSpec, GridConfig, config_hash, expand_grid, load_grid
 from fortress.config import VictimConfig, dump_toml, load_toml
 from fortress.defenses import DEFENSES
@@ -214,3 +221,66 @@ def test_the_data_table_reaches_every_victim_that_names_none(tmp_path: Path) -> 
         _grid(tmp_path, text.replace('name = "npz"', 'name = "nope"'))
     with pytest.raises(ConfigError, match="does not take option"):
         _grid(tmp_path, text.replace("val_size", "colour"))
+
+
+def test_train_seeds_build_a_defense_once_per_seed_and_keep_the_default_seed_keys(tmp_path: Path) -> None:
+    plain = expand_grid(_grid(tmp_path))
+    seeded_text = GRID.replace(
+        'params = { train = { epochs = 1 }, ood = { kind = "noise" } }',
+        'params = { train = { epochs = 1 }, ood = { kind = "noise" } }\ntrain_seeds = [0, 3, 4]',
+    )
+    grid = _grid(tmp_path, seeded_text)
+    cells = expand_grid(grid)
+    dnf_cells = [c for c in plain if c.defense.display == "dnf"]
+    assert len(cells) == grid.num_cells == len(plain) + 2 * len(dnf_cells)
+    assert len({c.key for c in cells}) == len(cells)
+    # training seed 0 is what the params already hold: the same cells, keys and artifacts as before
+    assert {c.key for c in plain} <= {c.key for c in cells}
+    by_seed = {s: [c for c in cells if c.defense.display == "dnf" and c.defense_seed == s] for s in (0, 3, 4)}
+    assert {c.defense_key for c in by_seed[0]} == {c.defense_key for c in dnf_cells}
+    assert len({c.defense_key for s in by_seed for c in by_seed[s]}) == 3  # three builds
+    built = by_seed[3][0].defense
+    assert built.params == {"train": {"epochs": 1, "seed": 3}, "ood": {"kind": "noise", "seed": 3}}
+    assert built.train_seeds is None and "trained with seed 3" in by_seed[3][0].describe()
+    assert Cell.from_dict(by_seed[3][0].to_dict()) == by_seed[3][0]
+    # the TOML round trip keeps the axis
+    dump_toml(grid, tmp_path / "back.toml")
+    assert [c.key for c in expand_grid(load_toml(GridConfig, tmp_path / "back.toml"))] == [c.key for c in cells]
+
+
+@pytest.mark.parametrize(
+    ("seeds", "match"),
+    [
+        ("[1, 1]", r"train_seeds must list distinct non-negative seeds, got \[1, 1\]"),
+        ("[]", r"train_seeds must list distinct non-negative seeds, got \[\]"),
+        ("[-1]", r"train_seeds must list distinct non-negative seeds, got \[-1\]"),
+    ],
+)
+def test_bad_train_seeds_are_named(tmp_path: Path, seeds: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _grid(tmp_path, GRID.replace('name = "dnf"\n', f'name = "dnf"\ntrain_seeds = {seeds}\n', 1))
+
+
+def test_train_seeds_need_a_defense_that_draws_a_seed(tmp_path: Path) -> None:
+    text = GRID.replace('name = "undefended"\n', 'name = "undefended"\ntrain_seeds = [0, 1]\n', 1)
+    with pytest.raises(ConfigError, match="defense 'undefended' draws no training seed"):
+        _grid(tmp_path, text)
+
+
+def test_seeded_params_set_every_seed_of_the_build_and_only_those_that_differ() -> None:
+    assert seeded_params("dnf", {}, 0) == {}
+    assert seeded_params("dnf", {"search": {"n_trials": 4}}, 2) == {
+        "search": {"n_trials": 4, "seed": 2},
+        "train": {"seed": 2},
+        "ood": {"seed": 2},
+    }
+    assert seeded_params("dnf", {"train": {"seed": 5}}, 5) == {"train": {"seed": 5}, "ood": {"seed": 5}}
+    assert training_seed("dnf", {"train": {"seed": 5}, "ood": {"seed": 5}}) == 5
+    assert training_seed("dnf", {"train": {"seed": 5}}) is None  # the seeds differ: no single training seed
+    # defenses built by their constructor: the constructor's seed and the fit table's seed
+    assert seeded_params("meco", {"fit": {}}, 2) == {"fit": {"seed": 2}, "seed": 2}
+    assert training_seed("meco", {"fit": {}}) == 0
+    assert training_seed("undefended", {}) is None
+    params = {"train": {"epochs": 1}}
+    seeded_params("dnf", params, 7)
+    assert params == {"train": {"epochs": 1}}  # the caller's table is not modified

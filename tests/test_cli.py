@@ -309,3 +309,33 @@ def test_monitor_calibrate_refuses_a_defense_without_exits(victim_dir: Path, tmp
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["monitor", "calibrate", str(tmp_path / "u"), "--out", str(tmp_path / "c.json")])
     assert res.exit_code == 1 and res.output.startswith("error:") and "reports none" in res.output
+
+
+@pytest.mark.parametrize("verb", ["demo", "train-victim", "protect", "defend", "attack", "bench"])
+def test_every_seeded_verb_takes_threads(verb: str) -> None:
+    res = runner.invoke(app, [verb, "--help"])
+    assert res.exit_code == 0 and "--threads" in res.output
+
+
+def test_threads_are_pinned_and_recorded(victim_dir: Path, tmp_path: Path) -> None:
+    """Whatever the process had, a seeded verb runs at --threads (default 1), and its record says so."""
+    import torch
+
+    from fortress.reproducibility import runtime_facts
+
+    args = ["attack", "knockoff", "--target", str(victim_dir), "--budget", "100", "--out", str(tmp_path)]
+    args += ["--pool", "digits28", "--param", "epochs=1"]
+    try:
+        torch.set_num_threads(2)
+        assert runner.invoke(app, args).exit_code == 0
+        assert torch.get_num_threads() == 1
+        assert runner.invoke(app, [*args, "--threads", "2"]).exit_code == 0
+    finally:
+        torch.set_num_threads(1)
+    first, second = read_records(tmp_path / "results.jsonl")
+    assert (first.extra["torch_threads"], second.extra["torch_threads"]) == (1, 2)
+    facts = runtime_facts()
+    for key in ("torch_version", "torch_deterministic", "cpu_capability", "numpy_version", "fortress_version"):
+        assert first.extra[key] == facts[key]
+    res = runner.invoke(app, [*args, "--threads", "0"])
+    assert res.exit_code != 0 and "threads" in res.output.lower()

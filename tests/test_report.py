@@ -229,3 +229,55 @@ def test_an_attack_run_with_two_pools_gets_two_columns(run_dir: Path) -> None:
     assert "knockoff[mnist] soft @500" in header and "knockoff[None] soft @500" in header
     row = next(line for line in md.splitlines() if line.startswith("| dnf |"))
     assert "1.00 ± 0.00" in row  # the digit-pool runs are not averaged with the others
+
+
+def test_training_seed_table_gives_the_spread_over_builds(tmp_path: Path) -> None:
+    """Clone accuracy per training seed (mean over attack seeds), mean, std, median, worst, worst/median."""
+    per_seed = {0: [0.10, 0.14], 1: [0.20, 0.18], 2: [0.50, 0.46], 3: [0.12, 0.16]}
+    base = _records()[0]
+    for tseed, accs in per_seed.items():
+        for aseed, acc in enumerate(accs):
+            rec = dataclasses.replace(
+                base,
+                defense="dnf",
+                seed=aseed,
+                clone_acc=acc,
+                defended_acc=0.97 - 0.001 * tseed,
+                extra={**base.extra, "defense_seed": tseed},
+            )
+            append_record(tmp_path / "results.jsonl", rec)
+    for aseed in (0, 1):  # the undefended victim has no training seed: no spread row
+        append_record(tmp_path / "results.jsonl", dataclasses.replace(base, seed=aseed, extra={"defense_seed": None}))
+    rep = make_report(tmp_path)
+    md = rep.tables["training_seeds"][0].read_text()
+    means = [statistics.fmean(v) for v in per_seed.values()]
+    med = statistics.median(means)
+    row = next(line for line in md.splitlines() if line.startswith("| dnf "))
+    assert "0: 12.0 · 1: 19.0 · 2: 48.0 · 3: 14.0" in row
+    assert _pm(means) in row and f"{100 * med:.2f}" in row and f"{100 * max(means):.2f}" in row
+    assert f"| {max(means) / med:.2f} |" in row and "| -0.30 |" in row  # worst utility: seed 3, -0.3 pp
+    assert not any(line.startswith("| undefended ") for line in md.splitlines())
+    with rep.tables["training_seeds"][1].open() as fh:
+        (csv_row,) = list(csv.DictReader(fh))
+    assert csv_row["train_seeds"] == "4" and float(csv_row["worst_over_median"]) == pytest.approx(max(means) / med)
+    # the other tables pool every (attack seed, training seed) run of a label
+    clone_md = rep.tables["clone_accuracy"][0].read_text()
+    assert _pm([a for v in per_seed.values() for a in v]) in clone_md
+
+
+def test_training_seed_of_records_without_it_comes_from_their_cell(tmp_path: Path) -> None:
+    base = _records()[0]
+    for tseed, acc in ((0, 0.1), (1, 0.3)):
+        params = {} if tseed == 0 else {"train": {"seed": 1}, "ood": {"seed": 1}}
+        cell = {"defense": {"name": "dnf", "label": None, "params": params}}
+        append_record(
+            tmp_path / "results.jsonl",
+            dataclasses.replace(base, defense="dnf", clone_acc=acc, config={**base.config, "cell": cell}, extra={}),
+        )
+    md = make_report(tmp_path).tables["training_seeds"][0].read_text()
+    assert "0: 10.0 · 1: 30.0" in md
+
+
+def test_one_build_per_defense_gives_no_spread_rows(run_dir: Path) -> None:
+    md = make_report(run_dir).tables["training_seeds"][0].read_text()
+    assert "built with one training seed" in md

@@ -28,11 +28,15 @@ through :func:`fortress.bench.pipeline.protect`) with ``params`` read as a
 :class:`~fortress.config.ProtectConfig`.
 
 Builds are seeded, so a built defense that is saved and loaded again equals a fresh build; the grid
-runner caches each one under ``DIR/artifacts/<key>/``.
+runner caches each one under ``DIR/artifacts/<key>/``. A grid's ``train_seeds`` builds a defense once
+per training seed: :func:`seeded_params` writes the seed into every seed the build draws from (DNF:
+the heads' training and the OOD source — proxy crops and DCGAN — and the threshold search; other
+defenses: their constructor's ``seed`` and their ``fit`` table's ``seed``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -57,6 +61,8 @@ __all__ = [
     "build_defense",
     "check_defense_params",
     "read_utility_match",
+    "seeded_params",
+    "training_seed",
 ]
 
 #: Written next to a defense built with ``match_utility``: the strength found and what it keeps.
@@ -86,10 +92,13 @@ class DefenseBuilder:
         build: ``build(victim, params, ctx) -> Defense``; trains what needs training, seeded.
         check: ``check(params)`` raises :class:`~fortress.errors.ConfigError` on bad parameters
             (called when a grid is loaded, before anything runs).
+        seed_paths: the nested ``params`` keys that a training seed sets, with each one's value
+            when ``params`` leave it out (``None``: the build has no training seed).
     """
 
     build: Callable[[StagedBackbone, dict[str, Any], BuildContext], Defense]
     check: Callable[[dict[str, Any]], None]
+    seed_paths: Callable[[dict[str, Any]], dict[tuple[str, ...], Any]] | None = None
 
 
 #: Builders for defenses that need more than their constructor (looked up by registry name).
@@ -110,12 +119,21 @@ def _check_dnf(params: dict[str, Any]) -> None:
     _protect_config(params)
 
 
+def _dnf_seed_paths(params: dict[str, Any]) -> dict[tuple[str, ...], Any]:
+    """Every seed of the recipe: the heads' training (init, batches, OOD draws), the OOD source, the search."""
+    cfg = _protect_config(params)
+    paths: dict[tuple[str, ...], Any] = {("train", "seed"): cfg.train.seed, ("ood", "seed"): cfg.ood.seed}
+    if cfg.search is not None:
+        paths[("search", "seed")] = cfg.search.seed
+    return paths
+
+
 def _check_none(params: dict[str, Any]) -> None:
     if params:
         raise ConfigError(f"defense 'undefended' takes no params, got {sorted(params)}")
 
 
-BUILDERS.add("dnf", DefenseBuilder(_build_dnf, _check_dnf))
+BUILDERS.add("dnf", DefenseBuilder(_build_dnf, _check_dnf, _dnf_seed_paths))
 BUILDERS.add("undefended", DefenseBuilder(lambda victim, _p, _c: Undefended(victim), _check_none))
 
 
@@ -185,6 +203,68 @@ def check_defense_params(name: str, params: dict[str, Any]) -> None:
         BUILDERS.get(name).check(params)
     else:
         _constructor_check(name, params)
+
+
+def _constructor_seed_paths(name: str, params: dict[str, Any]) -> dict[tuple[str, ...], Any]:
+    cls = DEFENSES.get(name)
+    paths: dict[tuple[str, ...], Any] = {}
+    default = inspect.signature(cls).parameters.get("seed")
+    if default is not None:
+        paths[("seed",)] = params.get("seed", default.default)
+    _, fit = _split(params)
+    if fit is not None and issubclass(cls, TrainableDefense):
+        fit_seed = {f.name: f for f in dataclasses.fields(cls.fit_config)}.get("seed")
+        if fit_seed is not None:
+            paths[("fit", "seed")] = fit.get("seed", fit_seed.default)
+    return paths
+
+
+def _seed_paths(name: str, params: dict[str, Any]) -> dict[tuple[str, ...], Any]:
+    builder = BUILDERS.get(name) if name in BUILDERS else None
+    if builder is not None:
+        return builder.seed_paths(params) if builder.seed_paths is not None else {}
+    return _constructor_seed_paths(name, params)
+
+
+def training_seed(name: str, params: dict[str, Any]) -> int | None:
+    """The training seed defense ``name`` is built with from ``params`` (``None``: it draws none, or they differ).
+
+    Example:
+        >>> training_seed("dnf", {"train": {"seed": 2}, "ood": {"seed": 2}}), training_seed("dnf", {})
+        (2, 0)
+    """
+    values = set(_seed_paths(name, params).values())
+    return values.pop() if len(values) == 1 else None
+
+
+def seeded_params(name: str, params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``params`` with every training seed of defense ``name``'s build set to ``seed``.
+
+    Only the seeds that differ from ``seed`` are written, so the seed the parameters already hold
+    gives back equal parameters (and the same cache and cell keys as a grid without ``train_seeds``).
+
+    Raises:
+        ConfigError: the defense's build draws no seed (nothing to vary), or bad ``params``.
+
+    Example:
+        >>> seeded_params("dnf", {"train": {"epochs": 4}}, 3)
+        {'train': {'epochs': 4, 'seed': 3}, 'ood': {'seed': 3}}
+        >>> seeded_params("dnf", {}, 0)
+        {}
+    """
+    check_defense_params(name, params)
+    paths = _seed_paths(name, params)
+    if not paths:
+        raise ConfigError(f"defense {name!r} draws no training seed; train_seeds applies to defenses that train")
+    out = copy.deepcopy(params)
+    for path, current in paths.items():
+        if current == seed:
+            continue
+        table = out
+        for key in path[:-1]:
+            table = table.setdefault(key, {})
+        table[path[-1]] = seed
+    return out
 
 
 def build_defense(name: str, victim: StagedBackbone, params: dict[str, Any], ctx: BuildContext) -> Defense:

@@ -38,6 +38,16 @@ enter the cell keys, so adding one to a grid keeps the cells it already finished
 
 Victims and defenses are built once per (victim, defense, params) and cached; ``seeds`` seed the
 attacks (the defended model is the same across seeds, as in the paper's mean ± std over attack runs).
+A defense that trains can also be built several times with different training seeds, so that its
+figures cover the luck of its own training (DNF: head initialisation, OOD draws, DCGAN)::
+
+    [[defenses]]
+    name = "dnf"
+    train_seeds = [0, 1, 2, 3, 4]   # five DNF builds, every attack run against each
+
+Each training seed is its own build and its own cells; the seed the parameters already hold (0 by
+default) keeps the cell keys of the grid without ``train_seeds``, so adding the axis to a finished
+grid keeps its cells.
 """
 
 from __future__ import annotations
@@ -87,16 +97,32 @@ class DefenseSpec:
             (say DNF with VIB and with plain heads) need distinct labels.
         params: build parameters; for ``dnf`` a :class:`~fortress.config.ProtectConfig` table, for
             other defenses the constructor's keyword arguments (see :mod:`fortress.bench.build`).
+        train_seeds: training seeds of the defense's build, one build (and one set of cells) each
+            (:func:`fortress.bench.build.seeded_params` says what a seed sets); ``None``: one build
+            with the seeds ``params`` hold.
     """
 
     name: str
     label: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    train_seeds: tuple[int, ...] | None = None
 
     @property
     def display(self) -> str:
         """The label used in records, tables and plots."""
         return self.label or self.name
+
+    def canonical(self) -> dict[str, Any]:
+        """What defines the build and its label (``train_seeds`` is expanded into ``params`` per cell)."""
+        return {"name": self.name, "label": self.label, "params": to_dict(self.params)}
+
+    def for_seed(self, seed: int | None) -> DefenseSpec:
+        """This defense built with training seed ``seed`` (``None``: as its ``params`` say), one build."""
+        if seed is None:
+            return DefenseSpec(self.name, self.label, self.params)
+        from fortress.bench.build import seeded_params
+
+        return DefenseSpec(self.name, self.label, seeded_params(self.name, self.params, seed))
 
 
 @dataclass(frozen=True)
@@ -172,6 +198,12 @@ class GridConfig:
             raise ConfigError(f"grid {self.name!r}: defense labels {dup} repeat; give each variant its own 'label'")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"grid {self.name!r}: seeds {list(self.seeds)} repeat")
+        for d in self.defenses:
+            ts = d.train_seeds
+            if ts is not None and (not ts or len(set(ts)) != len(ts) or any(s < 0 for s in ts)):
+                raise ConfigError(
+                    f"defense {d.display!r}: train_seeds must list distinct non-negative seeds, got {list(ts)}"
+                )
         for a in self.attacks:
             if not a.budgets or any(b < 1 for b in a.budgets):
                 raise ConfigError(f"attack {a.name!r}: budgets must be positive integers, got {list(a.budgets)}")
@@ -208,6 +240,8 @@ class GridConfig:
             MODELS.get(v.arch)
         for d in self.defenses:
             check_defense_params(d.name, d.params)
+            for seed in d.train_seeds or ():
+                d.for_seed(seed)  # raises for a defense without a training seed
         for a in self.attacks:
             ATTACKS.get(a.name)
             if a.clone is not None:
@@ -226,7 +260,7 @@ class GridConfig:
             len(a.budgets)
             * len(a.output_modes or self.output_modes)
             * len(self.seeds)
-            * sum(map(a.runs_against, self.defenses))
+            * sum(len(d.train_seeds or (None,)) for d in self.defenses if a.runs_against(d))
             for v in self.victims
             for a in self.attacks
             if a.runs_on(v)
@@ -243,6 +277,8 @@ class Cell:
         defense: which defense is built on it, and how.
         attack: the attack run (budget, seed, output mode, clone, pool, parameters).
         eval_every: clone evaluation interval (``None``: at the end only).
+        defense_seed: the defense's training seed, from the grid's ``train_seeds`` (``None``: not
+            varied); already applied to ``defense.params``, so it is not part of the key.
     """
 
     grid: str
@@ -250,13 +286,14 @@ class Cell:
     defense: DefenseSpec
     attack: AttackConfig
     eval_every: int | None = None
+    defense_seed: int | None = None
 
     def canonical(self) -> dict[str, Any]:
-        """The fields that define the cell's result (everything but the grid name)."""
+        """The fields that define the cell's result (everything but the grid name and the seed's label)."""
         return {
             "format": CELL_FORMAT,
             "victim": victim_key_view(self.victim),
-            "defense": to_dict(self.defense),
+            "defense": self.defense.canonical(),
             "attack": to_dict(self.attack),
             "eval_every": self.eval_every,
         }
@@ -279,14 +316,15 @@ class Cell:
     def describe(self) -> str:
         """A short human-readable name for logs and progress displays."""
         a = self.attack
+        trained = "" if self.defense_seed is None else f" trained with seed {self.defense_seed}"
         return (
-            f"{a.name}/{a.output_mode}@{a.budget:,} vs {self.defense.display} "
+            f"{a.name}/{a.output_mode}@{a.budget:,} vs {self.defense.display}{trained} "
             f"({self.victim.arch}, {self.victim.dataset}, seed {a.seed})"
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for task arguments and records); inverse of :meth:`from_dict`."""
-        return {"grid": self.grid, **self.canonical()}
+        return {"grid": self.grid, **self.canonical(), "defense_seed": self.defense_seed}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Cell:
@@ -299,6 +337,7 @@ class Cell:
             defense=from_dict(DefenseSpec, data["defense"], where="cell.defense"),
             attack=from_dict(AttackConfig, data["attack"], where="cell.attack"),
             eval_every=data.get("eval_every"),
+            defense_seed=data.get("defense_seed"),
         )
 
 
@@ -326,15 +365,18 @@ def victim_artifact_key(victim: VictimConfig) -> str:
 
 def defense_artifact_key(victim: VictimConfig, defense: DefenseSpec) -> str:
     """Cache directory name of a defense built on a victim (the label does not matter): ``<name>-<hash>``."""
+    if defense.train_seeds is not None:
+        raise ConfigError(f"defense {defense.display!r}: pick one training seed (for_seed) before keying its build")
     data = {"victim": victim_key_view(victim), "name": defense.name, "params": to_dict(defense.params)}
     return f"{defense.name}-{config_hash(data, length=12)}"
 
 
 def expand_grid(grid: GridConfig) -> list[Cell]:
-    """Every cell of ``grid`` in a fixed order: victim, seed, attack, budget, output mode, defense.
+    """Every cell of ``grid`` in a fixed order: victim, seed, attack, budget, output mode, defense, training seed.
 
     Seeds vary slowly, so an interrupted grid already holds whole tables for its first seeds.
     """
+    builds = [(d, s, d.for_seed(s)) for d in grid.defenses for s in d.train_seeds or (None,)]
     cells: list[Cell] = []
     for victim in (replace(v, data=grid.victim_data(v)) for v in grid.victims):
         for seed in grid.seeds:
@@ -350,8 +392,9 @@ def expand_grid(grid: GridConfig) -> list[Cell]:
                             pool=spec.pool,
                             params=dict(spec.params),
                         )
-                        for defense in filter(spec.runs_against, grid.defenses):
-                            cells.append(Cell(grid.name, victim, defense, attack, grid.eval_every))
+                        for defense, train_seed, built in builds:
+                            if spec.runs_against(defense):
+                                cells.append(Cell(grid.name, victim, built, attack, grid.eval_every, train_seed))
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"grid {grid.name!r} lists the same cell twice (repeated budgets or output modes?)")

@@ -38,6 +38,7 @@ from fortress.models import (
     train_classifier,
 )
 from fortress.oracle import HttpOracle, LocalOracle, Oracle
+from fortress.reproducibility import runtime_facts
 from fortress.tensors import check_labels
 
 __all__ = [
@@ -257,6 +258,8 @@ def run_attack(
     defaults for the attack's kind of pool, :func:`attack_pool`) is loaded and checked against the
     victim's input shape before the first query. The evaluation and the victim's own labels for
     fidelity are computed directly on the reference models, off-budget; the attack sees only the oracle.
+    The record's ``extra`` holds :func:`~fortress.reproducibility.runtime_facts` (torch threads and
+    version, ...): what the figures depend on besides the seeds.
     """
     attack_cls = ATTACKS.get(cfg.name)
     oracle, defense = resolve_target(target, cfg, reference=reference, api_key=api_key, api_budget=api_budget)
@@ -311,7 +314,7 @@ def run_attack(
             }
             for c in result.checkpoints
         ],
-        extra={"oracle_log": qlog.as_dict(), "attack_extras": _jsonable(result.extras)},
+        extra={"oracle_log": qlog.as_dict(), "attack_extras": _jsonable(result.extras), **runtime_facts()},
         data=resolved.describe(),
     )
 

@@ -12,12 +12,17 @@ Tables (each as Markdown and CSV, one section per data set × victim architectur
 * ``utility`` — defended ID accuracy (%) and its change against the victim (paper Table 4);
 * ``timing`` — the defense's seconds per 1,000 queries on ID test and attack traffic, and the ratio to
   ``undefended`` (paper Table 11);
-* ``exits`` — the exit distribution (%) of ID test queries and of each attack's queries (paper Table 12).
+* ``exits`` — the exit distribution (%) of ID test queries and of each attack's queries (paper Table 12);
+* ``training_seeds`` — for a defense built with several training seeds (a grid's ``train_seeds``):
+  clone accuracy per training seed (mean over attack seeds), their mean, std, median and worst, the
+  worst over the median, and the worst utility change: how much the protection depends on the luck
+  of one training run.
 
 Plots: ``clone_vs_budget.png`` (clone accuracy against query budget per defense), ``tradeoff.png``
 (defended utility vs clone accuracy) and ``exits-<...>.png`` (exit histograms, ID vs attack).
 
-The std is the sample standard deviation over seeds (0 with one seed).
+The std is the sample standard deviation over seeds (0 with one seed). A defense built with several
+training seeds pools every (attack seed, training seed) run in the other tables.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any
 
 from fortress.bench.plots import Series, plot_clone_vs_budget, plot_exit_distribution, plot_tradeoff
 from fortress.bench.records import ResultRecord, read_records
-from fortress.errors import ArtifactError
+from fortress.errors import ArtifactError, FortressError
 
 __all__ = ["Report", "Stat", "make_report", "mean_std", "write_report"]
 
@@ -384,6 +389,94 @@ def _exit_groups(records: Sequence[ResultRecord]) -> dict[tuple[str, str, str], 
     return dict(sorted(groups.items()))
 
 
+def _train_seed(r: ResultRecord) -> int | None:
+    """The training seed of the record's defense build (records made before it was recorded: from the cell)."""
+    if "defense_seed" in r.extra:
+        v = r.extra["defense_seed"]
+        return v if isinstance(v, int) else None
+    cell = r.config.get("cell")
+    defense = cell.get("defense") if isinstance(cell, dict) else None
+    if not isinstance(defense, dict):
+        return None
+    from fortress.bench.build import training_seed
+
+    try:
+        return training_seed(str(defense.get("name")), dict(defense.get("params") or {}))
+    except FortressError:  # a defense no longer registered, or parameters no longer valid
+        return None
+
+
+def _seed_spread_rows(recs: Sequence[ResultRecord]) -> list[tuple[str, Column, dict[int, float], float]]:
+    """(defense, column, clone accuracy per training seed, worst utility change) where seeds vary."""
+    rows: list[tuple[str, Column, dict[int, float], float]] = []
+    for d in _ordered(r.defense for r in recs):
+        mine = [(r, _train_seed(r)) for r in recs if r.defense == d]
+        if len({s for _, s in mine if s is not None}) < 2:
+            continue
+        for c in sorted({_column(r) for r, _ in mine}):
+            per: dict[int, list[float]] = defaultdict(list)
+            util: dict[int, list[float]] = defaultdict(list)
+            for r, s in mine:
+                if s is not None and _column(r) == c and r.clone_acc is not None:
+                    per[s].append(r.clone_acc)
+                    util[s].append(r.defended_acc - r.victim_acc)
+            if per:
+                worst_util = min(statistics.fmean(v) for v in util.values())
+                rows.append((d, c, {s: statistics.fmean(v) for s, v in sorted(per.items())}, worst_util))
+    return rows
+
+
+def _seed_table(records: Sequence[ResultRecord]) -> _Table:
+    t = _Table(
+        "training_seeds",
+        "Spread over the defense's training seeds: clone accuracy (%) per training seed (mean over attack "
+        "seeds), their mean ± std, median and worst (highest), worst ÷ median, and the worst utility change (pp)",
+    )
+    t.csv_header = [
+        "dataset",
+        "victim_arch",
+        "defense",
+        "column",
+        "train_seeds",
+        "per_seed",
+        "mean",
+        "std",
+        "median",
+        "worst",
+        "worst_over_median",
+        "worst_utility_delta_pp",
+    ]
+    for (dataset, arch), recs in _by_section(records).items():
+        rows: list[list[str]] = []
+        for d, c, per, worst_util in _seed_spread_rows(recs):
+            vals = list(per.values())
+            st, med, worst = mean_std(vals), statistics.median(vals), max(vals)
+            ratio = worst / med if med > 0 else float("inf")
+            seeds = " · ".join(f"{s}: {100 * v:.1f}" for s, v in per.items())
+            rows.append(
+                [
+                    d,
+                    _col_name(c),
+                    seeds,
+                    st.pct(),
+                    f"{100 * med:.2f}",
+                    f"{100 * worst:.2f}",
+                    f"{ratio:.2f}",
+                    f"{100 * worst_util:+.2f}",
+                ]
+            )
+            per_csv = ";".join(f"{s}:{100 * v:.4f}" for s, v in per.items())
+            summary = [100 * st.mean, 100 * st.std, 100 * med, 100 * worst, ratio, 100 * worst_util]
+            t.csv_rows.append([dataset, arch, d, _col_name(c), len(per), per_csv, *summary])
+        if rows:
+            header = ["defense", "attack", "per training seed", "mean ± std", "median", "worst", "worst ÷ median"]
+            t.md += [f"### {dataset}, victim {arch}", ""]
+            t.md += [*_md_table([*header, "utility Δ worst pp"], rows), ""]
+    if not t.csv_rows:
+        t.md += ["Every defense in these records was built with one training seed.", ""]
+    return t
+
+
 def _exit_table(records: Sequence[ResultRecord]) -> _Table:
     t = _Table("exits", "Exit distribution (%) of ID test queries and attack queries (paper Table 12)")
     groups = _exit_groups(records)
@@ -491,6 +584,7 @@ def write_report(records: Sequence[ResultRecord], out: Path, *, title: str = "fo
         _utility_table(records),
         _timing_table(records),
         _exit_table(records),
+        _seed_table(records),
     ]
     report = Report(out=out, markdown=out / "report.md", records=len(records))
     doc = [f"# {title}", "", f"{len(records)} result records.", ""]

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from fortress.bench.build import BuildContext, build_defense, read_utility_match
+from fortress.bench.build import BuildContext, build_defense, read_utility_match, training_seed
 from fortress.bench.grid import Cell, GridConfig, defense_artifact_key, expand_grid, victim_artifact_key
 from fortress.bench.records import ResultRecord, append_record, read_records
 from fortress.config import VictimConfig, dump_toml, to_dict
@@ -176,8 +176,9 @@ def run_cell(cell: Cell, out: Path | str, threads: int | None = None, after: obj
     Returns:
         :meth:`ResultRecord.to_json` as a dict; the record's ``defense`` is the spec's label, its
         ``config`` holds the full cell and ``cell_key``, its ``extra`` the defense's time per 1,000 ID
-        queries and the torch threads and version (results are bit-identical across processes at the
-        same thread count).
+        queries, its build's training seed (``defense_seed``; ``None`` for a defense that draws none) and
+        the torch threads and version (results are bit-identical across processes at the same
+        thread count).
     """
     from fortress.bench.pipeline import id_data, run_attack
 
@@ -201,7 +202,8 @@ def run_cell(cell: Cell, out: Path | str, threads: int | None = None, after: obj
             **_matched(cell, out),
         },
     )
-    facts = {"id_s_per_1k_queries": id_s, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
+    seed = training_seed(cell.defense.name, cell.defense.params)
+    facts = {"id_s_per_1k_queries": id_s, "defense_seed": seed}
     rec = replace(rec, defense=cell.defense.display, extra={**rec.extra, **facts})
     data: dict[str, Any] = json.loads(rec.to_json())
     return data

@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from fortress.cli.base import DataOption, DataOptions, app, console, data_spec, friendly, progress
+from fortress.cli.base import (
+    DEFAULT_THREADS,
+    DataOption,
+    DataOptions,
+    Threads,
+    app,
+    console,
+    data_spec,
+    friendly,
+    progress,
+)
+from fortress.reproducibility import pin_threads
 
 __all__ = ["attack_cmd"]
 
@@ -34,8 +45,10 @@ def attack_cmd(
     ] = None,
     data: DataOption = None,
     data_option: DataOptions = None,
+    threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Run an extraction attack against a saved defense or a `fortress serve` URL; append its result record."""
+    pin_threads(threads)
     from fortress.bench.steps import attack_saved
     from fortress.bench.tables import records_table
     from fortress.config import AttackConfig, parse_params

@@ -16,11 +16,33 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fortress.errors import ConfigError, FortressError
+from fortress.reproducibility import DEFAULT_THREADS
 
 if TYPE_CHECKING:
     from fortress.data.spec import DataSpec
 
-__all__ = ["DataOption", "DataOptions", "app", "console", "data_spec", "err_console", "friendly", "progress"]
+__all__ = [
+    "DEFAULT_THREADS",
+    "DataOption",
+    "DataOptions",
+    "Threads",
+    "app",
+    "console",
+    "data_spec",
+    "err_console",
+    "friendly",
+    "progress",
+]
+
+#: The ``--threads`` option of every seeded verb: torch's intra-op threads, pinned before any work
+#: (the same command gives the same figures only at the same thread count).
+Threads = Annotated[
+    int,
+    typer.Option(
+        help="Torch threads; results are bit-identical only at the same count (recorded with every result).",
+        min=1,
+    ),
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -11,7 +11,18 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fortress.cli.base import DataOption, DataOptions, app, console, data_spec, err_console, friendly, progress
+from fortress.cli.base import (
+    DEFAULT_THREADS,
+    DataOption,
+    DataOptions,
+    Threads,
+    app,
+    console,
+    data_spec,
+    err_console,
+    friendly,
+    progress,
+)
 
 if TYPE_CHECKING:
     from fortress.bench.runner import GridProgress
@@ -35,7 +46,9 @@ def bench_cmd(
         BenchExecutor.local
     ),
     resume: Annotated[bool, typer.Option("--resume", help="Skip cells already in OUT/results.jsonl.")] = False,
-    threads: Annotated[int, typer.Option(help="Torch threads per local task (Ray tasks use 1).")] = 1,
+    threads: Annotated[
+        int, typer.Option(help="Torch threads per local task (Ray tasks use 1).", min=1)
+    ] = DEFAULT_THREADS,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray instance (default: all).")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Address of a running Ray cluster.")] = None,
 ) -> None:
@@ -181,23 +194,24 @@ def demo_cmd(
     seeds: Annotated[str, typer.Option(help="Comma-separated attack seeds.")] = "0",
     data: DataOption = None,
     data_option: DataOptions = None,
+    threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Train a LeNet-5 victim, protect it with DNF, attack both with DFME and Knockoff; print the table."""
-    import torch
-
-    from fortress.bench.demo import demo_config, run_demo
+    from fortress.bench.demo import TABLE, demo_config, run_demo
     from fortress.bench.tables import records_table
     from fortress.config import parse_floats
+    from fortress.reproducibility import pin_threads
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    pin_threads(threads)
     seed_list = tuple(int(s) for s in (parse_floats(seeds, "--seeds") or (0,)))
     cfg = demo_config(quick=quick, seeds=seed_list, data=data_spec(data, data_option))
     with progress() as update:
         result = run_demo(cfg, out, event=update)
     title = f"fortress demo ({'quick' if quick else 'full'}), {cfg.victim.spec.text()}, LeNet-5"
     console.print(records_table(result.records, title))
+    console.print((out / TABLE).read_text(encoding="utf-8"), markup=False, highlight=False)
     console.print(
         f"victim ID accuracy {100 * result.victim_acc:.2f}% · results: {out / 'results.jsonl'} · "
-        f"exit histograms: {result.plot} · {result.wall_s / 60:.1f} min",
+        f"table: {out / TABLE} · exit histograms: {result.plot} · {result.wall_s / 60:.1f} min",
         highlight=False,
     )

@@ -8,7 +8,18 @@ from typing import Annotated
 
 import typer
 
-from fortress.cli.base import DataOption, DataOptions, app, console, data_spec, friendly, progress
+from fortress.cli.base import (
+    DEFAULT_THREADS,
+    DataOption,
+    DataOptions,
+    Threads,
+    app,
+    console,
+    data_spec,
+    friendly,
+    progress,
+)
+from fortress.reproducibility import pin_threads
 
 __all__ = ["defend_cmd", "protect_cmd", "train_victim_cmd"]
 
@@ -23,8 +34,10 @@ def train_victim_cmd(
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     data: DataOption = None,
     data_option: DataOptions = None,
+    threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Train a victim on a data set (default: the embedded MNIST digits) and save it (safetensors + JSON)."""
+    pin_threads(threads)
     from fortress.bench.pipeline import train_victim
     from fortress.config import VictimConfig
 
@@ -51,12 +64,14 @@ def defend_cmd(
     fit_param: Annotated[list[str] | None, typer.Option(help="Training option KEY=VALUE (implies --fit).")] = None,
     data: DataOption = None,
     data_option: DataOptions = None,
+    threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Wrap a saved victim in a defense (trained where it trains), save it and report its utility.
 
     Built exactly as a benchmark grid builds it. For dnf the params are the protect config's
     (e.g. --param train.epochs=1 --param ood.kind=noise); `fortress protect` has them as options.
     """
+    pin_threads(threads)
     from fortress.bench.steps import defend_saved
     from fortress.config import defense_params
 
@@ -87,8 +102,10 @@ def protect_cmd(
     search_trials: Annotated[int | None, typer.Option(help="Threshold-search trials (default 50).")] = None,
     data: DataOption = None,
     data_option: DataOptions = None,
+    threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Protect a saved victim with DNF: train exit heads on ID + OOD data, then save."""
+    pin_threads(threads)
     from fortress.bench.steps import protect_saved
     from fortress.bench.tables import exit_hist
     from fortress.config import ProtectConfig, load_toml, parse_floats, protect_overrides

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from fortress.defenses.dnf.defense import DNF
 from fortress.defenses.dnf.losses import DNFLossWeights, entropy, id_loss, ood_loss
-from fortress.defenses.dnf.provenance import Attempt, GuardResult, Provenance, SearchSummary
-from fortress.defenses.dnf.recipe import OODConfig, ProtectConfig, build_ood, guard_utility, protect
+from fortress.defenses.dnf.probe import ProbeConfig, ProbeResult, extraction_probe
+from fortress.defenses.dnf.provenance import Attempt, Candidate, GuardResult, Provenance, SearchSummary, Selection
+from fortress.defenses.dnf.recipe import OODConfig, ProtectConfig, SelectConfig, build_ood, guard_utility, protect
 from fortress.defenses.dnf.threshold_search import ThresholdSearchConfig, ThresholdSearchResult, search_thresholds
 from fortress.defenses.dnf.training import DNFTrainConfig, DNFTrainReport, StepInfo, train_dnf
 from fortress.generative.dcgan import DCGANGenerator, train_dcgan
@@ -18,6 +19,7 @@ from fortress.generative.ood import GeneratorOOD, MixtureOOD, NoiseOOD, OODSourc
 __all__ = [
     "DNF",
     "Attempt",
+    "Candidate",
     "DCGANGenerator",
     "DNFLossWeights",
     "DNFTrainConfig",
@@ -29,14 +31,19 @@ __all__ = [
     "OODConfig",
     "OODSource",
     "PoolOOD",
+    "ProbeConfig",
+    "ProbeResult",
     "ProtectConfig",
     "Provenance",
     "SearchSummary",
+    "SelectConfig",
+    "Selection",
     "StepInfo",
     "ThresholdSearchConfig",
     "ThresholdSearchResult",
     "build_ood",
     "entropy",
+    "extraction_probe",
     "guard_utility",
     "id_loss",
     "ood_loss",

@@ -200,6 +200,7 @@ class DNF(TrainableDefense[DNFTrainConfig]):
             "attempts": [] if prov is None else [asdict(a) for a in prov.attempts],
             "train": self.train_config,
             "ood": self.ood_description,
+            **({} if prov is None or prov.selection is None else {"selection": prov.selection.to_json()}),
         }
 
     def _parts(self) -> dict[str, torch.nn.Module]:

@@ -1,19 +1,21 @@
 """How a DNF was made by the protection recipe: one frozen record kept on the model and saved with it.
 
 :func:`fortress.defenses.dnf.recipe.protect` trains the exit heads up to ``max_attempts`` times until
-an acceptance check passes, may raise thresholds with a utility guard, and may search thresholds
-with SMAC3 (paper App. H). :class:`Provenance` records each of these steps; it is JSON-ready and
+an acceptance check passes, may train several such candidates and keep the one an extraction probe
+extracts least from, may raise thresholds with a utility guard, and may search thresholds with
+SMAC3 (paper App. H). :class:`Provenance` records each of these steps; it is JSON-ready and
 round-trips through ``defense.json``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from fortress.errors import ArtifactError
 
-__all__ = ["Attempt", "GuardResult", "Provenance", "SearchSummary"]
+__all__ = ["Attempt", "Candidate", "GuardResult", "Provenance", "SearchSummary", "Selection"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,49 @@ class GuardResult:
     before: tuple[float, ...]
     after: tuple[float, ...]
     max_harm: int = 0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One trained candidate of the selection and what the extraction probe measured on it.
+
+    Attributes:
+        train_seed: seed of its training (batches, OOD draws; its heads start from ``train_seed + attempt``).
+        attempts: its trainings and acceptance checks.
+        accepted: whether it passed the acceptance check.
+        probe_student_acc: the probe's student accuracy on the defender's validation split (lower is better).
+        probe_exit_hist: share of the probe's images per exit.
+        train_seconds: wall time of its training attempts and guard.
+        probe_seconds: wall time of its probe.
+    """
+
+    train_seed: int
+    attempts: tuple[Attempt, ...]
+    accepted: bool
+    probe_student_acc: float
+    probe_exit_hist: tuple[float, ...]
+    train_seconds: float
+    probe_seconds: float
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The selection among candidate trainings by the extraction probe.
+
+    Attributes:
+        candidates: every candidate, in training order.
+        chosen: index of the kept candidate (the lowest probe score among the accepted ones).
+        probe: the probe's settings.
+    """
+
+    candidates: tuple[Candidate, ...]
+    chosen: int
+    probe: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form (tuples as lists)."""
+        plain: dict[str, Any] = json.loads(json.dumps(asdict(self)))
+        return plain
 
 
 @dataclass(frozen=True)
@@ -80,12 +125,15 @@ class Provenance:
         min_ood_exit0: the acceptance threshold the attempts were checked against.
         guard: the utility guard's result (``None``: not applied).
         search: the threshold search's result (``None``: not run).
+        selection: the candidates and the probe's choice (``None``: one training, no probe);
+            ``attempts`` and ``guard`` are then the kept candidate's.
     """
 
     attempts: tuple[Attempt, ...]
     min_ood_exit0: float
     guard: GuardResult | None = None
     search: SearchSummary | None = None
+    selection: Selection | None = None
 
     @property
     def accepted(self) -> bool:
@@ -105,9 +153,9 @@ class Provenance:
             ArtifactError: ``data`` is not a provenance record.
         """
         try:
-            guard, search = data.get("guard"), data.get("search")
+            guard, search, selection = data.get("guard"), data.get("search"), data.get("selection")
             return cls(
-                attempts=tuple(Attempt(int(a["head_seed"]), float(a["ood_exit0"])) for a in data["attempts"]),
+                attempts=_attempts(data["attempts"]),
                 min_ood_exit0=float(data["min_ood_exit0"]),
                 guard=None
                 if guard is None
@@ -125,6 +173,27 @@ class Provenance:
                         "baseline_thresholds": tuple(float(t) for t in search["baseline_thresholds"]),
                     }
                 ),
+                selection=None if selection is None else _selection(selection),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"not a DNF provenance record: {exc}") from exc
+
+
+def _attempts(items: Any) -> tuple[Attempt, ...]:
+    return tuple(Attempt(int(a["head_seed"]), float(a["ood_exit0"])) for a in items)
+
+
+def _selection(data: Any) -> Selection:
+    candidates = tuple(
+        Candidate(
+            train_seed=int(c["train_seed"]),
+            attempts=_attempts(c["attempts"]),
+            accepted=bool(c["accepted"]),
+            probe_student_acc=float(c["probe_student_acc"]),
+            probe_exit_hist=tuple(float(v) for v in c["probe_exit_hist"]),
+            train_seconds=float(c["train_seconds"]),
+            probe_seconds=float(c["probe_seconds"]),
+        )
+        for c in data["candidates"]
+    )
+    return Selection(candidates, int(data["chosen"]), dict(data["probe"]))

@@ -11,11 +11,17 @@ measured here, and :func:`protect` runs them in order:
 3. **Utility guard** (beyond the paper, whose App. H searches thresholds under a utility
    constraint): thresholds are raised so no head answers a held-out ID image wrongly that the
    victim answers rightly (:func:`guard_utility`).
-4. **Threshold search** (optional, paper App. H): SMAC3 Bayesian optimisation of the thresholds.
+4. **Selection by an extraction probe** (optional, beyond the paper; ``ProtectConfig.select``):
+   steps 2–3 run for several candidate trainings, each is attacked by the defender's own short
+   data-free extraction (:func:`~fortress.defenses.dnf.probe.extraction_probe`), and the candidate
+   the probe extracts least from is kept. How well one training protects is partly luck; this
+   trades training time for a narrower spread.
+5. **Threshold search** (optional, paper App. H): SMAC3 Bayesian optimisation of the thresholds.
 
 Every option is validated before anything trains, and every expensive result is saved before the
 next expensive step starts: the DCGAN to ``OUT/ood/`` (reused when the run is repeated), each
-training attempt to ``OUT/checkpoints/attempt-<k>/`` every epoch, the guarded DNF to ``OUT`` before
+training attempt to ``OUT/checkpoints/attempt-<k>/`` every epoch (candidate ``j > 0`` of a selection:
+``OUT/checkpoints/candidate-<j>/attempt-<k>/``), the guarded DNF to ``OUT`` before
 the search, and again with the searched thresholds. What was done is recorded on the model as one
 frozen :class:`~fortress.defenses.dnf.provenance.Provenance` (``dnf.provenance``), saved with it.
 
@@ -31,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,7 +49,8 @@ from torch import Tensor
 from fortress.data.defaults import fitted_options
 from fortress.data.registry import load_dataset
 from fortress.defenses.dnf.defense import DNF
-from fortress.defenses.dnf.provenance import Attempt, GuardResult, Provenance, SearchSummary
+from fortress.defenses.dnf.probe import ProbeConfig, extraction_probe
+from fortress.defenses.dnf.provenance import Attempt, Candidate, GuardResult, Provenance, SearchSummary, Selection
 from fortress.defenses.dnf.threshold_search import (
     ThresholdSearchConfig,
     ThresholdSearchResult,
@@ -58,7 +66,7 @@ from fortress.generative.ood import GeneratorOOD, MixtureOOD, NoiseOOD, OODSourc
 from fortress.models.staged import StagedBackbone
 from fortress.tensors import check_labels
 
-__all__ = ["OODConfig", "ProtectConfig", "build_ood", "guard_utility", "protect"]
+__all__ = ["OODConfig", "ProtectConfig", "SelectConfig", "build_ood", "guard_utility", "protect"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,9 @@ PROBE_SEED = 20_000
 #: Sub-directories of ``out``: the trained OOD generator and the per-attempt training checkpoints.
 OOD_DIR = "ood"
 CHECKPOINTS_DIR = "checkpoints"
+#: Candidate ``j`` of a selection trains with seed ``train.seed + CANDIDATE_SEED_STRIDE * j``, so no
+#: candidate of one training seed is a candidate (or an acceptance retry) of another.
+CANDIDATE_SEED_STRIDE = 1_000
 
 OODKind = Literal["dcgan", "proxy", "noise", "dcgan+noise"]
 
@@ -109,6 +120,24 @@ class OODConfig:
 
 
 @dataclass(frozen=True)
+class SelectConfig:
+    """Selection among candidate trainings by the defender's extraction probe (recipe step 4).
+
+    Attributes:
+        candidates: DNFs trained (each with its own seed, acceptance check and utility guard);
+            training time grows about linearly with it, plus one probe per candidate.
+        probe: the extraction probe's settings (the same probe, seed included, for every candidate).
+    """
+
+    candidates: int = 3
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def __post_init__(self) -> None:
+        if self.candidates < 1:
+            raise ConfigError(f"select.candidates must be >= 1, got {self.candidates}")
+
+
+@dataclass(frozen=True)
 class ProtectConfig:
     """How to build and train DNF on a victim (the settings of :func:`protect`).
 
@@ -125,6 +154,8 @@ class ProtectConfig:
         max_attempts: trainings tried before giving up on the acceptance check (the best is kept).
         train: DNF training hyper-parameters.
         ood: OOD data source.
+        select: train several candidates and keep the one the extraction probe extracts least
+            from (:class:`SelectConfig`); ``None``: one training, as before the selection existed.
         search: SMAC3 threshold search after training (paper App. H; ``None``: keep the thresholds).
     """
 
@@ -137,6 +168,7 @@ class ProtectConfig:
     max_attempts: int = 3
     train: DNFTrainConfig = field(default_factory=DNFTrainConfig)
     ood: OODConfig = field(default_factory=OODConfig)
+    select: SelectConfig | None = None
     search: ThresholdSearchConfig | None = None
 
     def __post_init__(self) -> None:
@@ -292,6 +324,82 @@ def _summary(result: ThresholdSearchResult) -> SearchSummary:
     )
 
 
+def _train_accepted(
+    victim: StagedBackbone,
+    data: DefenderData,
+    cfg: ProtectConfig,
+    ood: OODSource,
+    seed: int,
+    checkpoints: Path | None,
+    resume: bool,
+    on_step: Callable[[StepInfo], None] | None,
+) -> tuple[DNF, list[Attempt]]:
+    """Train with training seed ``seed`` until the acceptance check passes (at most ``max_attempts``); keep the best."""
+    # acceptance probe: fresh draws from the defender's own OOD source (never seen in training)
+    probe = ood.sample(1024, torch.Generator().manual_seed(PROBE_SEED + seed))
+    train = replace(cfg.train, seed=seed)
+    attempts: list[Attempt] = []
+    best: tuple[float, DNF] | None = None
+    for attempt in range(cfg.max_attempts):
+        head_seed = seed + attempt
+        dnf = _new_dnf(victim, cfg, data.dataset, head_seed)
+        dnf.fit(
+            data,
+            train,
+            ood=ood,
+            checkpoint_dir=None if checkpoints is None else checkpoints / f"attempt-{attempt}",
+            resume=resume,
+            on_step=on_step,
+        )
+        share = dnf.exit_share(probe, 0)
+        attempts.append(Attempt(head_seed, share))
+        log.info("DNF attempt %d (head seed %d): %.1f%% of OOD probes leave at exit 0", attempt, head_seed, 100 * share)
+        if best is None or share > best[0]:
+            best = (share, dnf)
+        if share >= cfg.min_ood_exit0:
+            break
+    assert best is not None  # max_attempts >= 1
+    return best[1], attempts
+
+
+def _select(
+    victim: StagedBackbone,
+    data: DefenderData,
+    cfg: ProtectConfig,
+    select: SelectConfig,
+    ood: OODSource,
+    checkpoints: Path | None,
+    resume: bool,
+    on_step: Callable[[StepInfo], None] | None,
+) -> DNF:
+    """Train ``select.candidates`` accepted, guarded DNFs; keep the one the extraction probe extracts least from."""
+    made: list[tuple[DNF, Candidate, GuardResult | None]] = []
+    for j in range(select.candidates):
+        seed = cfg.train.seed + CANDIDATE_SEED_STRIDE * j
+        where = checkpoints if checkpoints is None or j == 0 else checkpoints / f"candidate-{j}"
+        t0 = time.perf_counter()
+        dnf, attempts = _train_accepted(victim, data, cfg, ood, seed, where, resume, on_step)
+        guard = guard_utility(dnf, data.x_val, data.y_val) if cfg.utility_guard else None
+        t1 = time.perf_counter()
+        result = extraction_probe(dnf, data.x_val, data.y_val, select.probe)
+        accepted = any(a.ood_exit0 >= cfg.min_ood_exit0 for a in attempts)
+        cand = Candidate(seed, tuple(attempts), accepted, result.student_acc, result.exit_hist, t1 - t0, result.wall_s)
+        log.info(
+            "DNF candidate %d (training seed %d): the probe's student reached %.1f%% (exits %s)",
+            j,
+            seed,
+            100 * result.student_acc,
+            [round(v, 3) for v in result.exit_hist],
+        )
+        made.append((dnf, cand, guard))
+    pool = [i for i, (_, c, _) in enumerate(made) if c.accepted] or list(range(len(made)))
+    chosen = min(pool, key=lambda i: (made[i][1].probe_student_acc, i))
+    dnf, cand, guard = made[chosen]
+    selection = Selection(tuple(c for _, c, _ in made), chosen, asdict(select.probe))
+    dnf.provenance = Provenance(cand.attempts, cfg.min_ood_exit0, guard=guard, selection=selection)
+    return dnf
+
+
 def protect(
     victim: StagedBackbone,
     data: DefenderData,
@@ -302,7 +410,7 @@ def protect(
     on_step: Callable[[StepInfo], None] | None = None,
     on_dcgan_epoch: Callable[[int, float, float], None] | None = None,
 ) -> DNF:
-    """Protect ``victim`` with DNF: OOD source, head training with acceptance check, utility guard, search.
+    """Protect ``victim`` with DNF: OOD source, training with acceptance check, utility guard, selection, search.
 
     Args:
         victim: the trained, staged victim (never modified).
@@ -332,32 +440,13 @@ def protect(
         resume=resume,
         on_epoch=on_dcgan_epoch,
     )
-    # acceptance probe: fresh draws from the defender's own OOD source (never seen in training)
-    probe = ood.sample(1024, torch.Generator().manual_seed(PROBE_SEED + cfg.train.seed))
-    attempts: list[Attempt] = []
-    best: tuple[float, DNF] | None = None
-    for attempt in range(cfg.max_attempts):
-        head_seed = cfg.train.seed + attempt
-        dnf = _new_dnf(victim, cfg, data.dataset, head_seed)
-        dnf.fit(
-            data,
-            cfg.train,
-            ood=ood,
-            checkpoint_dir=None if out is None else out / CHECKPOINTS_DIR / f"attempt-{attempt}",
-            resume=resume,
-            on_step=on_step,
-        )
-        share = dnf.exit_share(probe, 0)
-        attempts.append(Attempt(head_seed, share))
-        log.info("DNF attempt %d (head seed %d): %.1f%% of OOD probes leave at exit 0", attempt, head_seed, 100 * share)
-        if best is None or share > best[0]:
-            best = (share, dnf)
-        if share >= cfg.min_ood_exit0:
-            break
-    assert best is not None  # max_attempts >= 1
-    dnf = best[1]
-    guard = guard_utility(dnf, data.x_val, data.y_val) if cfg.utility_guard else None
-    dnf.provenance = Provenance(tuple(attempts), cfg.min_ood_exit0, guard=guard)
+    ckpt = None if out is None else out / CHECKPOINTS_DIR
+    if cfg.select is None:
+        dnf, attempts = _train_accepted(victim, data, cfg, ood, cfg.train.seed, ckpt, resume, on_step)
+        guard = guard_utility(dnf, data.x_val, data.y_val) if cfg.utility_guard else None
+        dnf.provenance = Provenance(tuple(attempts), cfg.min_ood_exit0, guard=guard)
+    else:
+        dnf = _select(victim, data, cfg, cfg.select, ood, ckpt, resume, on_step)
     if out is not None:
         dnf.save(out)  # a failing search never costs the trained model
     if cfg.search is not None:
@@ -365,6 +454,7 @@ def protect(
             dnf.net, (data.x_val, data.y_val), config=cfg.search, query=query, dataset=data.dataset, out_dir=out
         )
         dnf.set_thresholds(result.best.thresholds)
+        assert dnf.provenance is not None  # set by both training paths above
         dnf.provenance = replace(dnf.provenance, search=_summary(result))
         log.info(
             "threshold search: %s (surrogate %.4f, val acc %.4f) vs paper defaults %s (surrogate %.4f, val acc %.4f)",
