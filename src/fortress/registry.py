@@ -51,6 +51,16 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = obj
 
+    def remove(self, name: str) -> T:
+        """Unregister ``name`` and return what it held (a plugin unloading, a test cleaning up).
+
+        Raises:
+            UnknownComponent: ``name`` is not registered.
+        """
+        obj = self.get(name)
+        del self._items[name]
+        return obj
+
     def get(self, name: str) -> T:
         """Return the component registered as ``name``.
 
