@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -26,12 +26,16 @@ from fortress.errors import ConfigError
 __all__ = [
     "OptimizerName",
     "centered_log_probs",
+    "check_generator_shape",
+    "check_lr_milestones",
     "class_diversity_loss",
     "keep_requires_grad",
     "make_optimizer",
+    "milestone_schedulers",
     "safe_log",
     "soft_cross_entropy",
     "train_clone",
+    "train_transfer_set",
 ]
 
 log = logging.getLogger(__name__)
@@ -171,3 +175,41 @@ def train_clone(
         log.debug("clone epoch %d/%d loss %.4f", epoch + 1, epochs, losses[-1])
     clone.eval()
     return losses
+
+
+#: The clone-training hyper-parameters :func:`train_transfer_set` reads from an attack (those it declares).
+TRANSFER_TRAINING = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "lr_step", "lr_gamma")
+
+
+def train_transfer_set(
+    attack: object, clone: nn.Module, x: Tensor, targets: Tensor, *, max_shift: int = 0, generator: torch.Generator
+) -> list[float]:
+    """:func:`train_clone` with the clone-training hyper-parameters ``attack`` declares.
+
+    The data-based attacks (Knockoff Nets, smoothing, D-DAE) train their clone on the transfer set
+    the same way; each declares ``epochs``, ``batch_size``, ``lr`` and ``optimizer`` and, where it
+    tunes them, the others in :data:`TRANSFER_TRAINING` (the rest keep :func:`train_clone`'s defaults).
+    """
+    options = {name: getattr(attack, name) for name in TRANSFER_TRAINING if hasattr(attack, name)}
+    return train_clone(clone, x, targets, max_shift=max_shift, generator=generator, **options)
+
+
+def check_lr_milestones(milestones: Sequence[float]) -> None:
+    """Raise :class:`ConfigError` unless ``milestones`` are increasing fractions in (0, 1)."""
+    if any(not 0 < f < 1 for f in milestones) or list(milestones) != sorted(set(milestones)):
+        raise ConfigError(f"lr_milestones must be increasing fractions in (0, 1), got {milestones}")
+
+
+def check_generator_shape(shape: tuple[int, int, int], who: str = "the generator") -> None:
+    """Raise :class:`ConfigError` unless ``(C, H, W)`` is square with a side divisible by 4 (DCGAN-style upsampling)."""
+    _, h, w = shape
+    if h != w or h % 4:
+        raise ConfigError(f"{who} needs square images with a side divisible by 4, got {h}×{w}")
+
+
+def milestone_schedulers(
+    optimizers: Sequence[torch.optim.Optimizer], milestones: Sequence[float], iterations: int, gamma: float
+) -> list[torch.optim.lr_scheduler.MultiStepLR]:
+    """One MultiStepLR per optimiser, decaying by ``gamma`` at the ``milestones`` fractions of ``iterations``."""
+    steps = sorted({max(1, round(f * iterations)) for f in milestones})
+    return [torch.optim.lr_scheduler.MultiStepLR(o, steps, gamma=gamma) for o in optimizers]

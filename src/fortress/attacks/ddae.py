@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from fortress.attacks.answers import jittered_copies, top1_rows
 from fortress.attacks.base import Attack, AttackRun, PoolKind
-from fortress.attacks.common import OptimizerName, centered_log_probs, soft_cross_entropy, train_clone
+from fortress.attacks.common import (
+    OptimizerName,
+    centered_log_probs,
+    soft_cross_entropy,
+    train_clone,
+    train_transfer_set,
+)
 from fortress.attacks.hparams import hp
 from fortress.attacks.replay import reinitialised_copy
 from fortress.errors import ConfigError
@@ -289,14 +295,5 @@ class DDAE(Attack):
             quality.append(q)
             log.info("D-DAE: %.1f%% of answers flagged; shadow pairs %s", 100 * flagged[-1], q)
 
-        losses = train_clone(
-            run.clone,
-            images,
-            targets,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            optimizer=self.optimizer,
-            generator=rng,
-        )
+        losses = train_transfer_set(self, run.clone, images, targets, generator=rng)
         return {"transfer_set_size": n, "flagged": flagged, "recovery": quality, "train_loss": losses}

@@ -20,9 +20,12 @@ from fortress.attacks.base import Attack, AttackRun, count_labels
 from fortress.attacks.common import (
     OptimizerName,
     centered_log_probs,
+    check_generator_shape,
+    check_lr_milestones,
     class_diversity_loss,
     keep_requires_grad,
     make_optimizer,
+    milestone_schedulers,
     safe_log,
 )
 from fortress.attacks.hparams import hp
@@ -194,12 +197,8 @@ class DFME(Attack):
     tail_student_steps: bool = hp(default=True)
 
     def _validate(self) -> None:
-        milestones = self.lr_milestones
-        if any(not 0 < f < 1 for f in milestones) or list(milestones) != sorted(set(milestones)):
-            raise ConfigError(f"lr_milestones must be increasing fractions in (0, 1), got {milestones}")
-        _, h, w = self.oracle.input_shape
-        if h != w or h % 4:
-            raise ConfigError(f"DFME's generator needs square images with a side divisible by 4, got {h}×{w}")
+        check_lr_milestones(self.lr_milestones)
+        check_generator_shape(self.oracle.input_shape, "DFME's generator")
         if self.budget < self.cost_per_iteration:
             raise ConfigError(
                 f"budget {self.budget} is below the cost of one DFME iteration "
@@ -304,8 +303,7 @@ class DFME(Attack):
         )
         opt_g = torch.optim.Adam(generator.parameters(), lr=self.lr_g)
         n_iter = self.iterations
-        steps = sorted({max(1, round(f * n_iter)) for f in self.lr_milestones})
-        scheds = [torch.optim.lr_scheduler.MultiStepLR(o, steps, gamma=self.lr_gamma) for o in (opt_s, opt_g)]
+        scheds = milestone_schedulers((opt_s, opt_g), self.lr_milestones, n_iter, self.lr_gamma)
         t_gen = t_stu = 0.0
         last_loss = float("nan")
         log.info("DFME: %d iterations of %d queries (budget %d)", n_iter, self.cost_per_iteration, self.budget)

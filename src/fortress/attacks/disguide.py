@@ -18,7 +18,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortress.attacks.base import Attack, AttackRun
-from fortress.attacks.common import OptimizerName, centered_log_probs, keep_requires_grad, make_optimizer, safe_log
+from fortress.attacks.common import (
+    OptimizerName,
+    centered_log_probs,
+    check_generator_shape,
+    check_lr_milestones,
+    keep_requires_grad,
+    make_optimizer,
+    milestone_schedulers,
+    safe_log,
+)
 from fortress.attacks.hparams import hp
 from fortress.attacks.replay import ReplayMemory, reinitialised_copy
 from fortress.errors import ConfigError
@@ -160,12 +169,8 @@ class DisGUIDE(Attack):
     hard_label: bool = hp(default=False)
 
     def _validate(self) -> None:
-        milestones = self.lr_milestones
-        if any(not 0 < f < 1 for f in milestones) or list(milestones) != sorted(set(milestones)):
-            raise ConfigError(f"lr_milestones must be increasing fractions in (0, 1), got {milestones}")
-        _, h, w = self.oracle.input_shape
-        if h != w or h % 4:
-            raise ConfigError(f"the generator needs square images with a side divisible by 4, got {h}×{w}")
+        check_lr_milestones(self.lr_milestones)
+        check_generator_shape(self.oracle.input_shape)
         if self.budget < 2:
             raise ConfigError(f"budget must pay for one batch of at least 2 queries, got {self.budget}")
 
@@ -241,8 +246,7 @@ class DisGUIDE(Attack):
         )
         opt_g = torch.optim.Adam(generator.parameters(), lr=self.lr_g)
         n_iter = self.budget // self.cost_per_iteration
-        steps = sorted({max(1, round(f * n_iter)) for f in self.lr_milestones})
-        scheds = [torch.optim.lr_scheduler.MultiStepLR(o, steps, gamma=self.lr_gamma) for o in (opt_s, opt_g)]
+        scheds = milestone_schedulers((opt_s, opt_g), self.lr_milestones, n_iter, self.lr_gamma)
         memory = ReplayMemory(self.replay_size)
         t_gen = t_stu = 0.0
         s_loss = float("nan")

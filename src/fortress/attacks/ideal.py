@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortress.attacks.base import Attack, AttackRun
-from fortress.attacks.common import OptimizerName, keep_requires_grad, make_optimizer
+from fortress.attacks.common import OptimizerName, check_generator_shape, keep_requires_grad, make_optimizer
 from fortress.attacks.hparams import hp
 from fortress.data.transforms import random_shift
-from fortress.errors import ConfigError
 from fortress.generative.dfme import DFMEGenerator, to_unit
 from fortress.oracle import OutputMode
 
@@ -126,9 +125,7 @@ class IDEAL(Attack):
     weight_decay: float = hp(default=5e-4, ge=0)
 
     def _validate(self) -> None:
-        _, h, w = self.oracle.input_shape
-        if h != w or h % 4:
-            raise ConfigError(f"the generator needs square images with a side divisible by 4, got {h}×{w}")
+        check_generator_shape(self.oracle.input_shape)
 
     @property
     def rounds(self) -> int:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from fortress.attacks.answers import top1_rows
 from fortress.attacks.bandit import BanditPolicy, check_ids, kmeans, rank_within
 from fortress.attacks.base import Attack, AttackResult, AttackRun, EvalSet, PoolKind, ProgressFn
-from fortress.attacks.common import OptimizerName, make_optimizer, soft_cross_entropy, train_clone
+from fortress.attacks.common import OptimizerName, make_optimizer, soft_cross_entropy, train_transfer_set
 from fortress.attacks.hparams import hp
 from fortress.oracle import OutputMode
 
@@ -198,21 +198,7 @@ class KnockoffNets(Attack):
             targets = top1_rows(targets) if self.top1 else targets
         else:
             images, targets, extras = self._adaptive(run, n, labels, groups)
-        losses = train_clone(
-            run.clone,
-            images,
-            targets,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            optimizer=self.optimizer,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            lr_step=self.lr_step,
-            lr_gamma=self.lr_gamma,
-            max_shift=self.max_shift,
-            generator=run.rng,
-        )
+        losses = train_transfer_set(self, run.clone, images, targets, max_shift=self.max_shift, generator=run.rng)
         return {
             "transfer_set_size": n,
             "pool_size": n_pool,

@@ -16,7 +16,7 @@ import torch
 
 from fortress.attacks.answers import smoothed_answers, top1_rows
 from fortress.attacks.base import Attack, AttackRun, PoolKind
-from fortress.attacks.common import OptimizerName, train_clone
+from fortress.attacks.common import OptimizerName, train_transfer_set
 from fortress.attacks.hparams import hp
 from fortress.errors import ConfigError
 from fortress.oracle import OutputMode
@@ -93,17 +93,7 @@ class Smoothing(Attack):
         )
         if self.top1:
             targets = top1_rows(targets)
-        losses = train_clone(
-            run.clone,
-            images,
-            targets,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            optimizer=self.optimizer,
-            max_shift=self.max_train_shift,
-            generator=run.rng,
-        )
+        losses = train_transfer_set(self, run.clone, images, targets, max_shift=self.max_train_shift, generator=run.rng)
         return {
             "transfer_set_size": n,
             "pool_size": int(pool.shape[0]),
