@@ -215,6 +215,10 @@ def test_matched_and_paper_budget_settings_sit_beside_the_clone_accuracy(run_dir
     assert fair.endswith("| -0.30 | matched utility (≤ 0.5 pp lost): epsilon = 0.406 |")
     util = make_report(run_dir).tables["utility"][0].read_text()
     assert "| randp-l1 | 20.00 ± 0.00 | 97.00 | -77.00 | ⚠ no | paper budget ℓ1 = 1 |" in util
+    # the headline table compares at matched utility: the ℓ1 row of a defense that also ran matched is named below it
+    headline = make_report(run_dir).tables["protection"][0].read_text()
+    assert "| randp-matched |" in headline and "| randp-l1 |" not in headline
+    assert "shown in the clone accuracy table only: randp-l1." in headline
 
 
 def test_an_attack_run_with_two_pools_gets_two_columns(run_dir: Path) -> None:
