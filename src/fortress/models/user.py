@@ -283,15 +283,15 @@ def build_model(
                 f"{what} builds a network for inputs {out.input_shape} and {out.num_classes} classes; "
                 f"the data have inputs {shape} and {num_classes} classes"
             )
-        if not registry:
-            out.arch, out.arch_params = arch, dict(kwargs)
+        if not registry:  # rebuilt by calling the factory again, which stages the network itself
+            out.arch, out.arch_params, out.staging = arch, dict(kwargs), None
         if weights is not None:
             own = out.source_network
             fits_staged = set(weights) == set(out.state_dict())
             copy_state_checked(out if fits_staged or own is None else own, weights, source)
         return out
     if not isinstance(out, nn.Module):
-        raise ModelFactoryError(f"{what} returns a {type(out).__name__}, not a torch.nn.Module")
+        raise ModelFactoryError(f"{what} returns {type(out).__name__}, not a torch.nn.Module")
     if staging is None:
         raise ModelFactoryError(
             f"{what} returns a plain {type(out).__name__}; name its stages and classifier "
