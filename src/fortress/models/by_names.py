@@ -2,17 +2,19 @@
 
 ``stage_by_names(net, ["layer1", "layer2", "layer3", "layer4"], "fc", ...)`` cuts a ResNet-like
 network into the stages a :class:`~fortress.models.staged.StagedBackbone` needs. The forward pass is
-traced with :mod:`torch.fx`, the named modules kept whole; everything the forward pass does between
-them goes with them: the stem (``conv1 → bn1 → relu → maxpool``) joins the first stage, the pooling
+traced with :mod:`torch.fx` (every module called as itself; only the forward passes leading to the
+named modules are entered); everything the forward pass does between them goes with them: the stem
+(``conv1 → bn1 → relu → maxpool``) joins the first stage, the pooling
 and flattening after the last stage (``avgpool``, ``torch.flatten``) join the classifier. Each stage
 is a :class:`torch.fx.GraphModule` that shares the user's modules (nothing is copied), so the staged
 network computes exactly what the user's forward pass computes, in the same order.
 
 Only the single tensor a stage returns may cross its boundary: a forward pass that carries anything
 else past a named stage (a skip connection around it, an extra input) cannot be staged there and is
-reported. Python control flow in ``forward`` is fixed at trace time (the network is traced in eval
-mode); modules from :mod:`torch.nn` run as themselves, so dropout and batch norm still switch
-between training and evaluation.
+reported. Python control flow in the traced forward passes is fixed at trace time (the network is
+traced in eval mode: a functional ``F.dropout(x, training=self.training)`` written there stays off);
+modules run as themselves, so their dropout and batch norm still switch between training and
+evaluation.
 """
 
 from __future__ import annotations
@@ -31,14 +33,20 @@ __all__ = ["probe_output", "stage_by_names"]
 
 
 class _KeepNamed(fx.Tracer):
-    """A tracer that keeps the named modules whole (one ``call_module`` node each)."""
+    """A tracer that enters only the forward passes leading to the named modules.
+
+    Every other module is called as itself (one ``call_module`` node), so what it does in training
+    and in evaluation (batch norm, dropout, a timm layer's own branches) stays its own business; only
+    the network's forward and those of the containers of named modules (``blocks`` for
+    ``blocks.3``) are traced.
+    """
 
     def __init__(self, keep: set[str]) -> None:
         super().__init__()
-        self.keep = keep
+        self.enter = {k.rsplit(".", i)[0] for k in keep for i in range(1, k.count(".") + 1)}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.keep or super().is_leaf_module(m, module_qualified_name)
+        return module_qualified_name not in self.enter
 
 
 def _trace(net: nn.Module, keep: set[str], what: str) -> fx.Graph:
