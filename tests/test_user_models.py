@@ -235,6 +235,24 @@ def test_staging_by_names_computes_the_users_forward_and_dnf_dynamic_equals_full
     assert len(set(ed.tolist())) == ee.num_exits  # every exit is taken by some row
 
 
+def test_nested_modules_are_staged_by_dotted_names() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("stem", nn.Conv2d(1, 4, 3, padding=1))
+    net.add_module(
+        "blocks", nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(3)])
+    )
+    net.add_module("head", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    net.add_module("fc", nn.Linear(4, 10))
+    net.eval()
+    staging = Staging(("blocks.0", "blocks.2"), "fc")
+    staged = stage_by_names(net, staging.stages, staging.classifier, input_shape=(1, 8, 8), num_classes=10).eval()
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(staged(x), net(x))
+    assert staged.num_stages == 2 and "stages.1.blocks.1.0.weight" in staged.state_dict()
+
+
 BAD = [
     (["--arch", f"{PKG}.nosuch:build"], f"cannot import module '{PKG}.nosuch'"),
     (["--arch", f"{PKG}.raises_on_import:build"], "RuntimeError: needs a licence server"),

@@ -55,6 +55,7 @@ ENTRY_POINT_GROUP = "fortress.models"
 #: The data's sizes passed to a user's factory when its signature names them.
 DATA_KWARGS = ("num_classes", "in_channels", "image_size")
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_MODULE_NAME = re.compile(r"^\w+(\.\w+)*$")  # named_modules() names: "layer1", "blocks.3.0"
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class Staging:
         if not str(self.classifier).strip():
             raise ModelFactoryError("staging needs the classifier's module name, got ''")
         for name in (*self.stages, self.classifier):
-            if not _DOTTED.match(name):
+            if not _MODULE_NAME.match(name):
                 raise ModelFactoryError(f"{name!r} is not a dotted module name (like 'layer1' or 'blocks.3')")
         for key in ("mean", "std"):
             v = getattr(self, key)
