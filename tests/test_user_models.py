@@ -341,3 +341,28 @@ def test_factory_arguments_must_be_json_values(site: Path) -> None:
         build_model(f"{PKG}.nets:build", {"width": nn.ReLU()}, input_shape=(1, 28, 28), num_classes=10, staging=staging)
     with pytest.raises(ModelFactoryError, match=r"must be written package\.module:function"):
         build_model("not a path:", None, input_shape=(1, 28, 28), num_classes=10)
+
+
+def test_a_grid_victim_names_a_factory_and_its_staging_and_builtin_keys_stay() -> None:
+    from fortress.bench.grid import victim_artifact_key, victim_key_view
+    from fortress.config import VictimConfig, from_dict
+
+    table = {
+        "arch": f"{PKG}.nets:build",
+        "arch_params": {"width": 8},
+        "staging": {"stages": ["block1", "block2"], "classifier": "fc"},
+    }
+    v = from_dict(VictimConfig, table, where="victims[0]")
+    assert v.staging == Staging(("block1", "block2"), "fc") and v.arch_params == {"width": 8}
+    assert victim_key_view(v)["staging"]["stages"] == ["block1", "block2"]
+    assert ":" not in victim_artifact_key(v)
+    # a built-in victim's key view is what it was before users' models existed (cells keep their keys)
+    assert set(victim_key_view(VictimConfig())) == {
+        "arch",
+        "epochs",
+        "lr",
+        "batch_size",
+        "max_shift",
+        "seed",
+        "dataset",
+    }
