@@ -18,13 +18,13 @@ def registered() -> dict[str, list[str]]:
     from fortress.attacks import ATTACKS
     from fortress.data.registry import DATASETS
     from fortress.defenses import DEFENSES
-    from fortress.models import MODELS
+    from fortress.models import model_names
     from fortress.monitor import MONITORS
 
     names = {
         "attacks": ATTACKS.names(),
         "defenses": DEFENSES.names(),
-        "models": MODELS.names(),
+        "models": model_names(),
         "datasets": DATASETS.names(),
         "monitors": MONITORS.names(),
     }

@@ -23,6 +23,7 @@ from fortress.data.spec import DataSpec
 from fortress.defenses.dnf.losses import DNFLossWeights
 from fortress.defenses.dnf.recipe import OODConfig, ProtectConfig
 from fortress.errors import ArtifactError, ConfigError
+from fortress.models.user import Staging
 
 __all__ = [
     "AttackConfig",
@@ -45,7 +46,10 @@ class VictimConfig:
     """How to train a victim (paper App. G: LeNet-5, 20 epochs, Adam, lr 1e-3).
 
     Attributes:
-        arch: model registry name.
+        arch: model registry name, entry point of the ``fortress.models`` group or a factory path
+            ``package.module:function`` (:func:`fortress.models.build_model`).
+        arch_params: keyword arguments of a user's factory (JSON values).
+        staging: module names that stage a factory's plain network (``None``: it returns a staged one).
         data: the data spec it trains on (``None``: the grid's ``[data]``, else the embedded MNIST
             digits). TOML: a table ``{ name = "fashion-mnist", path = "...", options = {...} }`` or
             ``"NAME[:PATH]"``; the older ``dataset = "NAME"`` is read as ``data``.
@@ -66,6 +70,8 @@ class VictimConfig:
     batch_size: int = 64
     max_shift: int = 2
     seed: int = 0
+    arch_params: dict[str, Any] = field(default_factory=dict)
+    staging: Staging | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.max_shift < 0:

@@ -15,6 +15,7 @@ __all__ = [
     "ConfigError",
     "FortressError",
     "InvalidInput",
+    "ModelFactoryError",
     "OracleUnavailable",
     "TooLarge",
     "TrainingDiverged",
@@ -57,6 +58,12 @@ class TooLarge(InvalidInput):
 
 class ConfigError(FortressError, ValueError):
     """A hyper-parameter or configuration value is out of range or inconsistent."""
+
+
+class ModelFactoryError(ConfigError):
+    """A user's model cannot be built: its factory does not import, is not callable, fails, returns
+    something other than a module, gives the wrong output shape for the data, or cannot be staged by
+    the module names given. The message names the factory (``package.module:function``) or module."""
 
 
 class UnknownComponent(FortressError, LookupError):

@@ -350,6 +350,9 @@ def victim_key_view(victim: VictimConfig) -> dict[str, Any]:
     """
     out: dict[str, Any] = to_dict(victim)
     out.pop("data", None)
+    for key, unset in (("arch_params", {}), ("staging", None)):  # keys from before users' models stay as they were
+        if out.get(key) == unset:
+            out.pop(key)
     spec = victim.spec
     if spec.path is None and not spec.options:
         out["dataset"] = spec.name
@@ -360,7 +363,8 @@ def victim_key_view(victim: VictimConfig) -> dict[str, Any]:
 
 def victim_artifact_key(victim: VictimConfig) -> str:
     """Cache directory name of a victim: ``victim-<arch>-<hash>``."""
-    return f"victim-{victim.arch}-{config_hash(victim_key_view(victim), length=12)}"
+    arch = victim.arch.replace(":", "-")  # a factory path package.module:function
+    return f"victim-{arch}-{config_hash(victim_key_view(victim), length=12)}"
 
 
 def defense_artifact_key(victim: VictimConfig, defense: DefenseSpec) -> str:

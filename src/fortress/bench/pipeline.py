@@ -31,8 +31,11 @@ from fortress.defenses.trainable import DefenderData
 from fortress.errors import ConfigError, InvalidInput
 from fortress.models import (
     StagedBackbone,
+    Staging,
+    build_model,
     create_model,
     evaluate_accuracy,
+    load_state,
     predict_logits,
     save_model,
     train_classifier,
@@ -47,6 +50,7 @@ __all__ = [
     "defended_accuracy",
     "defender_data",
     "id_data",
+    "import_model",
     "protect",
     "resolve_target",
     "run_attack",
@@ -112,8 +116,9 @@ def train_victim(
     """
     data = id_data(cfg.spec)
     torch.manual_seed(cfg.seed)
-    c, h, _ = data.image_shape
-    model = create_model(cfg.arch, num_classes=data.num_classes, in_channels=c, image_size=h)
+    model = build_model(
+        cfg.arch, cfg.arch_params, input_shape=data.image_shape, num_classes=data.num_classes, staging=cfg.staging
+    )
     train_classifier(
         model,
         data.train.x,
@@ -129,6 +134,55 @@ def train_victim(
     model.data_card = data.card()
     if out is not None:
         save_model(model, out, extra={"test_acc": acc, "config": to_dict(cfg)})
+    return model, acc
+
+
+def import_model(
+    arch: str,
+    weights: Path,
+    *,
+    params: dict[str, Any] | None = None,
+    staging: Staging | None = None,
+    data: DataSpec | None = None,
+    out: Path | None = None,
+) -> tuple[StagedBackbone, float]:
+    """Bring a user's trained network into fortress: build ``arch``, copy in ``weights``, measure, save to ``out``.
+
+    The data are resolved, the network built and the weights checked against it before anything is
+    written; the saved model remembers its factory, arguments, staging and data, so ``protect``,
+    ``defend``, ``attack`` and ``serve`` take it like a victim trained here.
+
+    Args:
+        arch: a factory path ``package.module:function``, an entry point of ``fortress.models`` or a
+            registry name (:func:`fortress.models.build_model`).
+        weights: a safetensors file of the network's state dict (the user's own tensor names).
+        params: the factory's keyword arguments (JSON values).
+        staging: module names staging a factory's plain network.
+        data: the data it was trained on (``None``: the embedded MNIST digits).
+        out: where to save it (``None``: not saved).
+
+    Returns:
+        The model (eval mode) and its ID-test accuracy.
+
+    Raises:
+        ArtifactError: the weights file is missing or corrupt, or does not fit the network (named).
+        ModelFactoryError, UnknownComponent: the architecture cannot be built (see ``build_model``).
+    """
+    resolved = id_data(data)
+    state = load_state(weights)
+    model = build_model(
+        arch,
+        params,
+        input_shape=resolved.image_shape,
+        num_classes=resolved.num_classes,
+        staging=staging,
+        weights=state,
+        weights_source=Path(weights),
+    ).eval()
+    acc = evaluate_accuracy(model, resolved.test.x, resolved.test.targets)
+    model.data_card = resolved.card()
+    if out is not None:
+        save_model(model, out, extra={"test_acc": acc, "imported_from": str(weights)})
     return model, acc
 
 

@@ -19,6 +19,7 @@ from fortress.cli.base import (
     friendly,
     progress,
 )
+from fortress.cli.own_models import ArchParams, Classifier, Stages, staging_of
 from fortress.reproducibility import pin_threads
 
 __all__ = ["defend_cmd", "protect_cmd", "train_victim_cmd"]
@@ -28,7 +29,13 @@ __all__ = ["defend_cmd", "protect_cmd", "train_victim_cmd"]
 @friendly
 def train_victim_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the saved victim.")],
-    arch: Annotated[str, typer.Option(help="Model registry name.")] = "lenet5",
+    arch: Annotated[
+        str,
+        typer.Option(help="Model registry name, entry point of fortress.models, or factory package.module:function."),
+    ] = "lenet5",
+    arch_param: ArchParams = None,
+    stages: Stages = None,
+    classifier: Classifier = None,
     epochs: Annotated[int, typer.Option(help="Training epochs (paper: 20).")] = 20,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
@@ -39,9 +46,17 @@ def train_victim_cmd(
     """Train a victim on a data set (default: the embedded MNIST digits) and save it (safetensors + JSON)."""
     pin_threads(threads)
     from fortress.bench.pipeline import train_victim
-    from fortress.config import VictimConfig
+    from fortress.config import VictimConfig, parse_params
 
-    cfg = VictimConfig(arch=arch, data=data_spec(data, data_option), epochs=epochs, lr=lr, seed=seed)
+    cfg = VictimConfig(
+        arch=arch,
+        data=data_spec(data, data_option),
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        arch_params=parse_params(arch_param or [], what="--arch-param"),
+        staging=staging_of(stages, classifier),
+    )
     with progress() as update:
         _, acc = train_victim(cfg, out, on_epoch=lambda e, _l, _a: update("train victim", e + 1, epochs))
     console.print(

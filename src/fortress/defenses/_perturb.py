@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from fortress.data.transforms import random_shift
 from fortress.defenses.base import DefenseOutput
 from fortress.defenses.trainable import DefenderData, NetworkFitConfig, TrainableDefense
-from fortress.errors import ConfigError, UnknownComponent
+from fortress.errors import ConfigError, ModelFactoryError, UnknownComponent
 from fortress.models.staged import StagedBackbone
 from fortress.tensors import PROB_EPS
 from fortress.training import EpochLoop, History, RunOptions
@@ -81,16 +81,17 @@ def finish(y: Tensor, y_hat: Tensor, floor: float = PROB_EPS) -> DefenseOutput:
 def random_surrogate(victim: StagedBackbone, seed: int) -> StagedBackbone:
     """A freshly initialised network with the victim's architecture (the defender's model of the attacker).
 
-    Built-in architectures are rebuilt from the registry; a user's own network is deep-copied and
+    Built-in and user architectures named by a factory are rebuilt (:func:`~fortress.models.user.rebuild_architecture`);
+    a network staged in Python is deep-copied and
     every layer that can reset its parameters does so. Initialisation is seeded.
     """
-    from fortress.models import create_model
+    from fortress.models.user import rebuild_architecture
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            net = create_model(victim.arch, **victim.arch_params)
-        except (UnknownComponent, TypeError):
+            net = rebuild_architecture(victim)
+        except (UnknownComponent, ModelFactoryError, TypeError):
             net = copy.deepcopy(victim)
             for m in net.modules():
                 reset = getattr(m, "reset_parameters", None)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fortress.data.transforms import random_shift
 from fortress.defenses.base import DefenseOutput
 from fortress.defenses.trainable import DefenderData, NetworkFitConfig, TrainableDefense
-from fortress.errors import ConfigError, UnknownComponent
+from fortress.errors import ConfigError, ModelFactoryError, UnknownComponent
 from fortress.models.staged import StagedBackbone
 from fortress.training import EpochLoop, History, RunOptions
 
@@ -52,13 +52,13 @@ def misinformation_loss(logits: Tensor, y: Tensor) -> Tensor:
 
 def _fresh_network(victim: StagedBackbone, seed: int) -> StagedBackbone:
     """A seeded, freshly initialised network with the victim's architecture."""
-    from fortress.models import create_model
+    from fortress.models.user import rebuild_architecture
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return create_model(victim.arch, **victim.arch_params).eval()
-        except (UnknownComponent, TypeError) as exc:
+            return rebuild_architecture(victim).eval()
+        except (UnknownComponent, ModelFactoryError, TypeError) as exc:
             raise ConfigError(
                 f"cannot rebuild the victim's architecture {victim.arch!r} for the misinformation model; "
                 "pass misinfo=<a network with the same input shape and classes>"

@@ -2,7 +2,10 @@
 
 Every factory takes keyword arguments ``num_classes``, ``in_channels`` and ``image_size`` and
 returns a :class:`StagedBackbone`. :func:`recipe_for` gives the training recipe of an architecture
-on a named data set (:mod:`fortress.models.recipes`).
+on a named data set (:mod:`fortress.models.recipes`). A user's own architecture is named by a factory
+path ``package.module:function`` or registered by its package in the ``fortress.models`` entry-point
+group, and a plain network is staged by module names (:mod:`fortress.models.user`,
+:func:`stage_by_names`).
 """
 
 from __future__ import annotations
@@ -14,27 +17,34 @@ from fortress.models import lenet as _lenet
 from fortress.models import resnet as _resnet
 from fortress.models import resnet_s as _resnet_s
 from fortress.models import vgg as _vgg
+from fortress.models.by_names import stage_by_names
 from fortress.models.io import load_model, load_state, save_model, save_state
 from fortress.models.recipes import TrainRecipe, recipe_for
 from fortress.models.staged import StagedBackbone, from_sequential, from_stages
 from fortress.models.train import TrainReport, evaluate_accuracy, predict_logits, train_classifier
+from fortress.models.user import Staging, build_model, entry_point_names, model_names
 from fortress.registry import Registry
 
 __all__ = [
     "MODELS",
     "StagedBackbone",
+    "Staging",
     "TrainRecipe",
     "TrainReport",
+    "build_model",
     "create_model",
+    "entry_point_names",
     "evaluate_accuracy",
     "from_sequential",
     "from_stages",
     "load_model",
     "load_state",
+    "model_names",
     "predict_logits",
     "recipe_for",
     "save_model",
     "save_state",
+    "stage_by_names",
     "train_classifier",
 ]
 
@@ -61,10 +71,24 @@ MODELS.add("vgg16", _vgg.vgg16)
 
 
 def create_model(name: str, **params: Any) -> StagedBackbone:
-    """Build the registered model ``name`` with ``params`` (``num_classes``, ``in_channels``, ``image_size``).
+    """Build model ``name`` with ``params`` (``num_classes``, ``in_channels``, ``image_size``, ...).
+
+    ``name`` is a registry name, an entry point of the ``fortress.models`` group or a factory path
+    ``package.module:function`` whose factory returns a staged network (:func:`build_model`; the
+    sizes default to 10 classes of 1×28×28 images and reach a user's factory where it names them).
+
+    Raises:
+        UnknownComponent: no such model.
+        ModelFactoryError: a user's factory cannot build it (see :func:`build_model`).
 
     Example:
         >>> create_model("lenet5", num_classes=10).num_stages
         3
     """
-    return MODELS.get(name)(**params)
+    if name in MODELS:
+        return MODELS.get(name)(**params)
+    rest = dict(params)
+    classes = int(rest.pop("num_classes", 10))
+    channels = int(rest.pop("in_channels", 1))
+    size = int(rest.pop("image_size", 28))
+    return build_model(name, rest, input_shape=(channels, size, size), num_classes=classes)

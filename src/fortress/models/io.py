@@ -1,9 +1,11 @@
 """Saving and loading weights as safetensors plus a JSON config — never pickle.
 
 A saved model is a directory with ``model.safetensors`` (the state dict) and ``model.json``
-(architecture name, its parameters, shapes and, when known, the ``data`` it was trained on: its data
-spec, classes and content hash, :class:`~fortress.data.spec.DataCard`). Loading rebuilds the
-architecture from the registry, then checks every tensor name and shape before copying, so a
+(architecture name, its parameters, shapes, for a network staged by module names its ``staging``
+and, when known, the ``data`` it was trained on: its data spec, classes and content hash,
+:class:`~fortress.data.spec.DataCard`). Loading rebuilds the architecture from the registry, an
+entry point of the ``fortress.models`` group or the factory ``package.module:function`` the name
+records (:func:`fortress.models.user.build_model`), then checks every tensor name and shape before copying, so a
 truncated, corrupt or mismatched file is reported as an :class:`~fortress.errors.ArtifactError`
 naming the file and the problem.
 """
@@ -24,7 +26,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from fortress.data.spec import DataCard
-from fortress.errors import ArtifactError, ConfigError
+from fortress.errors import ArtifactError, ConfigError, ModelFactoryError
 from fortress.models.staged import StagedBackbone
 
 __all__ = [
@@ -187,6 +189,8 @@ def save_model(model: StagedBackbone, directory: Path, extra: Mapping[str, Any] 
     }
     if model.data_card is not None:
         cfg["data"] = model.data_card.to_dict()
+    if model.staging is not None:
+        cfg["staging"] = dict(model.staging)
     atomic_write_text(directory / CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
     return directory
 
@@ -196,14 +200,17 @@ def load_model(directory: Path, factory: Callable[..., StagedBackbone] | None = 
 
     Args:
         directory: the saved model directory.
-        factory: builds the architecture for user models (bring your own model); built-ins are
-            rebuilt from the registry by name.
+        factory: builds the architecture from the saved ``arch_params`` (overrides what
+            ``model.json`` names); otherwise the saved ``arch`` is rebuilt: a registry name, an
+            entry point of the ``fortress.models`` group or a factory path ``package.module:function``.
 
     Raises:
         ArtifactError: missing/corrupt files or weights that do not fit the architecture.
         UnknownComponent: the saved architecture is not registered and no factory was given.
+        ModelFactoryError: the saved factory or entry point cannot be imported or rebuilt here.
     """
-    from fortress.models import create_model  # the registry lives in the package
+    from fortress.models import MODELS, create_model
+    from fortress.models.user import Staging, build_model
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -214,7 +221,22 @@ def load_model(directory: Path, factory: Callable[..., StagedBackbone] | None = 
         params = dict(cfg.get("arch_params", {}))
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"{directory / CONFIG} lacks the 'arch' entry") from exc
-    model = factory(**params) if factory is not None else create_model(arch, **params)
+    if factory is not None:
+        model = factory(**params)
+    elif arch in MODELS:
+        model = create_model(arch, **params)
+    else:
+        try:
+            shape = [int(d) for d in cfg["input_shape"]]
+            classes = int(cfg["num_classes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{directory / CONFIG} lacks a valid 'input_shape' or 'num_classes'") from exc
+        staged = cfg.get("staging")
+        staging = Staging.from_dict(staged) if isinstance(staged, dict) else None
+        try:
+            model = build_model(arch, params, input_shape=shape, num_classes=classes, staging=staging)
+        except ModelFactoryError as exc:
+            raise ModelFactoryError(f"{directory / CONFIG}: {exc}") from None
     copy_state_checked(model, load_state(directory / WEIGHTS), directory / WEIGHTS)
     model.data_card = saved_data_card(cfg, directory / CONFIG)
     model.eval()

@@ -47,6 +47,18 @@ class StagedBackbone(nn.Module):
     #: What the model was trained on (its data spec, classes, content hash), saved in ``model.json``;
     #: ``None`` for a model whose data is unknown.
     data_card: DataCard | None = None
+    #: How a user's network was staged by module names (``stages``, ``classifier``, ``mean``, ``std``;
+    #: :func:`fortress.models.by_names.stage_by_names`), saved in ``model.json``; ``None`` otherwise.
+    staging: dict[str, Any] | None = None
+
+    @property
+    def source_network(self) -> nn.Module | None:
+        """The user's network this one was staged from by module names (sharing its modules), else ``None``.
+
+        Kept outside the module tree, so it neither adds parameters nor names to the state dict.
+        """
+        net = self.__dict__.get("_source_network")
+        return net if isinstance(net, nn.Module) else None
 
     def __init__(
         self,
