@@ -350,6 +350,8 @@ def victim_key_view(victim: VictimConfig) -> dict[str, Any]:
     """
     out: dict[str, Any] = to_dict(victim)
     out.pop("data", None)
+    if out.get("recipe") is None:  # victims without a recipe keep the keys they had before it existed
+        out.pop("recipe", None)
     spec = victim.spec
     if spec.path is None and not spec.options:
         out["dataset"] = spec.name
@@ -401,8 +403,11 @@ def expand_grid(grid: GridConfig) -> list[Cell]:
     return cells
 
 
-def load_grid(path: Path) -> GridConfig:
+def load_grid(path: Path, *, data: DataSpec | None = None) -> GridConfig:
     """Read and validate a grid TOML file (see the module docstring for the format).
+
+    ``data`` replaces the grid's ``[data]`` table (the CLI's ``--data``), e.g. to give the CIFAR
+    grids the folder of the batches.
 
     Raises:
         ArtifactError: the file does not exist.
@@ -410,5 +415,7 @@ def load_grid(path: Path) -> GridConfig:
         UnknownComponent: a registry name in the grid does not exist.
     """
     grid = load_toml(GridConfig, path)
+    if data is not None:
+        grid = replace(grid, data=data)
     grid.validate()
     return grid

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fortress.defenses.dnf.smac_order import ordered_acquisition_maximizer
+from fortress.device import device_of
 from fortress.errors import ConfigError, InvalidInput
 from fortress.exits.network import EarlyExitNet, default_thresholds
 from fortress.models import create_model
@@ -144,8 +145,10 @@ class ExitTable:
     def build(cls, net: EarlyExitNet, x: Tensor, *, batch_size: int = 2048) -> ExitTable:
         """Run :meth:`EarlyExitNet.forward_all` once over ``x`` (in batches) and keep the softmax rows."""
         net.eval()
+        dev = device_of(net)  # computed on the network's device, kept on x's
         parts = [
-            torch.softmax(net.forward_all(x[i : i + batch_size]).logits, dim=2) for i in range(0, len(x), batch_size)
+            torch.softmax(net.forward_all(x[i : i + batch_size].to(dev)).logits, dim=2).to(x.device)
+            for i in range(0, len(x), batch_size)
         ]
         return cls(torch.cat(parts, dim=1))
 
