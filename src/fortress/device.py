@@ -100,10 +100,10 @@ def resolve_device(spec: str | torch.device | None = "cpu") -> torch.device:
 
 def device_of(module: nn.Module) -> torch.device:
     """The device of a module's first parameter or buffer (the CPU for a module with neither)."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
     return torch.device("cpu")
 
 

@@ -192,7 +192,7 @@ class _Prober:
         s = _timed(lambda: train_classifier(probe, x[:k], y[:k], **opts), self.device)
         per_step = s / math.ceil(k / bs)
         test = _timed(lambda: predict_logits(model, data.test.x), self.device)
-        return per_step * v.epochs * math.ceil(n / bs) + test
+        return float(per_step * v.epochs * math.ceil(n / bs) + test)
 
     # answering cost of a defense
     def defense_s_per_query(self, v: VictimConfig, spec: DefenseSpec) -> float:
@@ -373,7 +373,7 @@ class _Prober:
         one = dataclasses.replace(tr, epochs=1)
         ood = NoiseOOD(model.input_shape)
         s = _timed(lambda: train_dnf(dnf.net, full.x_train[:k], full.y_train[:k], ood, config=one), self.device)
-        return total + s / math.ceil(k / tr.batch_size) * tr.epochs * math.ceil(n / tr.batch_size)
+        return float(total + s / math.ceil(k / tr.batch_size) * tr.epochs * math.ceil(n / tr.batch_size))
 
 
 def _copy(model: Any) -> Any:
