@@ -159,7 +159,7 @@ def test_the_committed_cifar_grids_hold_the_papers_protocol() -> None:
 def test_a_cifar_grid_without_its_folder_names_what_it_looked_for(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs a path"):
         load_grid(ROOT / "benchmarks" / "cifar10-paper.toml")
-    with pytest.raises(ArtifactError, match="neither cifar-10-batches-py/ nor batches.meta"):
+    with pytest.raises(ArtifactError, match=r"neither cifar-10-batches-py/ nor batches\.meta"):
         load_grid(ROOT / "benchmarks" / "cifar10-paper.toml", data=DataSpec("cifar10", str(tmp_path)))
     write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
