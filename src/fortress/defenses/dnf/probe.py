@@ -180,12 +180,12 @@ def extraction_probe(dnf: DNF, x_val: Tensor, y_val: Tensor, config: ProbeConfig
                 torch.autograd.backward(loss_s)
                 opt_s.step()
                 if it >= cfg.iterations - max(1, cfg.iterations // 4):
-                    counts += torch.bincount(exits, minlength=dnf.num_exits).float()
+                    counts += torch.bincount(exits, minlength=dnf.num_exits).float().cpu()
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
     student.eval()
     with torch.no_grad():
-        acc = float((student(x_val).argmax(1) == y_val).float().mean())
+        acc = float((student(x_val.to(dnf.device)).argmax(1).cpu() == y_val.cpu()).float().mean())
     hist = tuple(float(v) for v in counts / counts.sum().clamp_min(1))
     return ProbeResult(student_acc=acc, exit_hist=hist, wall_s=time.perf_counter() - t0)

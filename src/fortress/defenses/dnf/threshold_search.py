@@ -331,8 +331,9 @@ def search_thresholds(
     t_start = time.perf_counter()
     val_table, query_table = ExitTable.build(net, x_val), ExitTable.build(net, x_query)
     with torch.no_grad():
-        victim_val_acc = float((net.backbone(x_val).argmax(1) == y_val).float().mean())
-        victim_query = net.backbone(x_query).argmax(1)
+        dev = device_of(net)  # the backbone answers on its device; the tables and labels stay on the CPU
+        victim_val_acc = float((net.backbone(x_val.to(dev)).argmax(1).cpu() == y_val.cpu()).float().mean())
+        victim_query = net.backbone(x_query.to(dev)).argmax(1).to(x_query.device)
     surrogate = _Surrogate(x_query, x_val, y_val, net.num_classes, cfg)
 
     def evaluate(thresholds: Sequence[float], trial: int) -> ThresholdTrial:
