@@ -143,3 +143,18 @@ def test_dry_run_lists_every_cell_with_an_estimate_and_writes_nothing(tmp_path: 
     by_budget = {c.cell.attack.budget: c.attack_s for c in est.cells if c.cell.defense.name == "undefended"}
     assert by_budget[400] > by_budget[200]  # the time grows with the budget
     assert est.wall_s < est.work_s  # two workers at once
+
+
+def test_a_grid_names_its_device_and_the_command_line_overrides_it(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text('device = "tpu"\n' + TINY_GRID)
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        load_grid(path)
+    path.write_text('device = "cuda"\n' + TINY_GRID)
+    assert load_grid(path).device == "cuda"
+    if NO_CUDA:
+        result = runner.invoke(app, ["bench", str(path), "--out", str(tmp_path / "run"), "--dry-run"])
+        assert result.exit_code == 1 and "cuda requested" in result.output
+        result = runner.invoke(app, ["bench", str(path), "--out", str(tmp_path / "run"), "--device", "tpu"])
+        assert result.exit_code == 1 and "unknown device 'tpu'" in result.output
+    assert not (tmp_path / "run").exists()

@@ -60,6 +60,7 @@ from typing import Any, Literal
 
 from fortress.config import AttackConfig, VictimConfig, from_dict, load_toml, to_dict
 from fortress.data.spec import DataSpec
+from fortress.device import check_device
 from fortress.errors import ConfigError
 
 __all__ = [
@@ -171,6 +172,8 @@ class GridConfig:
         output_modes: oracle output modes (``soft``: probabilities, ``hard``: labels).
         eval_every: also evaluate the clone every this many queries (clone accuracy curves); ``None``: at the end only.
         data: the data of every victim that names none (the ``[data]`` table; ``None``: the embedded digits).
+        device: where the grid computes unless the command line says otherwise (``auto``, ``cpu``,
+            ``cuda``, ``cuda:N``, ``mps``; ``None``: the CPU). Not part of any cell key.
     """
 
     name: str = "grid"
@@ -181,8 +184,11 @@ class GridConfig:
     output_modes: tuple[OutputMode, ...] = ("soft",)
     eval_every: int | None = None
     data: DataSpec | None = None
+    device: str | None = None
 
     def __post_init__(self) -> None:
+        if self.device is not None:
+            check_device(self.device)
         for what, items in (
             ("victims", self.victims),
             ("defenses", self.defenses),

@@ -55,7 +55,13 @@ def bench_cmd(
     ray_address: Annotated[str | None, typer.Option(help="Address of a running Ray cluster.")] = None,
     data: DataOption = None,
     data_option: DataOptions = None,
-    device: Device = "cpu",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="Where to compute: auto, cpu, cuda, cuda:N or mps (default: the grid's device, else cpu).",
+        ),
+    ] = None,
     amp: Amp = False,
     gpus_per_cell: Annotated[
         float, typer.Option(help="GPUs Ray reserves per cell and build (fractions share a GPU; ray executor).")
@@ -77,11 +83,15 @@ def bench_cmd(
     from fortress.bench.runner import run_grid
     from fortress.device import check_device, resolve_device
 
-    check_device(device)
-    if executor is BenchExecutor.local or ray_address is None:
-        resolve_device(device)
+    if device is not None:
+        check_device(device)
+        if executor is BenchExecutor.local or ray_address is None:
+            resolve_device(device)
     spec = data_spec(data, data_option)
     grid = load_grid(config, data=spec)
+    device = device or grid.device or "cpu"
+    if executor is BenchExecutor.local or ray_address is None:
+        resolve_device(device)
     if dry_run:
         from fortress.bench.estimate import estimate_grid, estimate_tables
 
