@@ -165,3 +165,43 @@ def test_a_cifar_grid_without_its_folder_names_what_it_looked_for(tmp_path: Path
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(ArtifactError, match="data_batch_3 does not exist"):
         load_grid(ROOT / "benchmarks" / "cifar10-paper.toml", data=DataSpec("cifar10", str(tmp_path)))
+
+
+def test_the_app_g_recipe_of_resnet34_8x_on_cifar() -> None:
+    import torch
+
+    from fortress.config import VictimConfig
+    from fortress.models import create_model, recipe_for, train_classifier
+    from fortress.models.recipes import PAPER_RESNET34_CIFAR, TrainRecipe
+
+    for data in ("cifar10", "cifar100"):
+        r = recipe_for("resnet34-8x", data)
+        assert r == PAPER_RESNET34_CIFAR
+        assert (r.optimizer, r.lr, r.epochs, r.schedule, r.milestones) == ("sgd", 0.1, 200, "step", (80, 120))
+    with pytest.raises(ConfigError, match="milestones"):
+        TrainRecipe(epochs=100, schedule="step", milestones=(80, 120))
+    with pytest.raises(ConfigError, match="milestones"):
+        TrainRecipe(epochs=200, milestones=(80, 120))  # the cosine schedule has no drops
+    with pytest.raises(ConfigError, match="milestones"):  # milestones without the step schedule
+        VictimConfig(arch="resnet34-8x", epochs=200, lr=0.1, recipe={"optimizer": "sgd", "milestones": [80, 120]})
+    with pytest.raises(ConfigError, match="unknown"):
+        VictimConfig(recipe={"nesterov": True})
+    # the drops happen after the named epochs: 3 epochs of one step each, ÷10 after epochs 1 and 2
+    torch.manual_seed(0)
+    model = create_model("lenet5", in_channels=3, image_size=32)
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8) % 10
+    seen: list[float] = []
+    orig = torch.optim.SGD.step
+
+    def spy(self: torch.optim.SGD, *a: object, **k: object) -> object:
+        seen.append(self.param_groups[0]["lr"])
+        return orig(self, *a, **k)
+
+    torch.optim.SGD.step = spy  # type: ignore[method-assign]
+    try:
+        train_classifier(
+            model, x, y, epochs=3, batch_size=8, optimizer="sgd", lr=0.1, schedule="step", milestones=(1, 2)
+        )
+    finally:
+        torch.optim.SGD.step = orig  # type: ignore[method-assign]
+    assert seen == pytest.approx([0.1, 0.01, 0.001])

@@ -71,15 +71,22 @@ def train_victim_cmd(
             max_shift=r.max_shift,
             recipe={k: getattr(r, k) for k in keys if getattr(r, k) is not None},
         )
+    n_epochs = base.epochs if epochs is None else epochs
+    extra = dict(base.recipe) if base.recipe else None
+    if extra and extra.get("milestones") and n_epochs != base.epochs:  # the drops keep their place in the run
+        scaled = sorted({round(m * n_epochs / base.epochs) for m in extra["milestones"]} - {0})
+        extra["milestones"] = [m for m in scaled if m < n_epochs] or None
+        if extra["milestones"] is None:
+            extra["schedule"] = "constant"
     cfg = VictimConfig(
         arch=arch,
         data=spec,
-        epochs=base.epochs if epochs is None else epochs,
+        epochs=n_epochs,
         lr=base.lr if lr is None else lr,
         batch_size=base.batch_size,
         max_shift=base.max_shift,
         seed=seed,
-        recipe=base.recipe,
+        recipe=extra,
     )
     n = cfg.epochs
     with progress() as update:
