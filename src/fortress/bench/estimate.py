@@ -136,10 +136,11 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds ``fn`` takes: wall-clock on a GPU; on the CPU with one torch thread, the process's
-    CPU time, so that other load on a shared machine does not inflate the estimate."""
+    """Seconds ``fn`` takes: wall-clock on a GPU; on the CPU with one torch thread, this thread's CPU
+    time (the co-running load of :class:`_CoRunners` slows it as other tasks would, without being
+    counted, and waiting for other processes' turns is not counted either)."""
     _sync(device)
-    clock = time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    clock = time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     t0 = clock()
     fn()
     _sync(device)
@@ -147,6 +148,42 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 # -- probes ---------------------------------------------------------------------------------------
+
+
+class _CoRunners:
+    """``n`` background threads training a copy of the victim on random images while the probes run.
+
+    With ``workers`` tasks at once on a CPU, every task shares caches and memory bandwidth with the
+    others; the probes run beside ``workers - 1`` such tasks so that their times include that cost.
+    Torch releases the GIL inside its kernels, so the threads run side by side.
+    """
+
+    def __init__(self, n: int, make_model: Callable[[], Any], shape: tuple[int, ...]) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(make_model, shape), daemon=True) for _ in range(n)]
+
+    def _run(self, make_model: Callable[[], Any], shape: tuple[int, ...]) -> None:
+        torch.set_num_threads(1)
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        x = torch.rand((64, *shape))
+        while not self._stop.is_set():
+            loss = model(x).logsumexp(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    def __enter__(self) -> _CoRunners:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
 
 
 class _Prober:
@@ -458,42 +495,59 @@ def estimate_grid(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    v0 = grid.victims[0]
+    shape = (1, 28, 28)
     try:
-        todo = list(cells) if cells is not None else expand_grid(grid)
-        prober = _Prober(grid, dev)
-        est = GridEstimate(grid=grid.name, device=str(dev), workers=workers)
-        builds: dict[str, BuildEstimate] = {}
-        for c in todo:
-            if c.victim_key not in builds:
-                s = prober.victim_build_s(c.victim)
-                builds[c.victim_key] = BuildEstimate(c.victim_key, f"victim {c.victim.arch}", s)
-            if c.defense_key not in builds:
-                s = prober.defense_build_s(c.victim, c.defense)
-                what = f"{c.defense.display} on {c.victim.arch}"
-                builds[c.defense_key] = BuildEstimate(c.defense_key, what, s, c.victim_key)
-        budgets: dict[str, int] = {}
-        for c in todo:
-            k = _attack_key(c)
-            budgets[k] = max(budgets.get(k, 0), c.attack.budget)
-        base = DefenseSpec("undefended")
-        for c in todo:
-            model = prober.attack_model(c.victim, c.attack, budgets[_attack_key(c)])
-            attack_s = model(c.attack.budget)
-            extra = prober.defense_s_per_query(c.victim, c.defense) - prober.defense_s_per_query(c.victim, base)
-            defense_s = max(0.0, extra) * c.attack.budget
-            evals = 1 + (0 if c.eval_every is None else c.attack.budget // c.eval_every)
-            _, data = prober.victim(c.victim)
-            n_test = data.test.x.shape[0]
-            other = evals * prober.eval_s(c.victim, c.attack.clone) + 3 * n_test * prober.defense_s_per_query(
-                c.victim, c.defense
-            )
-            est.cells.append(CellEstimate(c, attack_s + defense_s + other, attack_s, defense_s, other))
-        est.builds = list(builds.values())
-        est.wall_s = simulate_wall(est.builds, [(c.cell.defense_key, c.seconds) for c in est.cells], workers)
-        est.probe_s = time.perf_counter() - t0
-        return est
+        from fortress.bench.pipeline import id_data
+        from fortress.models import create_model
+
+        data = id_data(grid.victim_data(v0))
+        shape = data.image_shape
+
+        def make() -> Any:
+            return create_model(v0.arch, num_classes=data.num_classes, in_channels=shape[0], image_size=shape[1])
+
+        co = _CoRunners(workers - 1 if dev.type == "cpu" and threads == 1 else 0, make, shape)
+        with co:
+            return _estimate(grid, dev, workers, todo=list(cells) if cells is not None else expand_grid(grid), t0=t0)
     finally:
         torch.set_num_threads(before)
+
+
+def _estimate(grid: GridConfig, dev: torch.device, workers: int, *, todo: list[Cell], t0: float) -> GridEstimate:
+    """:func:`estimate_grid`'s work, with threads and co-runners set up."""
+    prober = _Prober(grid, dev)
+    est = GridEstimate(grid=grid.name, device=str(dev), workers=workers)
+    builds: dict[str, BuildEstimate] = {}
+    for c in todo:
+        if c.victim_key not in builds:
+            s = prober.victim_build_s(c.victim)
+            builds[c.victim_key] = BuildEstimate(c.victim_key, f"victim {c.victim.arch}", s)
+        if c.defense_key not in builds:
+            s = prober.defense_build_s(c.victim, c.defense)
+            what = f"{c.defense.display} on {c.victim.arch}"
+            builds[c.defense_key] = BuildEstimate(c.defense_key, what, s, c.victim_key)
+    budgets: dict[str, int] = {}
+    for c in todo:
+        k = _attack_key(c)
+        budgets[k] = max(budgets.get(k, 0), c.attack.budget)
+    base = DefenseSpec("undefended")
+    for c in todo:
+        model = prober.attack_model(c.victim, c.attack, budgets[_attack_key(c)])
+        attack_s = model(c.attack.budget)
+        extra = prober.defense_s_per_query(c.victim, c.defense) - prober.defense_s_per_query(c.victim, base)
+        defense_s = max(0.0, extra) * c.attack.budget
+        evals = 1 + (0 if c.eval_every is None else c.attack.budget // c.eval_every)
+        _, data = prober.victim(c.victim)
+        n_test = data.test.x.shape[0]
+        other = evals * prober.eval_s(c.victim, c.attack.clone) + 3 * n_test * prober.defense_s_per_query(
+            c.victim, c.defense
+        )
+        est.cells.append(CellEstimate(c, attack_s + defense_s + other, attack_s, defense_s, other))
+    est.builds = list(builds.values())
+    est.wall_s = simulate_wall(est.builds, [(c.cell.defense_key, c.seconds) for c in est.cells], workers)
+    est.probe_s = time.perf_counter() - t0
+    return est
 
 
 def _attack_key(c: Cell) -> str:
