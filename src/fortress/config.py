@@ -22,6 +22,7 @@ import tomli_w
 from fortress.data.spec import DataSpec
 from fortress.defenses.dnf.losses import DNFLossWeights
 from fortress.defenses.dnf.recipe import OODConfig, ProtectConfig
+from fortress.device import check_device
 from fortress.errors import ArtifactError, ConfigError
 from fortress.models.user import Staging
 
@@ -58,10 +59,25 @@ class VictimConfig:
         batch_size: mini-batch size.
         max_shift: random-translation augmentation in pixels.
         seed: seeds initialisation and batches.
+        recipe: further training options of :class:`~fortress.models.recipes.TrainRecipe`
+            (``optimizer``, ``momentum``, ``weight_decay``, ``schedule``, ``milestones``, ``hflip``,
+            ``label_smoothing``) laid over the fields above; ``None``: Adam with a cosine schedule
+            (paper App. G for LeNet-5). E.g. ResNet-34-8x on CIFAR (App. G): ``{ optimizer = "sgd",
+            schedule = "step", milestones = [80, 120], weight_decay = 5e-4, hflip = true }``.
     """
 
     #: Keys of older config files read under their new name.
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"dataset": "data"}
+    #: The recipe options a victim config may set (the other ``TrainRecipe`` fields are its own).
+    RECIPE_KEYS: ClassVar[tuple[str, ...]] = (
+        "optimizer",
+        "momentum",
+        "weight_decay",
+        "schedule",
+        "milestones",
+        "hflip",
+        "label_smoothing",
+    )
 
     arch: str = "lenet5"
     data: DataSpec | None = None
@@ -72,12 +88,36 @@ class VictimConfig:
     seed: int = 0
     arch_params: dict[str, Any] = field(default_factory=dict)
     staging: Staging | None = None
+    recipe: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.max_shift < 0:
             raise ConfigError(f"invalid victim training settings: {self}")
         if isinstance(self.data, str):
             object.__setattr__(self, "data", DataSpec.parse(self.data))
+        if self.recipe is not None:
+            bad = sorted(set(self.recipe) - set(self.RECIPE_KEYS))
+            if bad:
+                raise ConfigError(f"victim recipe options {bad} are unknown; valid: {list(self.RECIPE_KEYS)}")
+            self.train_recipe()  # checks the values
+
+    def train_recipe(self) -> Any:
+        """The whole :class:`~fortress.models.recipes.TrainRecipe` this config trains with.
+
+        Raises:
+            ConfigError: a recipe value out of range.
+        """
+        from fortress.models.recipes import TrainRecipe
+
+        extra = dict(self.recipe or {})
+        if "milestones" in extra and extra["milestones"] is not None:
+            extra["milestones"] = tuple(int(m) for m in extra["milestones"])
+        try:
+            return TrainRecipe(
+                epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, max_shift=self.max_shift, **extra
+            )
+        except TypeError as exc:
+            raise ConfigError(f"invalid victim recipe {self.recipe}: {exc}") from None
 
     @property
     def spec(self) -> DataSpec:
@@ -119,12 +159,21 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The end-to-end demo: victim, DNF, and attacks against both at the same budgets."""
+    """The end-to-end demo: victim, DNF, and attacks against both at the same budgets.
+
+    ``device`` is where everything computes (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``);
+    ``amp`` turns on bf16 autocast for the victim's training on a GPU.
+    """
 
     victim: VictimConfig = field(default_factory=VictimConfig)
     protect: ProtectConfig = field(default_factory=ProtectConfig)
     attacks: tuple[AttackConfig, ...] = ()
     seeds: tuple[int, ...] = (0,)
+    device: str = "cpu"
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
 
 
 # -- dict / TOML conversion -----------------------------------------------------------------------

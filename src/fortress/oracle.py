@@ -218,6 +218,8 @@ class LocalOracle(Oracle):
         n = x.shape[0]
         self._charge_or_refuse(n)
         t0 = time.perf_counter()
+        caller, where = x.device, self.defense.device  # queries go to the defense's device, answers come back
+        x = x.to(where)
         outs = [self.defense.respond(x[i : i + self.chunk_size]) for i in range(0, n, self.chunk_size)]
         self.log.time_s += time.perf_counter() - t0
         if self.observer is not None:
@@ -235,7 +237,7 @@ class LocalOracle(Oracle):
             self.log.l1_count += n
         if outs[0].top1_changed is not None:
             self.log.top1_changed += int(sum(int(o.top1_changed.sum()) for o in outs if o.top1_changed is not None))
-        return apply_output_mode(probs, self.output_mode, self.top_k)
+        return apply_output_mode(probs, self.output_mode, self.top_k).to(caller)
 
 
 class HttpOracle(Oracle):
@@ -339,7 +341,7 @@ class HttpOracle(Oracle):
         self.log.time_s += time.perf_counter() - t0
         self.log.queries += n
         self.log.batches += 1
-        return torch.cat(parts)
+        return torch.cat(parts).to(x.device)  # answered on the caller's device
 
     def _send(self, x: Tensor) -> Tensor:
         buf = io.BytesIO()

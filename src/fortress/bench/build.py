@@ -49,6 +49,7 @@ from fortress.config import ProtectConfig, from_dict
 from fortress.data.spec import DataSpec
 from fortress.defenses import DEFENSES, Defense, TrainableDefense, Undefended
 from fortress.defenses.utility_match import STRENGTH, UtilityTarget, match_utility
+from fortress.device import device_of
 from fortress.errors import ConfigError
 from fortress.models.staged import StagedBackbone
 from fortress.registry import Registry
@@ -283,6 +284,7 @@ def build_defense(name: str, victim: StagedBackbone, params: dict[str, Any], ctx
         defense = DEFENSES.get(name)(victim, **ctor)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build defense {name!r} with params {ctor}: {exc}") from exc
+    defense.to(device_of(victim))  # its own networks (surrogate, generator, ...) join the victim
     if fit is not None:
         from fortress.bench.pipeline import data_for, defender_data
 

@@ -23,6 +23,7 @@ from fortress.config import AttackConfig, DemoConfig, OODConfig, ProtectConfig, 
 from fortress.data.spec import DataSpec
 from fortress.defenses import Defense, Undefended
 from fortress.defenses.dnf import DNFTrainConfig
+from fortress.device import resolve_device
 
 __all__ = ["TABLE", "DemoResult", "demo_config", "demo_table", "run_demo"]
 
@@ -33,7 +34,14 @@ TABLE = "table.md"
 EventFn = Callable[[str, float, float], None]
 
 
-def demo_config(*, quick: bool = False, seeds: tuple[int, ...] = (0,), data: DataSpec | None = None) -> DemoConfig:
+def demo_config(
+    *,
+    quick: bool = False,
+    seeds: tuple[int, ...] = (0,),
+    data: DataSpec | None = None,
+    device: str = "cpu",
+    amp: bool = False,
+) -> DemoConfig:
     """The demo's settings: ``quick`` finishes in a few minutes on 2 CPU cores, the full one in < 30.
 
     Budgets: DFME 1M queries (quick: 150k); Knockoff Nets (random) 5,000 images from a natural-photo
@@ -57,7 +65,7 @@ def demo_config(*, quick: bool = False, seeds: tuple[int, ...] = (0,), data: Dat
         AttackConfig(name="dfme", budget=dfme_budget, clone="lenet5", output_mode="soft"),
         AttackConfig(name="knockoff", budget=5_000, clone="lenet5", output_mode="soft", pool="patches"),
     )
-    return DemoConfig(victim=victim, protect=protect_cfg, attacks=attacks, seeds=seeds)
+    return DemoConfig(victim=victim, protect=protect_cfg, attacks=attacks, seeds=seeds, device=device, amp=amp)
 
 
 @dataclass
@@ -135,9 +143,14 @@ def run_demo(cfg: DemoConfig, out: Path, *, event: EventFn | None = None) -> Dem
         if event is not None:
             event(stage, done, total)
 
+    dev = resolve_device(cfg.device)
     emit("train victim", 0, cfg.victim.epochs)
     victim, victim_acc = train_victim(
-        cfg.victim, out / "victim", on_epoch=lambda e, _l, _a: emit("train victim", e + 1, cfg.victim.epochs)
+        cfg.victim,
+        out / "victim",
+        on_epoch=lambda e, _l, _a: emit("train victim", e + 1, cfg.victim.epochs),
+        device=dev,
+        amp=cfg.amp,
     )
     steps_total = cfg.protect.train.epochs
     dnf = protect(
@@ -164,6 +177,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, event: EventFn | None = None) -> Dem
                     data=cfg.victim.spec,
                     progress=functools.partial(_stage_progress, emit, stage),
                     extra_config={"demo": to_dict(cfg), "run_id": run_id},
+                    device=dev,
                 )
                 append_record(out / "results.jsonl", rec)
                 result.records.append(rec)

@@ -60,6 +60,7 @@ from typing import Any, Literal
 
 from fortress.config import AttackConfig, VictimConfig, from_dict, load_toml, to_dict
 from fortress.data.spec import DataSpec
+from fortress.device import check_device
 from fortress.errors import ConfigError
 
 __all__ = [
@@ -171,6 +172,8 @@ class GridConfig:
         output_modes: oracle output modes (``soft``: probabilities, ``hard``: labels).
         eval_every: also evaluate the clone every this many queries (clone accuracy curves); ``None``: at the end only.
         data: the data of every victim that names none (the ``[data]`` table; ``None``: the embedded digits).
+        device: where the grid computes unless the command line says otherwise (``auto``, ``cpu``,
+            ``cuda``, ``cuda:N``, ``mps``; ``None``: the CPU). Not part of any cell key.
     """
 
     name: str = "grid"
@@ -181,8 +184,11 @@ class GridConfig:
     output_modes: tuple[OutputMode, ...] = ("soft",)
     eval_every: int | None = None
     data: DataSpec | None = None
+    device: str | None = None
 
     def __post_init__(self) -> None:
+        if self.device is not None:
+            check_device(self.device)
         for what, items in (
             ("victims", self.victims),
             ("defenses", self.defenses),
@@ -353,6 +359,8 @@ def victim_key_view(victim: VictimConfig) -> dict[str, Any]:
     for key, unset in (("arch_params", {}), ("staging", None)):  # keys from before users' models stay as they were
         if out.get(key) == unset:
             out.pop(key)
+    if out.get("recipe") is None:  # victims without a recipe keep the keys they had before it existed
+        out.pop("recipe", None)
     spec = victim.spec
     if spec.path is None and not spec.options:
         out["dataset"] = spec.name
@@ -405,8 +413,11 @@ def expand_grid(grid: GridConfig) -> list[Cell]:
     return cells
 
 
-def load_grid(path: Path) -> GridConfig:
+def load_grid(path: Path, *, data: DataSpec | None = None) -> GridConfig:
     """Read and validate a grid TOML file (see the module docstring for the format).
+
+    ``data`` replaces the grid's ``[data]`` table (the CLI's ``--data``), e.g. to give the CIFAR
+    grids the folder of the batches.
 
     Raises:
         ArtifactError: the file does not exist.
@@ -414,5 +425,7 @@ def load_grid(path: Path) -> GridConfig:
         UnknownComponent: a registry name in the grid does not exist.
     """
     grid = load_toml(GridConfig, path)
+    if data is not None:
+        grid = replace(grid, data=data)
     grid.validate()
     return grid

@@ -28,6 +28,7 @@ from fortress.defenses.base import Defense
 from fortress.defenses.dnf import DNF, StepInfo
 from fortress.defenses.dnf.recipe import protect as protect_recipe
 from fortress.defenses.trainable import DefenderData
+from fortress.device import device_facts, resolve_device
 from fortress.errors import ConfigError, InvalidInput
 from fortress.models import (
     StagedBackbone,
@@ -104,8 +105,13 @@ def train_victim(
     out: Path | None = None,
     *,
     on_epoch: Callable[[int, float, float | None], None] | None = None,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
 ) -> tuple[StagedBackbone, float]:
     """Train a victim on the ID training split of ``cfg.data``; save it to ``out`` if given.
+
+    The model trains on ``device`` (with bf16 autocast when ``amp`` and the device is a GPU) and is
+    returned there. The training options are the config's :meth:`~fortress.config.VictimConfig.train_recipe`.
 
     The data are resolved and the architecture built before training starts, and nothing is written
     before training ends, so a bad spec or architecture leaves ``out`` as it was. The saved model
@@ -114,26 +120,29 @@ def train_victim(
     Returns:
         The model (eval mode) and its ID-test accuracy.
     """
+    dev = resolve_device(device)
     data = id_data(cfg.spec)
     torch.manual_seed(cfg.seed)
     model = build_model(
         cfg.arch, cfg.arch_params, input_shape=data.image_shape, num_classes=data.num_classes, staging=cfg.staging
-    )
+    ).to(dev)
+    options: dict[str, Any] = cfg.train_recipe().as_kwargs()
     train_classifier(
         model,
         data.train.x,
         data.train.targets,
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        max_shift=cfg.max_shift,
         seed=cfg.seed,
         on_epoch=on_epoch,
+        amp=amp,
+        **options,
     )
     acc = evaluate_accuracy(model, data.test.x, data.test.targets)
     model.data_card = data.card()
     if out is not None:
-        save_model(model, out, extra={"test_acc": acc, "config": to_dict(cfg)})
+        extra = {"test_acc": acc, "config": to_dict(cfg)}
+        if dev.type != "cpu" or amp:  # CPU runs keep their model.json as before
+            extra.update(device_facts(dev, amp=amp))
+        save_model(model, out, extra=extra)
     return model, acc
 
 
@@ -231,7 +240,7 @@ def defended_accuracy(defense: Defense, data: ImageSet) -> tuple[float, list[flo
     Called directly on the defense, so it never spends an oracle's budget.
     """
     y = check_labels(data.targets, len(data), defense.num_classes, name=f"{data.name} labels")
-    out = defense.respond(data.x)
+    out = defense.respond(data.x.to(defense.device)).to(data.x.device)
     acc = float((out.probs.argmax(1) == y).float().mean())
     hist: list[float] = []
     if out.exits is not None and defense.num_exits:
@@ -298,6 +307,7 @@ def run_attack(
     progress: ProgressFn | None = None,
     extra_config: dict[str, Any] | None = None,
     api_budget: int | None = None,
+    device: torch.device | str | None = None,
 ) -> ResultRecord:
     """Run one attack against ``target`` at ``cfg.budget`` and return its result record.
 
@@ -313,10 +323,20 @@ def run_attack(
     victim's input shape before the first query. The evaluation and the victim's own labels for
     fidelity are computed directly on the reference models, off-budget; the attack sees only the oracle.
     The record's ``extra`` holds :func:`~fortress.reproducibility.runtime_facts` (torch threads and
-    version, ...): what the figures depend on besides the seeds.
+    version, ...) and :func:`~fortress.device.device_facts` (``device``, ``device_name``): what the
+    figures depend on besides the seeds.
+
+    ``device`` is where the clone (and the attack's own networks) train and where a local defense
+    answers (it is moved there); ``None``: where the defense already is (the CPU for a loaded one).
     """
+    dev = None if device is None else resolve_device(device)
     attack_cls = ATTACKS.get(cfg.name)
     oracle, defense = resolve_target(target, cfg, reference=reference, api_key=api_key, api_budget=api_budget)
+    if dev is not None:
+        defense.to(dev)
+        if isinstance(oracle, LocalOracle):
+            oracle.defense.to(dev)
+    dev = defense.device if dev is None else dev
     victim = defense.victim
     resolved = data_for(victim, data)
     pool_name = attack_pool(cfg, resolved, victim.input_shape)
@@ -328,7 +348,7 @@ def run_attack(
     attack = attack_cls(oracle, budget=cfg.budget, seed=cfg.seed, **cfg.params)
     torch.manual_seed(cfg.seed)
     c, h, _ = victim.input_shape
-    clone = create_model(cfg.clone, num_classes=victim.num_classes, in_channels=c, image_size=h)
+    clone = create_model(cfg.clone, num_classes=victim.num_classes, in_channels=c, image_size=h).to(dev)
     t0 = time.perf_counter()
     result = attack.run(clone, pool, eval_set=eval_set, eval_every=eval_every, progress=progress)
     wall = time.perf_counter() - t0
@@ -356,6 +376,7 @@ def run_attack(
             "attack_hparams": attack.hparams(),
             "defense": defense.hparams(),
             "pool": pool_name,
+            "device": str(dev),
             **(extra_config or {}),
         },
         clone_acc_best=result.best_clone_acc,
@@ -368,7 +389,12 @@ def run_attack(
             }
             for c in result.checkpoints
         ],
-        extra={"oracle_log": qlog.as_dict(), "attack_extras": _jsonable(result.extras), **runtime_facts()},
+        extra={
+            "oracle_log": qlog.as_dict(),
+            "attack_extras": _jsonable(result.extras),
+            **runtime_facts(),
+            **device_facts(dev),
+        },
         data=resolved.describe(),
     )
 

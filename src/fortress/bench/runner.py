@@ -31,6 +31,7 @@ from fortress.bench.grid import Cell, GridConfig, defense_artifact_key, expand_g
 from fortress.bench.records import ResultRecord, append_record, read_records
 from fortress.config import VictimConfig, dump_toml, to_dict
 from fortress.defenses import Defense, load_defense
+from fortress.device import check_device, device_facts, resolve_device
 from fortress.errors import ConfigError
 from fortress.models.io import atomic_write_text, load_model, read_json
 
@@ -102,29 +103,33 @@ class GridRun:
 # -- artifacts ------------------------------------------------------------------------------------
 
 
-def ensure_victim(victim: VictimConfig, out: Path) -> Path:
-    """Train and save the victim once under ``out/artifacts/<key>/``; return the directory."""
+def ensure_victim(victim: VictimConfig, out: Path, device: str = "cpu", amp: bool = False) -> Path:
+    """Train and save the victim once under ``out/artifacts/<key>/`` (on ``device``); return the directory."""
     from fortress.bench.pipeline import train_victim
 
     d = Path(out) / ARTIFACTS / victim_artifact_key(victim)
     if not (d / BUILT).is_file():
         log.info("building victim %s", d.name)
-        _, acc = train_victim(victim, d)
-        atomic_write_text(d / BUILT, json.dumps({"kind": "victim", "config": to_dict(victim), "test_acc": acc}))
+        _, acc = train_victim(victim, d, device=device, amp=amp)
+        meta: dict[str, Any] = {"kind": "victim", "config": to_dict(victim), "test_acc": acc}
+        if device != "cpu" or amp:
+            meta.update(device_facts(resolve_device(device), amp=amp))
+        atomic_write_text(d / BUILT, json.dumps(meta))
     return d
 
 
-def ensure_defense(victim: VictimConfig, spec: Any, out: Path) -> Path:
+def ensure_defense(victim: VictimConfig, spec: Any, out: Path, device: str = "cpu", amp: bool = False) -> Path:
     """Build and save a defense (a :class:`~fortress.bench.grid.DefenseSpec`) on its victim once; return its directory.
 
     A defense whose class cannot be saved is recorded as unsaved and rebuilt (seeded) by each cell.
     An interrupted build restarts, resuming from its checkpoints where the build keeps them (DNF).
     """
-    vdir = ensure_victim(victim, out)
+    vdir = ensure_victim(victim, out, device, amp)
     d = Path(out) / ARTIFACTS / defense_artifact_key(victim, spec)
     if not (d / BUILT).is_file():
         log.info("building defense %s", d.name)
-        defense = build_defense(spec.name, load_model(vdir), spec.params, BuildContext(data=victim.spec, out=d))
+        model = load_model(vdir).to(resolve_device(device))
+        defense = build_defense(spec.name, model, spec.params, BuildContext(data=victim.spec, out=d))
         try:
             if not (d / "defense.json").is_file():
                 defense.save(d)
@@ -142,14 +147,15 @@ def ensure_defense(victim: VictimConfig, spec: Any, out: Path) -> Path:
     return d
 
 
-def load_cell_defense(cell: Cell, out: Path) -> Defense:
-    """The cell's defense, loaded from its cached artifact (built first if missing)."""
-    d = ensure_defense(cell.victim, cell.defense, out)
+def load_cell_defense(cell: Cell, out: Path, device: str = "cpu", amp: bool = False) -> Defense:
+    """The cell's defense on ``device``, loaded from its cached artifact (built first if missing)."""
+    dev = resolve_device(device)
+    d = ensure_defense(cell.victim, cell.defense, out, device, amp)
     if read_json(d / BUILT).get("saved"):
-        return load_defense(d)
+        return load_defense(d).to(dev)
     vdir = Path(out) / ARTIFACTS / cell.victim_key
     ctx = BuildContext(data=cell.victim.spec, out=None)
-    return build_defense(cell.defense.name, load_model(vdir), cell.defense.params, ctx)
+    return build_defense(cell.defense.name, load_model(vdir).to(dev), cell.defense.params, ctx)
 
 
 # -- the task -------------------------------------------------------------------------------------
@@ -157,14 +163,30 @@ def load_cell_defense(cell: Cell, out: Path) -> Defense:
 
 @torch.no_grad()
 def _id_seconds_per_1k(defense: Defense, x: torch.Tensor, batch_size: int = 256) -> float:
+    x = x.to(defense.device)
     defense.respond(x[:batch_size])  # warm-up: first calls pay allocation costs
+    _sync(defense.device)
     t0 = time.perf_counter()
     for i in range(0, x.shape[0], batch_size):
         defense.respond(x[i : i + batch_size])
+    _sync(defense.device)
     return 1000.0 * (time.perf_counter() - t0) / x.shape[0]
 
 
-def run_cell(cell: Cell, out: Path | str, threads: int | None = None, after: object = None) -> dict[str, Any]:
+def _sync(device: torch.device) -> None:
+    """Wait for a GPU's queued work, so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_cell(
+    cell: Cell,
+    out: Path | str,
+    threads: int | None = None,
+    after: object = None,
+    device: str = "cpu",
+    amp: bool = False,
+) -> dict[str, Any]:
     """Run one cell and return its result record as plain data (the task both executors run).
 
     Args:
@@ -172,6 +194,8 @@ def run_cell(cell: Cell, out: Path | str, threads: int | None = None, after: obj
         out: the run directory (artifacts are read from, and if missing built into, ``out/artifacts``).
         threads: torch threads for this task (``None``: leave as is).
         after: ignored; lets Ray make the task wait for an artifact build.
+        device: where the cell computes (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``).
+        amp: bf16 autocast for the victim's training on a GPU (when this cell builds it).
 
     Returns:
         :meth:`ResultRecord.to_json` as a dict; the record's ``defense`` is the spec's label, its
@@ -186,13 +210,14 @@ def run_cell(cell: Cell, out: Path | str, threads: int | None = None, after: obj
     if threads is not None:
         torch.set_num_threads(threads)
     out = Path(out)
-    defense = load_cell_defense(cell, out)
+    defense = load_cell_defense(cell, out, device, amp)
     id_s = _id_seconds_per_1k(defense, id_data(cell.victim.spec).test.x)
     rec = run_attack(
         defense,
         cell.attack,
         data=cell.victim.spec,
         eval_every=cell.eval_every,
+        device=defense.device,
         extra_config={
             "cell": cell.to_dict(),
             "cell_key": cell.key,
@@ -215,17 +240,19 @@ def _matched(cell: Cell, out: Path) -> dict[str, Any]:
     return {} if found is None else {"utility_match": found}
 
 
-def _ensure_victim_task(victim: VictimConfig, out: str, threads: int | None) -> str:
+def _ensure_victim_task(victim: VictimConfig, out: str, threads: int | None, device: str, amp: bool) -> str:
     if threads is not None:
         torch.set_num_threads(threads)
-    return str(ensure_victim(victim, Path(out)))
+    return str(ensure_victim(victim, Path(out), device, amp))
 
 
-def _ensure_defense_task(victim: VictimConfig, spec: Any, out: str, threads: int | None, after: object) -> str:
+def _ensure_defense_task(
+    victim: VictimConfig, spec: Any, out: str, threads: int | None, after: object, device: str, amp: bool
+) -> str:
     del after
     if threads is not None:
         torch.set_num_threads(threads)
-    return str(ensure_defense(victim, spec, Path(out)))
+    return str(ensure_defense(victim, spec, Path(out), device, amp))
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -285,6 +312,9 @@ def run_grid(
     threads: int | None = None,
     num_cpus: int | None = None,
     ray_address: str | None = None,
+    device: str = "cpu",
+    amp: bool = False,
+    gpus_per_cell: float = 0.0,
 ) -> GridRun:
     """Run every cell of ``grid`` not yet finished in ``out``, appending one record per cell.
 
@@ -298,6 +328,11 @@ def run_grid(
         threads: torch threads per task (local default: unchanged; Ray always uses 1 per task).
         num_cpus: CPUs of a local Ray instance started here (default: all).
         ray_address: address of a running Ray cluster (default: start a local instance).
+        device: where every build and cell computes (``auto``, ``cpu``, ``cuda``, ``cuda:N``,
+            ``mps``); resolved before anything runs and recorded with every result. Under Ray a
+            cell's GPU is the one Ray assigns it, so ``cuda:N`` reads as ``cuda`` there.
+        amp: bf16 autocast for victim training on a GPU (recorded with the victim).
+        gpus_per_cell: GPUs Ray reserves for each build and cell (fractions share a GPU; 0: none).
 
     Returns:
         A :class:`GridRun`; failed cells are listed there (and logged), the others still run.
@@ -311,6 +346,14 @@ def run_grid(
     """
     if executor not in ("local", "ray"):
         raise ConfigError(f"unknown executor {executor!r}; valid: local, ray")
+    if gpus_per_cell < 0 or (gpus_per_cell and executor != "ray"):
+        raise ConfigError(f"gpus_per_cell must be >= 0 and needs the ray executor, got {gpus_per_cell} ({executor})")
+    if executor == "ray" and check_device(device).startswith("cuda") and not gpus_per_cell:
+        raise ConfigError(f"device {device!r} under the ray executor needs gpus_per_cell > 0 (--gpus-per-cell)")
+    if executor == "local" or ray_address is None:
+        resolve_device(device)  # an unavailable device fails here, before any work
+    else:
+        check_device(device)  # the cluster's nodes, not this one, must have it
     out = Path(out)
     results = out / RESULTS
     cells = expand_grid(grid)
@@ -326,9 +369,10 @@ def run_grid(
         run = GridRun(out=out, total=len(cells), skipped=len(cells) - len(todo))
         t0 = time.perf_counter()
         if executor == "local":
-            _run_local(todo, out, run, on_progress, threads)
+            _run_local(todo, out, run, on_progress, threads, device, amp)
         else:
-            _run_ray(todo, out, run, on_progress, num_cpus, ray_address)
+            where = Placement(device, amp, gpus_per_cell)
+            _run_ray(todo, out, run, on_progress, num_cpus, ray_address, where)
         run.wall_s = time.perf_counter() - t0
         return run
     finally:
@@ -354,14 +398,20 @@ def _fail(run: GridRun, cell: Cell, exc: BaseException) -> None:
 
 
 def _run_local(
-    todo: Sequence[Cell], out: Path, run: GridRun, on_progress: ProgressFn | None, threads: int | None
+    todo: Sequence[Cell],
+    out: Path,
+    run: GridRun,
+    on_progress: ProgressFn | None,
+    threads: int | None,
+    device: str = "cpu",
+    amp: bool = False,
 ) -> None:
     before = torch.get_num_threads()
     try:
         for i, cell in enumerate(todo):
             _emit(on_progress, run, 1, len(todo) - i - 1)
             try:
-                data = run_cell(cell, out, threads)
+                data = run_cell(cell, out, threads, None, device, amp)
             except Exception as exc:  # one broken cell must not stop a long grid; it is reported
                 _fail(run, cell, exc)
             else:
@@ -369,6 +419,15 @@ def _run_local(
             _emit(on_progress, run, 0, len(todo) - i - 1, cell.describe())
     finally:
         torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where Ray tasks compute: the device spec, bf16 autocast, and GPUs reserved per task."""
+
+    device: str = "cpu"
+    amp: bool = False
+    gpus_per_cell: float = 0.0
 
 
 def _import_ray() -> Any:
@@ -385,8 +444,10 @@ def _run_ray(
     on_progress: ProgressFn | None,
     num_cpus: int | None,
     address: str | None,
+    where: Placement,
 ) -> None:
     ray = _import_ray()
+    device = "cuda" if where.device.startswith("cuda") else where.device  # Ray picks the GPU
     started = False
     if not ray.is_initialized():
         if address is not None:
@@ -396,22 +457,27 @@ def _run_ray(
         started = True
     pending: dict[Any, Cell] = {}
     try:
-        victim_task = ray.remote(num_cpus=1, max_retries=0)(_ensure_victim_task)
-        defense_task = ray.remote(num_cpus=1, max_retries=0)(_ensure_defense_task)
-        cell_task = ray.remote(num_cpus=1, max_retries=0)(run_cell)
+        gpus = where.gpus_per_cell
+        victim_task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_ensure_victim_task)
+        defense_task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_ensure_defense_task)
+        cell_task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(run_cell)
         victims: dict[str, Any] = {}
         defenses: dict[str, Any] = {}
         for c in todo:  # each artifact is built by exactly one task; cells wait for theirs
             if c.victim_key not in victims:
-                victims[c.victim_key] = victim_task.remote(c.victim, str(out), 1)
+                victims[c.victim_key] = victim_task.remote(c.victim, str(out), 1, device, where.amp)
             if c.defense_key not in defenses:
-                defenses[c.defense_key] = defense_task.remote(c.victim, c.defense, str(out), 1, victims[c.victim_key])
+                defenses[c.defense_key] = defense_task.remote(
+                    c.victim, c.defense, str(out), 1, victims[c.victim_key], device, where.amp
+                )
         slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if gpus:  # as many cells at once as the GPUs hold
+            slots = min(slots, max(1, int(ray.cluster_resources().get("GPU", 0) / gpus)))
         queue = list(todo)
         while queue or pending:
             while queue and len(pending) < slots:
                 c = queue.pop(0)
-                pending[cell_task.remote(c, str(out), 1, defenses[c.defense_key])] = c
+                pending[cell_task.remote(c, str(out), 1, defenses[c.defense_key], device, where.amp)] = c
             _emit(on_progress, run, len(pending), len(queue))
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:

@@ -115,6 +115,7 @@ class SpeedSuite:
         costs: per-query cost of every defense on every traffic, with its ratio to undefended.
         forward: ``forward_all`` vs ``forward_dynamic`` per traffic, for each defense with an early-exit net.
         skipped: defense name → why it was not timed.
+        device: where it ran (:func:`fortress.device.device_facts`).
     """
 
     batch_size: int
@@ -123,6 +124,7 @@ class SpeedSuite:
     costs: list[DefenseCost] = field(default_factory=list)
     forward: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -177,6 +179,8 @@ def compare_defense_costs(
             for name in names[k:] + names[:k]:
                 t0 = time.perf_counter()
                 defenses[name].respond(xb)
+                if xb.is_cuda:  # the GPU's queued work belongs to this call's time
+                    torch.cuda.synchronize(xb.device)
                 if r >= warmup:
                     times[name].append((time.perf_counter() - t0) / xb.shape[0])
         med = {n: 1e6 * statistics.median(v) for n, v in times.items()}
@@ -193,6 +197,7 @@ def bench_speed(
     repeats: int = 20,
     n: int = 1024,
     data: DataSpec | None = None,
+    device: str = "cpu",
 ) -> SpeedSuite:
     """``fortress bench-speed``: every registered defense's per-query cost as a ratio to undefended, and
     ``forward_dynamic`` vs ``forward_all`` on ID and attack traffic, side by side in one run.
@@ -208,16 +213,21 @@ def bench_speed(
         n: images per traffic kind.
         data: the ID data (default: the spec the saved victim remembers, else the embedded digits);
             resolved and checked against the victim before anything is timed.
+        device: where every defense answers (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``).
     """
     from fortress.bench.build import BuildContext, build_defense
     from fortress.bench.pipeline import data_for
     from fortress.defenses import DEFENSES, DNF, load_defense
+    from fortress.device import device_facts, resolve_device
     from fortress.errors import FortressError
 
-    loaded = load_defense(Path(target))
+    dev = resolve_device(device)
+    loaded = load_defense(Path(target)).to(dev)
     victim = loaded.victim
     resolved = data_for(victim, data)
-    suite = SpeedSuite(batch_size=batch_size, repeats=repeats, threads=torch.get_num_threads())
+    suite = SpeedSuite(
+        batch_size=batch_size, repeats=repeats, threads=torch.get_num_threads(), device=device_facts(dev)
+    )
     built: dict[str, Defense] = {}
     for name in defenses or DEFENSES.names():
         if name == loaded.name:
@@ -231,7 +241,7 @@ def bench_speed(
                 suite.skipped[name] = f"cannot be built from default parameters: {exc}"
     if "undefended" in built:  # first, so the ratios read against it
         built = {"undefended": built["undefended"], **{k: v for k, v in built.items() if k != "undefended"}}
-    traffic = speed_traffic(victim.input_shape, n, id_images=resolved.test.x)
+    traffic = {k: v.to(dev) for k, v in speed_traffic(victim.input_shape, n, id_images=resolved.test.x).items()}
     suite.costs = compare_defense_costs(built, traffic, batch_size=batch_size, repeats=repeats)
     for name, d in built.items():
         if isinstance(d, DNF):

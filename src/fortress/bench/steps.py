@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fortress.device import resolve_device
+
 if TYPE_CHECKING:
     from fortress.bench.records import ResultRecord
     from fortress.config import AttackConfig, ProtectConfig
@@ -105,6 +107,7 @@ def defend_saved(
     *,
     data: DataSpec | None = None,
     event: EventFn | None = None,
+    device: str = "cpu",
 ) -> Defended:
     """Build defense ``name`` on the victim saved in ``victim_dir`` as a grid builds it, save it to ``out``.
 
@@ -126,7 +129,8 @@ def defend_saved(
 
     params = dict(params or {})
     check_defense_params(name, params)
-    victim = load_model(victim_dir)
+    dev = resolve_device(device)
+    victim = load_model(victim_dir).to(dev)
     resolved = data_for(victim, data)
     out.mkdir(parents=True, exist_ok=True)
     stage = f"build {name}"
@@ -146,6 +150,7 @@ def protect_saved(
     resume: bool = True,
     data: DataSpec | None = None,
     event: EventFn | None = None,
+    device: str = "cpu",
 ) -> Protected:
     """Protect the victim saved in ``victim_dir`` with DNF (:func:`fortress.bench.pipeline.protect`), save to ``out``.
 
@@ -162,7 +167,8 @@ def protect_saved(
     from fortress.bench.pipeline import data_for, defended_accuracy, protect
     from fortress.models import load_model
 
-    victim = load_model(victim_dir)
+    dev = resolve_device(device)
+    victim = load_model(victim_dir).to(dev)
     resolved = data_for(victim, data)
     epochs = cfg.train.epochs
     dnf = protect(
@@ -188,6 +194,7 @@ def attack_saved(
     api_budget: int | None = None,
     data: DataSpec | None = None,
     event: EventFn | None = None,
+    device: str = "cpu",
 ) -> Attacked:
     """Attack a saved defense (or victim) directory or a ``fortress serve`` URL; append the record to ``out``.
 
@@ -206,12 +213,14 @@ def attack_saved(
         data: the defender's data (evaluation set, attacker split); default: the spec the target's
             (or the reference's) victim remembers. Checked, with the pool, before the first query.
         event: progress callback.
+        device: where the clone trains and a local target answers.
     """
     from fortress.bench.pipeline import run_attack
     from fortress.bench.records import append_record
     from fortress.defenses import load_defense
 
-    ref = None if reference is None else load_defense(reference)
+    dev = resolve_device(device)
+    ref = None if reference is None else load_defense(reference).to(dev)
     defense: Defense | str = target if is_url(target) else load_defense(Path(target))
     label = defense if isinstance(defense, str) else defense.name
     stage = f"{cfg.name} vs {label}"
@@ -224,6 +233,7 @@ def attack_saved(
         progress=lambda used, budget: _emit(event, stage, used, budget),
         extra_config={"target": str(target)},
         api_budget=api_budget,
+        device=dev,
     )
     results = out / "results.jsonl"
     append_record(results, rec)

@@ -11,6 +11,7 @@ from fortress.cli.base import (
     DEFAULT_THREADS,
     DataOption,
     DataOptions,
+    Device,
     Threads,
     app,
     console,
@@ -46,9 +47,13 @@ def attack_cmd(
     data: DataOption = None,
     data_option: DataOptions = None,
     threads: Threads = DEFAULT_THREADS,
+    device: Device = "cpu",
 ) -> None:
     """Run an extraction attack against a saved defense or a `fortress serve` URL; append its result record."""
     pin_threads(threads)
+    from fortress.device import resolve_device
+
+    resolve_device(device)
     from fortress.bench.steps import attack_saved
     from fortress.bench.tables import records_table
     from fortress.config import AttackConfig, parse_params
@@ -72,6 +77,7 @@ def attack_cmd(
             api_budget=api_budget,
             data=data_spec(data, data_option),
             event=update,
+            device=device,
         )
     console.print(records_table([done.record], f"{name} against {target}"))
     console.print(f"record appended to {done.results}", highlight=False)

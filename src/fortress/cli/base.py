@@ -23,8 +23,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_THREADS",
+    "Amp",
     "DataOption",
     "DataOptions",
+    "Device",
     "Threads",
     "app",
     "console",
@@ -43,6 +45,18 @@ Threads = Annotated[
         min=1,
     ),
 ]
+
+#: ``--device``: where a verb computes (checked before any work; recorded with every result).
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="Where to compute: auto, cpu, cuda, cuda:N or mps (auto: the first GPU, else the CPU). "
+        "CPU results do not depend on this option.",
+    ),
+]
+#: ``--amp``: bf16 autocast for training on a GPU (recorded; no effect on the CPU).
+Amp = Annotated[bool, typer.Option("--amp", help="bf16 autocast for training on a GPU (off by default; recorded).")]
 
 P = ParamSpec("P")
 R = TypeVar("R")

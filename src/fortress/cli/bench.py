@@ -13,8 +13,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fortress.cli.base import (
     DEFAULT_THREADS,
+    Amp,
     DataOption,
     DataOptions,
+    Device,
     Threads,
     app,
     console,
@@ -51,12 +53,56 @@ def bench_cmd(
     ] = DEFAULT_THREADS,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray instance (default: all).")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Address of a running Ray cluster.")] = None,
+    data: DataOption = None,
+    data_option: DataOptions = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="Where to compute: auto, cpu, cuda, cuda:N or mps (default: the grid's device, else cpu).",
+        ),
+    ] = None,
+    amp: Amp = False,
+    gpus_per_cell: Annotated[
+        float, typer.Option(help="GPUs Ray reserves per cell and build (fractions share a GPU; ray executor).")
+    ] = 0.0,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="List the cells and estimate wall time per cell and in all from a short measured probe of each "
+            "attack and defense build on --device; runs no cell and writes nothing to OUT.",
+        ),
+    ] = False,
 ) -> None:
-    """Run a benchmark grid (defense × attack × budget × seed); one result record per cell."""
+    """Run a benchmark grid (defense × attack × budget × seed); one result record per cell.
+
+    --data replaces the grid's [data] table (e.g. --data cifar10:DIR for the CIFAR grids).
+    """
     from fortress.bench.grid import load_grid
     from fortress.bench.runner import run_grid
+    from fortress.device import check_device, resolve_device
 
-    grid = load_grid(config)
+    if device is not None:
+        check_device(device)
+        if executor is BenchExecutor.local or ray_address is None:
+            resolve_device(device)
+    spec = data_spec(data, data_option)
+    grid = load_grid(config, data=spec)
+    device = device or grid.device or "cpu"
+    if executor is BenchExecutor.local or ray_address is None:
+        resolve_device(device)
+    if dry_run:
+        from fortress.bench.estimate import estimate_grid, estimate_tables
+
+        workers = 1 if executor is BenchExecutor.local else (num_cpus or _cpu_count())
+        if gpus_per_cell:
+            workers = max(1, min(workers, int(_gpu_count() / gpus_per_cell)))
+        est = estimate_grid(grid, device=device, workers=workers, threads=threads if workers == 1 else 1)
+        for table in estimate_tables(est):
+            console.print(table)
+        console.print(est.summary(), highlight=False)
+        return
     t0 = time.perf_counter()
     with Progress(
         TextColumn("cells"),
@@ -82,6 +128,9 @@ def bench_cmd(
             num_cpus=num_cpus,
             ray_address=ray_address,
             on_progress=show,
+            device=device,
+            amp=amp,
+            gpus_per_cell=gpus_per_cell,
         )
     console.print(
         f"grid {grid.name!r}: {len(run.records)} cells run, {run.skipped} already done, {len(run.failed)} failed "
@@ -92,6 +141,18 @@ def bench_cmd(
         err_console.print(f"[bold red]failed:[/] {cell}: {error}", highlight=False)
     if run.failed:
         raise typer.Exit(1)
+
+
+def _cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _log_progress(p: GridProgress, t0: float) -> None:
@@ -135,13 +196,16 @@ def bench_speed_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the measurements as JSON.")] = None,
     data: DataOption = None,
     data_option: DataOptions = None,
+    device: Device = "cpu",
 ) -> None:
     """Per-query cost of every defense vs undefended, and forward_dynamic vs forward_all, in one run."""
     from fortress.bench.speed import bench_speed
     from fortress.bench.tables import speed_tables
+    from fortress.device import resolve_device
 
+    resolve_device(device)
     spec = data_spec(data, data_option)
-    suite = bench_speed(target, defenses=defense, batch_size=batch_size, repeats=repeats, data=spec)
+    suite = bench_speed(target, defenses=defense, batch_size=batch_size, repeats=repeats, data=spec, device=device)
     for table in speed_tables(suite):
         console.print(table)
     for name, why in suite.skipped.items():
@@ -195,16 +259,20 @@ def demo_cmd(
     data: DataOption = None,
     data_option: DataOptions = None,
     threads: Threads = DEFAULT_THREADS,
+    device: Device = "cpu",
+    amp: Amp = False,
 ) -> None:
     """Train a LeNet-5 victim, protect it with DNF, attack both with DFME and Knockoff; print the table."""
     from fortress.bench.demo import TABLE, demo_config, run_demo
     from fortress.bench.tables import records_table
     from fortress.config import parse_floats
+    from fortress.device import resolve_device
     from fortress.reproducibility import pin_threads
 
     pin_threads(threads)
     seed_list = tuple(int(s) for s in (parse_floats(seeds, "--seeds") or (0,)))
-    cfg = demo_config(quick=quick, seeds=seed_list, data=data_spec(data, data_option))
+    cfg = demo_config(quick=quick, seeds=seed_list, data=data_spec(data, data_option), device=device, amp=amp)
+    resolve_device(cfg.device)
     with progress() as update:
         result = run_demo(cfg, out, event=update)
     title = f"fortress demo ({'quick' if quick else 'full'}), {cfg.victim.spec.text()}, LeNet-5"

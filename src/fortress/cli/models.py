@@ -10,8 +10,10 @@ import typer
 
 from fortress.cli.base import (
     DEFAULT_THREADS,
+    Amp,
     DataOption,
     DataOptions,
+    Device,
     Threads,
     app,
     console,
@@ -36,29 +38,70 @@ def train_victim_cmd(
     arch_param: ArchParams = None,
     stages: Stages = None,
     classifier: Classifier = None,
-    epochs: Annotated[int, typer.Option(help="Training epochs (paper: 20).")] = 20,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default 20, or the recipe's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default Adam's 1e-3, or the recipe's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    recipe: Annotated[
+        bool,
+        typer.Option(
+            "--recipe",
+            help="Train with the architecture's recipe for the data set (e.g. ResNet-34-8x on CIFAR: paper App. G, "
+            "SGD 0.1, 200 epochs, ÷10 at 80 and 120); --epochs and --lr still override it.",
+        ),
+    ] = False,
     data: DataOption = None,
     data_option: DataOptions = None,
     threads: Threads = DEFAULT_THREADS,
+    device: Device = "cpu",
+    amp: Amp = False,
 ) -> None:
     """Train a victim on a data set (default: the embedded MNIST digits) and save it (safetensors + JSON)."""
     pin_threads(threads)
     from fortress.bench.pipeline import train_victim
     from fortress.config import VictimConfig, parse_params
+    from fortress.device import resolve_device
 
+    dev = resolve_device(device)
+    spec = data_spec(data, data_option)
+    base = VictimConfig(arch=arch, data=spec)
+    if recipe:
+        from fortress.models.recipes import recipe_for
+
+        r = recipe_for(arch, base.dataset)
+        keys = VictimConfig.RECIPE_KEYS
+        base = VictimConfig(
+            arch=arch,
+            data=spec,
+            epochs=r.epochs,
+            lr=r.lr,
+            batch_size=r.batch_size,
+            max_shift=r.max_shift,
+            recipe={k: getattr(r, k) for k in keys if getattr(r, k) is not None},
+        )
+    n_epochs = base.epochs if epochs is None else epochs
+    extra = dict(base.recipe) if base.recipe else None
+    if extra and extra.get("milestones") and n_epochs != base.epochs:  # the drops keep their place in the run
+        scaled = sorted({round(m * n_epochs / base.epochs) for m in extra["milestones"]} - {0})
+        extra["milestones"] = [m for m in scaled if m < n_epochs] or None
+        if extra["milestones"] is None:
+            extra["schedule"] = "constant"
     cfg = VictimConfig(
         arch=arch,
-        data=data_spec(data, data_option),
-        epochs=epochs,
-        lr=lr,
+        data=spec,
+        epochs=n_epochs,
+        lr=base.lr if lr is None else lr,
+        batch_size=base.batch_size,
+        max_shift=base.max_shift,
         seed=seed,
+        recipe=extra,
         arch_params=parse_params(arch_param or [], what="--arch-param"),
         staging=staging_of(stages, classifier),
     )
+    n = cfg.epochs
     with progress() as update:
-        _, acc = train_victim(cfg, out, on_epoch=lambda e, _l, _a: update("train victim", e + 1, epochs))
+        _, acc = train_victim(
+            cfg, out, on_epoch=lambda e, _l, _a: update("train victim", e + 1, n), device=dev, amp=amp
+        )
     console.print(
         f"victim {arch} on {cfg.spec.text()}: ID test accuracy {100 * acc:.2f}% — saved to {out}", highlight=False
     )
@@ -80,6 +123,7 @@ def defend_cmd(
     data: DataOption = None,
     data_option: DataOptions = None,
     threads: Threads = DEFAULT_THREADS,
+    device: Device = "cpu",
 ) -> None:
     """Wrap a saved victim in a defense (trained where it trains), save it and report its utility.
 
@@ -89,10 +133,12 @@ def defend_cmd(
     pin_threads(threads)
     from fortress.bench.steps import defend_saved
     from fortress.config import defense_params
+    from fortress.device import resolve_device
 
+    resolve_device(device)
     params = defense_params(param or [], fit_param or [], fit=fit)
     with progress() as update:
-        made = defend_saved(name, victim, out, params, data=data_spec(data, data_option), event=update)
+        made = defend_saved(name, victim, out, params, data=data_spec(data, data_option), event=update, device=device)
     console.print(
         f"{name} saved to {out}: defended ID test accuracy {100 * made.accuracy:.2f}%",
         highlight=False,
@@ -118,9 +164,13 @@ def protect_cmd(
     data: DataOption = None,
     data_option: DataOptions = None,
     threads: Threads = DEFAULT_THREADS,
+    device: Device = "cpu",
 ) -> None:
     """Protect a saved victim with DNF: train exit heads on ID + OOD data, then save."""
     pin_threads(threads)
+    from fortress.device import resolve_device
+
+    resolve_device(device)
     from fortress.bench.steps import protect_saved
     from fortress.bench.tables import exit_hist
     from fortress.config import ProtectConfig, load_toml, parse_floats, protect_overrides
@@ -136,7 +186,9 @@ def protect_cmd(
         search_trials=search_trials,
     )
     with progress() as update:
-        made = protect_saved(victim, out, cfg, resume=resume, data=data_spec(data, data_option), event=update)
+        made = protect_saved(
+            victim, out, cfg, resume=resume, data=data_spec(data, data_option), event=update, device=device
+        )
     console.print(
         f"DNF saved to {out}: defended ID accuracy {100 * made.accuracy:.2f}%, "
         f"ID exits (%) {exit_hist(made.exit_hist)}, thresholds {made.dnf.thresholds}",

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from fortress.cli.base import DataOption, DataOptions, app, console, data_spec, err_console, friendly
+from fortress.cli.base import DataOption, DataOptions, Device, app, console, data_spec, err_console, friendly
 from fortress.errors import ConfigError
 
 __all__ = ["ComputeMode", "keys_app", "monitor_app", "serve_cmd"]
@@ -59,6 +59,7 @@ def serve_cmd(
         float, typer.Option(help="padded compute: quantile of recent full-path times to pad to.")
     ] = 0.99,
     pad_window: Annotated[int, typer.Option(help="padded compute: full-path times kept per batch size.")] = 256,
+    device: Device = "cpu",
 ) -> None:
     """Serve predictions over HTTP behind API keys and per-key query budgets (needs the serve extra)."""
     try:
@@ -66,10 +67,13 @@ def serve_cmd(
         from fortress.serve.protocol import run_server
     except ImportError as exc:
         raise ConfigError(f'fortress serve needs the serve extra: pip install "fortress[serve]" ({exc})') from None
+    from fortress.device import resolve_device
     from fortress.serve.edge import ACCESS_LOGGER
     from fortress.serve.settings import ServeSettings
 
+    resolve_device(device)
     settings = ServeSettings(
+        device=device,
         model_dir=model_dir,
         keys_path=keys,
         compute=compute.value,

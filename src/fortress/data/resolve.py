@@ -161,7 +161,10 @@ def check_spec(spec: DataSpec) -> DatasetInfo:
     if spec.path is not None and not info.needs_path and info.default_path is None:
         raise ConfigError(f"data set {spec.name!r} is built in and takes no path, got {spec.path!r}")
     _options(info, spec)
-    dataset_path(info, spec.path)
+    where = dataset_path(info, spec.path)
+    if info.files is not None and where is not None:  # every file it reads is there (names the first missing)
+        accepted = inspect.signature(info.files).parameters
+        info.files(where, **{k: v for k, v in spec.options.items() if k in accepted})
     return info
 
 

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import torch
 from torch import Tensor, nn
 
+from fortress.device import device_of
 from fortress.errors import ArtifactError
 from fortress.models.io import (
     atomic_write_text,
@@ -56,6 +58,14 @@ class DefenseOutput:
     exits: Tensor | None = None
     l1: Tensor | None = None
     top1_changed: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> DefenseOutput:
+        """The same answers with every tensor on ``device`` (itself when they are there already)."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return DefenseOutput(self.probs.to(device), move(self.exits), move(self.l1), move(self.top1_changed))
 
 
 class Defense(ABC):
@@ -101,6 +111,20 @@ class Defense(ABC):
     def modules(self) -> list[nn.Module]:
         """Every network the defense runs (for device moves and parameter counts)."""
         return [self.victim]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the defense computes: the device of its victim's parameters."""
+        return device_of(self.victim)
+
+    def to(self: D, device: torch.device | str) -> D:
+        """Move every network of the defense (:meth:`modules`) to ``device``; returns ``self``.
+
+        Defenses that keep tensors of their own besides networks extend this.
+        """
+        for m in self.modules():
+            m.to(device)
+        return self
 
     def respond(self, x: Tensor) -> DefenseOutput:
         """Validate ``x`` against the tensor contract and answer it.

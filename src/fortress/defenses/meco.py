@@ -308,7 +308,8 @@ class MeCo(TrainableDefense[MeCoTrainConfig]):
             TrainingDiverged: weights became non-finite.
         """
         cfg = self._fit_config(data, config)
-        return self._train(data, cfg, ood or NoiseOOD(self.input_shape), RunOptions(checkpoint_dir, resume, on_epoch))
+        source = ood or NoiseOOD(self.input_shape)
+        return self._train(data.to(self.device), cfg, source, RunOptions(checkpoint_dir, resume, on_epoch))
 
     def _fit(self, data: DefenderData, config: MeCoTrainConfig, options: RunOptions) -> MeCoTrainReport:
         return self._train(data, config, NoiseOOD(self.input_shape), options)
@@ -322,7 +323,7 @@ class MeCo(TrainableDefense[MeCoTrainConfig]):
             p.requires_grad_(cfg.finetune_victim)
         opt = torch.optim.Adam(params, lr=cfg.lr)
         report = MeCoTrainReport()
-        probe = source.sample(512, torch.Generator().manual_seed(cfg.seed + 7))
+        probe = source.sample(512, torch.Generator().manual_seed(cfg.seed + 7)).to(x_id.device)
         n = x_id.shape[0]
 
         def train_epoch(epoch: int, gen: torch.Generator) -> list[float]:
@@ -333,7 +334,7 @@ class MeCo(TrainableDefense[MeCoTrainConfig]):
             for s in range(0, n, cfg.batch_size):
                 idx = perm[s : s + cfg.batch_size]
                 xb = random_shift(x_id[idx], cfg.max_shift, gen)
-                x0 = source.sample(cfg.ood_batch_size, gen)
+                x0 = source.sample(cfg.ood_batch_size, gen).to(xb.device)  # sources answer on the CPU
                 xs = self._shift(x0, cfg, gen)
                 with torch.no_grad():
                     y_ref = torch.softmax(self.victim(xb), dim=1)

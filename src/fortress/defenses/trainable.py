@@ -10,11 +10,13 @@ runs the training in the shared resumable epoch loop (:mod:`fortress.training`).
 
 from __future__ import annotations
 
+import dataclasses
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
+import torch
 from torch import Tensor
 
 from fortress.data.base import ImageSet
@@ -85,6 +87,21 @@ class DefenderData:
     num_classes: int
     proxy: Tensor | None = None
     dataset: str | None = None
+
+    def to(self, device: torch.device | str) -> DefenderData:
+        """The same data with every tensor on ``device`` (itself when they are there already)."""
+        dev = torch.device(device)
+        tensors = (self.x_train, self.y_train, self.x_val, self.y_val, self.proxy)
+        if all(t is None or t.device == dev for t in tensors):
+            return self
+        return dataclasses.replace(
+            self,
+            x_train=self.x_train.to(dev),
+            y_train=self.y_train.to(dev),
+            x_val=self.x_val.to(dev),
+            y_val=self.y_val.to(dev),
+            proxy=None if self.proxy is None else self.proxy.to(dev),
+        )
 
     def __post_init__(self) -> None:
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
@@ -179,7 +196,7 @@ class TrainableDefense(Defense, Generic[C]):
             ArtifactError: the checkpoint is corrupt or was written with other settings.
         """
         cfg = self._fit_config(data, config)
-        return self._fit(data, cfg, RunOptions(checkpoint_dir, resume, on_epoch))
+        return self._fit(data.to(self.device), cfg, RunOptions(checkpoint_dir, resume, on_epoch))
 
     def _fit_config(self, data: DefenderData, config: C | None) -> C:
         """Check ``data`` against the victim and return the configuration to train with."""

@@ -164,6 +164,7 @@ def match_utility(
     tgt = target or UtilityTarget()
     strength = STRENGTH[defense.name]
     y = check_labels(y_val, len(x_val), defense.num_classes, name="validation labels")
+    x_val, y = x_val.to(defense.device), y.to(defense.device)  # scored where the defense runs
     with torch.no_grad():
         victim_top1 = torch.cat(
             [defense.victim(x_val[i : i + batch_size]).argmax(1) for i in range(0, len(x_val), batch_size)]

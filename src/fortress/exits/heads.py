@@ -137,6 +137,7 @@ class ExitHead(nn.Module):
         mean_logits = self.decoder(mu)
         if not sample:
             return HeadOutput(mean_logits, mu, logvar, mean_logits)
-        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+        # drawn where the generator lives (the CPU's, for seeds that mean the same on every device)
+        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
         z = mu + eps * (0.5 * logvar).exp()
         return HeadOutput(self.decoder(z), mu, logvar, mean_logits)

@@ -139,6 +139,7 @@ def train_dcgan(
     ngf: int = 64,
     seed: int = 0,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[DCGANGenerator, DCGANReport]:
     """Train a DCGAN on proxy ``images`` (paper App. F: Adam, lr 2e-4, 30 epochs; β1 = 0.5 as in DCGAN).
 
@@ -151,6 +152,8 @@ def train_dcgan(
         ngf: generator (and discriminator) base width.
         seed: seeds initialisation, batches and latents.
         on_epoch: called as ``on_epoch(epoch, g_loss, d_loss)``.
+        device: where both networks train (``None``: the CPU); images and latents are drawn on the
+            CPU and moved, so a seed gives the same draws everywhere.
 
     Returns:
         The trained generator (eval mode) and a :class:`DCGANReport`.
@@ -160,8 +163,9 @@ def train_dcgan(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     shape = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
-    g = DCGANGenerator(shape, nz=nz, ngf=ngf)
-    d = DCGANDiscriminator(shape, ndf=ngf)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    g = DCGANGenerator(shape, nz=nz, ngf=ngf).to(dev)
+    d = DCGANDiscriminator(shape, ndf=ngf).to(dev)
     opt_g = torch.optim.Adam(g.parameters(), lr=lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(d.parameters(), lr=lr, betas=(0.5, 0.999))
     report = DCGANReport()
@@ -172,8 +176,8 @@ def train_dcgan(
         gl = dl = 0.0
         steps = 0
         for i in range(0, n - batch_size + 1, batch_size):
-            real = images[perm[i : i + batch_size]]
-            z = torch.randn(real.shape[0], nz, generator=gen)
+            real = images[perm[i : i + batch_size]].to(dev)
+            z = torch.randn(real.shape[0], nz, generator=gen).to(dev)
             fake = g(z)
             d_real, d_fake = d(real), d(fake.detach())
             loss_d = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + (

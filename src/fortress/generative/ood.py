@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fortress.device import device_of
 from fortress.errors import ConfigError
 from fortress.generative.dcgan import DCGANGenerator
 
@@ -43,8 +44,9 @@ class GeneratorOOD(OODSource):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        out: Tensor = self.generator(torch.randn(n, self.generator.nz, generator=generator))
-        return out
+        z = torch.randn(n, self.generator.nz, generator=generator)
+        out: Tensor = self.generator(z.to(device_of(self.generator)))
+        return out.to(z.device)  # every source answers on the CPU; the trainer moves batches
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "dcgan", "proxy": self.proxy, "nz": self.generator.nz}

@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from fortress.models import densenet as _densenet
 from fortress.models import lenet as _lenet
+from fortress.models import mobilenet as _mobilenet
 from fortress.models import resnet as _resnet
 from fortress.models import resnet_s as _resnet_s
 from fortress.models import vgg as _vgg
@@ -68,6 +70,8 @@ MODELS.add("resnet34-8x", _resnet.resnet34_8x)
 MODELS.add("resnet14-s", _resnet_s.resnet14_s)
 MODELS.add("vgg11", _vgg.vgg11)
 MODELS.add("vgg16", _vgg.vgg16)
+MODELS.add("mobilenetv2", _mobilenet.mobilenetv2)
+MODELS.add("densenet121", _densenet.densenet121)
 
 
 def create_model(name: str, **params: Any) -> StagedBackbone:

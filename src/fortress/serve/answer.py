@@ -210,7 +210,8 @@ class Service:
                 raise Unavailable("request timed out while queued; nothing was charged")
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = self.defense.respond(x) if self.padded is None else self.padded.respond(x)
+                xd = x.to(self.defense.device)  # the defense's device; answers come back to the CPU
+                out = (self.defense.respond(xd) if self.padded is None else self.padded.respond(xd)).to("cpu")
             return out, time.perf_counter() - t0
         finally:
             self.slots.release()

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
 from fortress.defenses import DNF, Defense, load_defense
+from fortress.device import resolve_device
 from fortress.errors import ArtifactError, BudgetExceeded, ConfigError, FortressError, InvalidInput
 from fortress.monitor import Response, create_monitor
 from fortress.monitor.service import Watch, first_exit_probs
@@ -159,6 +160,7 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
     try:
         if defense is None:
             defense = load_defense(settings.model_dir)
+        defense.to(resolve_device(settings.device))
         if isinstance(defense, DNF):
             defense.compute = "dynamic" if settings.compute == "padded" else settings.compute
         watch = _watch(settings, defense) if settings.profiles else None

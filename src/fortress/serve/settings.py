@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fortress.device import check_device
 from fortress.errors import ConfigError
 from fortress.monitor.base import Response
 
@@ -38,6 +39,7 @@ class ServeSettings:
             nothing charged); reading a slow request body is capped by the same time (408).
         inference_workers: batches answered at once (each on its own thread).
         torch_threads: intra-op threads of each batch.
+        device: where the model answers (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``).
         profiles: keep per-key query profiles (exits, entropy, confidence) in the key ledger.
         monitor: extraction monitor (``fortress.monitor.MONITORS``: ``exit-sprt``, ``prada``) or ``None``.
         monitor_calibration: ``exit-sprt``'s calibration file (``fortress monitor calibrate``).
@@ -63,6 +65,7 @@ class ServeSettings:
     request_timeout_s: float = 30.0
     inference_workers: int = 2
     torch_threads: int = 1
+    device: str = "cpu"
     profiles: bool = True
     monitor: str | None = None
     monitor_calibration: Path | None = None
@@ -85,6 +88,7 @@ class ServeSettings:
         ):
             if value < 1:
                 raise ConfigError(f"{label} must be >= 1, got {value}")
+        check_device(self.device)
         if self.monitor_response not in {r.value for r in Response}:
             valid = ", ".join(r.value for r in Response)
             raise ConfigError(f"unknown monitor response {self.monitor_response!r}; valid: {valid}")

@@ -180,7 +180,7 @@ class DNF(TrainableDefense[DNFTrainConfig]):
     @torch.no_grad()
     def exit_share(self, x: Tensor, exit_index: int = 0) -> float:
         """Fraction of the rows of ``x`` that leave at ``exit_index``."""
-        _, exits = self.net.forward_dynamic(x)
+        _, exits = self.net.forward_dynamic(x.to(self.device))
         return float((exits == exit_index).float().mean())
 
     @torch.no_grad()

@@ -142,8 +142,8 @@ def extraction_probe(dnf: DNF, x_val: Tensor, y_val: Tensor, config: ProbeConfig
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        gen = DFMEGenerator(nz=cfg.nz, ngf=cfg.ngf, out_channels=c, image_size=h)
-        student = create_model(cfg.student, num_classes=dnf.num_classes, in_channels=c, image_size=h)
+        gen = DFMEGenerator(nz=cfg.nz, ngf=cfg.ngf, out_channels=c, image_size=h).to(dnf.device)
+        student = create_model(cfg.student, num_classes=dnf.num_classes, in_channels=c, image_size=h).to(dnf.device)
     rng = torch.Generator().manual_seed(cfg.seed)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g)
     opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_s)
@@ -159,7 +159,7 @@ def extraction_probe(dnf: DNF, x_val: Tensor, y_val: Tensor, config: ProbeConfig
             student.eval()
             for p in student.parameters():
                 p.requires_grad_(False)
-            x = to_unit(gen(torch.randn(cfg.batch_size, cfg.nz, generator=rng)))
+            x = to_unit(gen(torch.randn(cfg.batch_size, cfg.nz, generator=rng).to(dnf.device)))
             probs, _ = _answer(dnf, x)
             s_logits = student(x)
             disagreement = (s_logits - _centered_log_probs(probs)).abs().mean()
@@ -173,19 +173,19 @@ def extraction_probe(dnf: DNF, x_val: Tensor, y_val: Tensor, config: ProbeConfig
             student.train()
             for _ in range(cfg.student_steps):
                 with torch.no_grad():
-                    x = to_unit(gen(torch.randn(cfg.batch_size, cfg.nz, generator=rng)))
+                    x = to_unit(gen(torch.randn(cfg.batch_size, cfg.nz, generator=rng).to(dnf.device)))
                     probs, exits = _answer(dnf, x)
                 loss_s = F.l1_loss(student(x), _centered_log_probs(probs))
                 opt_s.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss_s)
                 opt_s.step()
                 if it >= cfg.iterations - max(1, cfg.iterations // 4):
-                    counts += torch.bincount(exits, minlength=dnf.num_exits).float()
+                    counts += torch.bincount(exits, minlength=dnf.num_exits).float().cpu()
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
     student.eval()
     with torch.no_grad():
-        acc = float((student(x_val).argmax(1) == y_val).float().mean())
+        acc = float((student(x_val.to(dnf.device)).argmax(1).cpu() == y_val.cpu()).float().mean())
     hist = tuple(float(v) for v in counts / counts.sum().clamp_min(1))
     return ProbeResult(student_acc=acc, exit_hist=hist, wall_s=time.perf_counter() - t0)

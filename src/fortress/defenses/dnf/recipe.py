@@ -59,6 +59,7 @@ from fortress.defenses.dnf.threshold_search import (
 )
 from fortress.defenses.dnf.training import DNFTrainConfig, StepInfo
 from fortress.defenses.trainable import DefenderData
+from fortress.device import device_of
 from fortress.errors import ArtifactError, ConfigError
 from fortress.generative.dcgan import CONFIG as DCGAN_CONFIG
 from fortress.generative.dcgan import DCGANGenerator, load_generator, save_generator, train_dcgan
@@ -190,6 +191,7 @@ def _dcgan(
     directory: Path | None,
     resume: bool,
     on_epoch: Callable[[int, float, float], None] | None,
+    device: torch.device | None = None,
 ) -> DCGANGenerator:
     """Train the proxy DCGAN and save it to ``directory``, or reuse the one saved there with the same settings."""
     settings = _dcgan_settings(cfg)
@@ -201,9 +203,9 @@ def _dcgan(
                 "remove it or pass resume=False to train a new one"
             )
         log.info("reusing the OOD generator saved in %s", directory)
-        return generator
+        return generator if device is None else generator.to(device)
     generator, report = train_dcgan(
-        images, epochs=cfg.dcgan_epochs, ngf=cfg.dcgan_ngf, seed=cfg.seed, on_epoch=on_epoch
+        images, epochs=cfg.dcgan_epochs, ngf=cfg.dcgan_ngf, seed=cfg.seed, on_epoch=on_epoch, device=device
     )
     if directory is not None:
         save_generator(generator, directory, {"settings": settings, "g_loss": report.g_loss, "d_loss": report.d_loss})
@@ -217,6 +219,7 @@ def build_ood(
     directory: Path | None = None,
     resume: bool = True,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    device: torch.device | None = None,
 ) -> OODSource:
     """Build DNF's OOD source, training the DCGAN on the proxy set when ``cfg.kind`` needs one.
 
@@ -226,6 +229,7 @@ def build_ood(
         directory: where the trained DCGAN is saved (and found again when ``resume``); ``None``: not saved.
         resume: reuse a DCGAN saved in ``directory`` with the same settings.
         on_epoch: DCGAN progress, ``on_epoch(epoch, g_loss, d_loss)``.
+        device: where the DCGAN trains and samples (``None``: the CPU); every source answers on the CPU.
 
     Raises:
         ConfigError: the proxy images do not have the victim's shape.
@@ -241,7 +245,7 @@ def build_ood(
         raise ConfigError(f"proxy set {cfg.proxy!r} has images {tuple(x.shape[1:])}, the victim takes {image_shape}")
     if cfg.kind == "proxy":
         return PoolOOD(x, name=cfg.proxy)
-    dcgan = GeneratorOOD(_dcgan(cfg, x, directory, resume, on_epoch), proxy=cfg.proxy)
+    dcgan = GeneratorOOD(_dcgan(cfg, x, directory, resume, on_epoch, device), proxy=cfg.proxy)
     return dcgan if cfg.kind == "dcgan" else MixtureOOD([dcgan, noise])
 
 
@@ -263,9 +267,9 @@ def guard_utility(dnf: DNF, x_val: Tensor, y_val: Tensor, *, max_harm: int = 0) 
     """
     y_val = check_labels(y_val, len(x_val), dnf.num_classes, name="y_val")
     before = tuple(dnf.thresholds)
-    allx = dnf.net.forward_all(x_val)
-    conf = torch.softmax(allx.logits, dim=2).amax(dim=2)  # (E, N)
-    pred = allx.logits.argmax(dim=2)
+    logits = dnf.net.forward_all(x_val.to(dnf.device)).logits.to(x_val.device)  # (E, N, K)
+    conf = torch.softmax(logits, dim=2).amax(dim=2)  # (E, N)
+    pred = logits.argmax(dim=2)
     final_ok = pred[-1] == y_val
     thr = list(before)
     pending = torch.ones(x_val.shape[0], dtype=torch.bool)
@@ -284,7 +288,7 @@ def guard_utility(dnf: DNF, x_val: Tensor, y_val: Tensor, *, max_harm: int = 0) 
 
 
 def _new_dnf(victim: StagedBackbone, cfg: ProtectConfig, dataset: str | None, seed: int) -> DNF:
-    return DNF(
+    dnf = DNF(
         victim,
         head_kind=cfg.head_kind,
         hidden=cfg.hidden,
@@ -293,6 +297,7 @@ def _new_dnf(victim: StagedBackbone, cfg: ProtectConfig, dataset: str | None, se
         train_final_exit=cfg.train_final_exit,
         seed=seed,
     )
+    return dnf.to(device_of(victim))  # the heads join the victim on its device
 
 
 def _check(victim: StagedBackbone, data: DefenderData, cfg: ProtectConfig) -> Tensor | None:
@@ -439,6 +444,7 @@ def protect(
         directory=None if out is None else out / OOD_DIR,
         resume=resume,
         on_epoch=on_dcgan_epoch,
+        device=device_of(victim),
     )
     ckpt = None if out is None else out / CHECKPOINTS_DIR
     if cfg.select is None:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fortress.defenses.dnf.smac_order import ordered_acquisition_maximizer
+from fortress.device import device_of
 from fortress.errors import ConfigError, InvalidInput
 from fortress.exits.network import EarlyExitNet, default_thresholds
 from fortress.models import create_model
@@ -144,8 +145,10 @@ class ExitTable:
     def build(cls, net: EarlyExitNet, x: Tensor, *, batch_size: int = 2048) -> ExitTable:
         """Run :meth:`EarlyExitNet.forward_all` once over ``x`` (in batches) and keep the softmax rows."""
         net.eval()
+        dev = device_of(net)  # computed on the network's device, kept on x's
         parts = [
-            torch.softmax(net.forward_all(x[i : i + batch_size]).logits, dim=2) for i in range(0, len(x), batch_size)
+            torch.softmax(net.forward_all(x[i : i + batch_size].to(dev)).logits, dim=2).to(x.device)
+            for i in range(0, len(x), batch_size)
         ]
         return cls(torch.cat(parts, dim=1))
 
@@ -328,8 +331,9 @@ def search_thresholds(
     t_start = time.perf_counter()
     val_table, query_table = ExitTable.build(net, x_val), ExitTable.build(net, x_query)
     with torch.no_grad():
-        victim_val_acc = float((net.backbone(x_val).argmax(1) == y_val).float().mean())
-        victim_query = net.backbone(x_query).argmax(1)
+        dev = device_of(net)  # the backbone answers on its device; the tables and labels stay on the CPU
+        victim_val_acc = float((net.backbone(x_val.to(dev)).argmax(1).cpu() == y_val.cpu()).float().mean())
+        victim_query = net.backbone(x_query.to(dev)).argmax(1).to(x_query.device)
     surrogate = _Surrogate(x_query, x_val, y_val, net.num_classes, cfg)
 
     def evaluate(thresholds: Sequence[float], trial: int) -> ThresholdTrial:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fortress.defenses.dnf.losses import DNFLossWeights, LossTerms, id_loss, ood_loss, pseudo_labels
+from fortress.device import device_of
 from fortress.errors import ConfigError
 from fortress.exits.network import EarlyExitNet
 from fortress.generative.ood import OODSource
@@ -148,7 +149,7 @@ def trainable_parts(net: EarlyExitNet) -> dict[str, torch.nn.Module]:
 
 @torch.no_grad()
 def _exit_hist(net: EarlyExitNet, x: Tensor) -> list[float]:
-    _, exits = net.forward_dynamic(x)
+    _, exits = net.forward_dynamic(x.to(device_of(net)))
     counts = torch.bincount(exits, minlength=net.num_exits).float()
     return (counts / counts.sum()).tolist()
 
@@ -202,6 +203,7 @@ def train_dnf(
     n = x_id.shape[0]
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
     report = DNFTrainReport()
+    dev = device_of(net)  # the data stay where they are; each batch moves to the network
 
     def train_epoch(epoch: int, gen: torch.Generator) -> list[float]:
         perm = torch.randperm(n, generator=gen)
@@ -209,8 +211,8 @@ def train_dnf(
         sums = [0.0, 0.0, 0.0]
         for s in range(steps):
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            xb, yb = x_id[idx], y_id[idx]
-            xo = ood.sample(cfg.ood_batch_size, gen)
+            xb, yb = x_id[idx].to(dev), y_id[idx].to(dev)
+            xo = ood.sample(cfg.ood_batch_size, gen).to(dev)
             out = net.forward_all(torch.cat([xb, xo]), sample=True, generator=gen)
             b = xb.shape[0]
             out_id = _slice(out, 0, b)
@@ -242,8 +244,8 @@ def train_dnf(
         report.ood_loss.append(sums[2] / steps)
         if val is not None:
             with torch.no_grad():
-                logits, _ = net.forward_dynamic(val[0])
-            report.val_acc.append(float((logits.argmax(1) == val[1]).float().mean()))
+                logits, _ = net.forward_dynamic(val[0].to(dev))
+            report.val_acc.append(float((logits.argmax(1) == val[1].to(dev)).float().mean()))
             report.val_exit_hist.append(_exit_hist(net, val[0]))
         report.ood_exit_hist.append(_exit_hist(net, ood.sample(512, torch.Generator().manual_seed(cfg.seed + 7))))
 
