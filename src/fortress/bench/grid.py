@@ -45,6 +45,11 @@ figures cover the luck of its own training (DNF: head initialisation, OOD draws,
     name = "dnf"
     train_seeds = [0, 1, 2, 3, 4]   # five DNF builds, every attack run against each
 
+An attack table may name the query strategy and attacker variant it stands for (``strategy =
+"knockoff-random"``, ``variant = "top-1"``): labels for records and the report's worst-variant
+table, not part of the cell keys. An attack that simulates the defense (D-DAE) gets the cell's
+defense algorithm from the runner and may run only against defenses it can simulate.
+
 Each training seed is its own build and its own cells; the seed the parameters already hold (0 by
 default) keeps the cell keys of the grid without ``train_seeds``, so adding the axis to a finished
 grid keeps its cells.
