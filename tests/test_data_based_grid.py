@@ -40,9 +40,7 @@ TINY_PARAMS: dict[str, dict[str, Any]] = {
 
 
 def _tiny(grid: GridConfig) -> GridConfig:
-    defenses = tuple(
-        dataclasses.replace(d, params=TINY_DNF) if d.name == "dnf" else d for d in grid.defenses if d.display in KEPT
-    )
+    defenses = tuple(d for d in grid.defenses if d.display in KEPT)
     attacks = tuple(
         dataclasses.replace(
             a,
