@@ -354,3 +354,9 @@ def test_worst_variant_table_takes_the_highest_mean_over_variants_per_defense_an
 def test_worst_variant_table_says_when_no_record_names_a_variant(tmp_path: Path) -> None:
     rep = make_report(_write(tmp_path / "results.jsonl", _records()))
     assert "No record names a query strategy" in rep.tables["worst_variant"][0].read_text()
+
+
+def test_worst_variant_table_names_the_runs_of_a_variant_with_fewer_seeds(tmp_path: Path) -> None:
+    recs = [r for r in _variant_records() if not (r.defense == "mad" and r.attack.endswith("D-DAE") and r.seed > 0)]
+    md = make_report(_write(tmp_path / "results.jsonl", recs)).tables["worst_variant"][0].read_text()
+    assert "50.00 ± 0.00 (D-DAE, n=1)" in md and "82.00 ± 2.00 (naive) |" in md

@@ -309,8 +309,8 @@ def _worst_variant_table(records: Sequence[ResultRecord]) -> _Table:
     t = _Table(
         "worst_variant",
         "Worst attacker variant: for each defense and query strategy, the highest clone accuracy (%, mean ± std "
-        "over seeds) over the attacker variants that ran against it, that variant's name, and every variant's "
-        "mean; the defense's utility change (pp) beside it",
+        "over seeds; n: runs, where fewer than the most in the section) over the attacker variants that ran "
+        "against it, that variant's name, and every variant's mean; the defense's utility change (pp) beside it",
     )
     t.csv_header = [
         "dataset",
@@ -334,6 +334,7 @@ def _worst_variant_table(records: Sequence[ResultRecord]) -> _Table:
             continue
         cols = sorted({(w.strategy, w.output_mode, w.budget, w.clone_arch) for w in mine})
         table = {(w.defense, (w.strategy, w.output_mode, w.budget, w.clone_arch)): w for w in mine}
+        n_max = max(n for w in mine for _, _, n in w.variants.values())
         rows: list[list[str]] = []
         for d in _ordered(w.defense for w in mine):
             delta = _utility_delta(recs, d)
@@ -343,8 +344,9 @@ def _worst_variant_table(records: Sequence[ResultRecord]) -> _Table:
                 if w is None:
                     row += ["—", "—"]
                     continue
-                mean, std, _ = w.variants[w.worst]
-                row.append(f"{100 * mean:.2f} ± {100 * std:.2f} ({w.worst})")
+                mean, std, n = w.variants[w.worst]
+                runs = "" if n == n_max else f", n={n}"
+                row.append(f"{100 * mean:.2f} ± {100 * std:.2f} ({w.worst}{runs})")
                 row.append(" · ".join(f"{v} {100 * m:.1f}" for v, (m, _, _) in w.variants.items()))
                 per = ";".join(f"{v}:{100 * m:.4f}" for v, (m, _, _) in w.variants.items())
                 t.csv_rows.append(
