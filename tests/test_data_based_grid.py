@@ -155,3 +155,12 @@ def test_the_committed_grids_load_with_their_cells(name: str) -> None:
         ("jbda-tr", "naive"),
         ("jbda-tr", "top-1"),
     }
+
+
+def test_the_committed_results_are_cells_of_the_committed_grid() -> None:
+    from fortress.bench.grid import expand_grid
+    from fortress.bench.runner import finished_keys
+
+    results = GRIDS / "results" / "data-based-mnist" / "results.jsonl"
+    done = finished_keys(results)
+    assert done and done <= {c.key for c in expand_grid(load_grid(GRIDS / "data-based-mnist.toml"))}
