@@ -285,3 +285,78 @@ def test_training_seed_of_records_without_it_comes_from_their_cell(tmp_path: Pat
 def test_one_build_per_defense_gives_no_spread_rows(run_dir: Path) -> None:
     md = make_report(run_dir).tables["training_seeds"][0].read_text()
     assert "built with one training seed" in md
+
+
+# clone accuracy per (defense, strategy, variant) over seeds 0, 1, 2
+VARIANTS = {
+    ("undefended", "knockoff-random", "naive"): [0.80, 0.82, 0.84],
+    ("undefended", "knockoff-random", "top-1"): [0.70, 0.72, 0.74],
+    ("mad", "knockoff-random", "naive"): [0.30, 0.32, 0.34],
+    ("mad", "knockoff-random", "D-DAE"): [0.50, 0.40, 0.60],
+    ("mad", "knockoff-random", "top-1"): [0.01, 0.02, 0.03],
+    ("mad", "jbda-tr", "naive"): [0.20, 0.20, 0.20],
+}
+
+
+def _variant_records() -> list[ResultRecord]:
+    out = []
+    for (defense, strategy, variant), accs in VARIANTS.items():
+        for seed, acc in enumerate(accs):
+            name = "jbda" if strategy == "jbda-tr" else "knockoff"
+            cell = {"strategy": strategy, "variant": variant, "attack": {"name": name}}
+            out.append(
+                ResultRecord(
+                    defense=defense,
+                    attack=f"{strategy}/{variant}",
+                    dataset="mnist",
+                    victim_arch="lenet5",
+                    clone_arch="lenet5",
+                    budget=3000,
+                    queries_used=3000,
+                    seed=seed,
+                    victim_acc=0.97,
+                    defended_acc=0.97 if defense == "undefended" else 0.966,
+                    clone_acc=acc,
+                    clone_fidelity=acc,
+                    config={"attack": {"name": name, "output_mode": "soft"}, "cell": cell},
+                )
+            )
+    # a record of an attack the grid gave no strategy or variant: not in the table
+    out.append(dataclasses.replace(out[0], attack="dfme", clone_acc=0.99, config={"attack": {"name": "dfme"}}))
+    return out
+
+
+def _write(path: Path, records: list[ResultRecord]) -> Path:
+    for r in records:
+        append_record(path, r)
+    return path.parent
+
+
+def test_worst_variant_table_takes_the_highest_mean_over_variants_per_defense_and_strategy(tmp_path: Path) -> None:
+    rep = make_report(_write(tmp_path / "results.jsonl", _variant_records()))
+    md_path, csv_path = rep.tables["worst_variant"]
+    with csv_path.open() as fh:
+        rows = {(r["defense"], r["strategy"]): r for r in csv.DictReader(fh)}
+    assert set(rows) == {("undefended", "knockoff-random"), ("mad", "knockoff-random"), ("mad", "jbda-tr")}
+    mad = rows[("mad", "knockoff-random")]
+    assert mad["worst_variant"] == "D-DAE" and int(mad["variants"]) == 3
+    assert float(mad["worst_clone_acc"]) == pytest.approx(50.0)
+    assert float(mad["worst_clone_acc_std"]) == pytest.approx(100 * statistics.stdev([0.5, 0.4, 0.6]))
+    assert float(mad["utility_delta_pp"]) == pytest.approx(-0.4)
+    assert rows[("undefended", "knockoff-random")]["worst_variant"] == "naive"
+    assert rows[("mad", "jbda-tr")]["worst_variant"] == "naive" and int(rows[("mad", "jbda-tr")]["variants"]) == 1
+    md = md_path.read_text()
+    assert "| mad | -0.40 | 20.00 ± 0.00 (naive) | naive 20.0 |" in md  # jbda-tr sorts before knockoff-random
+    assert "50.00 ± 10.00 (D-DAE) | naive 32.0 · D-DAE 50.0 · top-1 2.0 |" in md
+    assert "dfme" not in md
+
+
+def test_worst_variant_table_says_when_no_record_names_a_variant(tmp_path: Path) -> None:
+    rep = make_report(_write(tmp_path / "results.jsonl", _records()))
+    assert "No record names a query strategy" in rep.tables["worst_variant"][0].read_text()
+
+
+def test_worst_variant_table_names_the_runs_of_a_variant_with_fewer_seeds(tmp_path: Path) -> None:
+    recs = [r for r in _variant_records() if not (r.defense == "mad" and r.attack.endswith("D-DAE") and r.seed > 0)]
+    md = make_report(_write(tmp_path / "results.jsonl", recs)).tables["worst_variant"][0].read_text()
+    assert "50.00 ± 0.00 (D-DAE, n=1)" in md and "82.00 ± 2.00 (naive) |" in md

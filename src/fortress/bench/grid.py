@@ -45,6 +45,11 @@ figures cover the luck of its own training (DNF: head initialisation, OOD draws,
     name = "dnf"
     train_seeds = [0, 1, 2, 3, 4]   # five DNF builds, every attack run against each
 
+An attack table may name the query strategy and attacker variant it stands for (``strategy =
+"knockoff-random"``, ``variant = "top-1"``): labels for records and the report's worst-variant
+table, not part of the cell keys. An attack that simulates the defense (D-DAE) gets the cell's
+defense algorithm from the runner and may run only against defenses it can simulate.
+
 Each training seed is its own build and its own cells; the seed the parameters already hold (0 by
 default) keeps the cell keys of the grid without ``train_seeds``, so adding the axis to a finished
 grid keeps its cells.
@@ -139,6 +144,12 @@ class AttackSpec:
         defenses: labels of the defenses this attack runs against (``None``: all of the grid's).
         victims: architectures of the victims this attack runs against (``None``: all of the grid's).
         params: extra attack hyper-parameters (constructor keyword arguments).
+        strategy: the query strategy this attack stands for in tables (e.g. ``"knockoff-random"``,
+            ``"jbda-tr"``; ``None``: the attack's name).
+        variant: the attacker variant (e.g. ``"naive"``, ``"top-1"``, ``"D-DAE"``): how the attacker
+            treats the answers. With a ``strategy`` or ``variant``, records name the attack
+            ``strategy/variant`` and the report adds each defense's worst variant per strategy
+            (ModelGuard's side-by-side table). Neither enters the cell keys.
     """
 
     name: str
@@ -149,6 +160,8 @@ class AttackSpec:
     defenses: tuple[str, ...] | None = None
     victims: tuple[str, ...] | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    strategy: str | None = None
+    variant: str | None = None
 
     def runs_against(self, defense: DefenseSpec) -> bool:
         """Whether this attack runs against ``defense``."""
@@ -254,6 +267,24 @@ class GridConfig:
                 MODELS.get(a.clone)
             if a.pool is not None and a.pool not in own_splits:
                 DATASETS.get(DataSpec.parse(a.pool).name)
+            self._check_defense_algorithm(a)
+
+    def _check_defense_algorithm(self, attack: AttackSpec) -> None:
+        """An attack that simulates the defense (D-DAE) runs only against defenses it can simulate."""
+        from fortress.bench.shadow import DEFENSE_ALGORITHM, SIMULABLE, takes_defense_algorithm
+
+        if not takes_defense_algorithm(attack.name):
+            return
+        if DEFENSE_ALGORITHM in attack.params:
+            raise ConfigError(
+                f"attack {attack.name!r}: {DEFENSE_ALGORITHM} is built from each cell's defense; remove it from params"
+            )
+        bad = [d.display for d in self.defenses if attack.runs_against(d) and d.name not in SIMULABLE]
+        if bad:
+            raise ConfigError(
+                f"attack {attack.name!r} simulates the defense on a shadow model, which defenses {bad} do not "
+                f"allow (simulable: {', '.join(SIMULABLE)}); list the others in its 'defenses'"
+            )
 
     def victim_data(self, victim: VictimConfig) -> DataSpec:
         """The data ``victim`` trains on: its own ``data``, else the grid's ``[data]``, else the embedded digits."""
@@ -285,6 +316,8 @@ class Cell:
         eval_every: clone evaluation interval (``None``: at the end only).
         defense_seed: the defense's training seed, from the grid's ``train_seeds`` (``None``: not
             varied); already applied to ``defense.params``, so it is not part of the key.
+        strategy, variant: the attack's query strategy and attacker variant as the grid names them
+            (:class:`AttackSpec`); labels only, not part of the key.
     """
 
     grid: str
@@ -293,6 +326,15 @@ class Cell:
     attack: AttackConfig
     eval_every: int | None = None
     defense_seed: int | None = None
+    strategy: str | None = None
+    variant: str | None = None
+
+    @property
+    def attack_display(self) -> str:
+        """The attack's name in records and tables: ``strategy/variant`` when the grid names them."""
+        if self.strategy is None and self.variant is None:
+            return self.attack.name
+        return f"{self.strategy or self.attack.name}/{self.variant or 'naive'}"
 
     def canonical(self) -> dict[str, Any]:
         """The fields that define the cell's result (everything but the grid name and the seed's label)."""
@@ -324,13 +366,14 @@ class Cell:
         a = self.attack
         trained = "" if self.defense_seed is None else f" trained with seed {self.defense_seed}"
         return (
-            f"{a.name}/{a.output_mode}@{a.budget:,} vs {self.defense.display}{trained} "
+            f"{self.attack_display}/{a.output_mode}@{a.budget:,} vs {self.defense.display}{trained} "
             f"({self.victim.arch}, {self.victim.dataset}, seed {a.seed})"
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for task arguments and records); inverse of :meth:`from_dict`."""
-        return {"grid": self.grid, **self.canonical(), "defense_seed": self.defense_seed}
+        labels = {"strategy": self.strategy, "variant": self.variant} if self.strategy or self.variant else {}
+        return {"grid": self.grid, **self.canonical(), "defense_seed": self.defense_seed, **labels}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Cell:
@@ -344,6 +387,8 @@ class Cell:
             attack=from_dict(AttackConfig, data["attack"], where="cell.attack"),
             eval_every=data.get("eval_every"),
             defense_seed=data.get("defense_seed"),
+            strategy=data.get("strategy"),
+            variant=data.get("variant"),
         )
 
 
@@ -406,7 +451,18 @@ def expand_grid(grid: GridConfig) -> list[Cell]:
                         )
                         for defense, train_seed, built in builds:
                             if spec.runs_against(defense):
-                                cells.append(Cell(grid.name, victim, built, attack, grid.eval_every, train_seed))
+                                cells.append(
+                                    Cell(
+                                        grid.name,
+                                        victim,
+                                        built,
+                                        attack,
+                                        grid.eval_every,
+                                        train_seed,
+                                        spec.strategy,
+                                        spec.variant,
+                                    )
+                                )
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"grid {grid.name!r} lists the same cell twice (repeated budgets or output modes?)")

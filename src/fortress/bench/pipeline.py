@@ -308,6 +308,7 @@ def run_attack(
     extra_config: dict[str, Any] | None = None,
     api_budget: int | None = None,
     device: torch.device | str | None = None,
+    attack_args: dict[str, Any] | None = None,
 ) -> ResultRecord:
     """Run one attack against ``target`` at ``cfg.budget`` and return its result record.
 
@@ -345,7 +346,7 @@ def run_attack(
     victim_acc = float((victim_labels == resolved.test.targets).float().mean())
     defended_acc, hist_id = defended_accuracy(defense, resolved.test)
     eval_set = EvalSet(resolved.test.x, resolved.test.targets, victim_labels)
-    attack = attack_cls(oracle, budget=cfg.budget, seed=cfg.seed, **cfg.params)
+    attack = attack_cls(oracle, budget=cfg.budget, seed=cfg.seed, **cfg.params, **(attack_args or {}))
     torch.manual_seed(cfg.seed)
     c, h, _ = victim.input_shape
     clone = create_model(cfg.clone, num_classes=victim.num_classes, in_channels=c, image_size=h).to(dev)

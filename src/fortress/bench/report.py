@@ -9,6 +9,9 @@ Tables (each as Markdown and CSV, one section per data set × victim architectur
 * ``protection`` — each defense's clone accuracy as a fraction of the undefended clone's at the same
   attack and budget, the lowest per column marked, next to the defense's utility change: the paper's
   claims ("lowest clone accuracy", "utility kept") checked at a glance;
+* ``worst_variant`` — for grids that name each attack's query strategy and attacker variant: each
+  defense's worst variant per strategy, the highest mean clone accuracy over the variants
+  (ModelGuard's side-by-side table, :mod:`fortress.bench.variants`), every variant's mean beside it;
 * ``utility`` — defended ID accuracy (%) and its change against the victim (paper Table 4);
 * ``timing`` — the defense's seconds per 1,000 queries on ID test and attack traffic, and the ratio to
   ``undefended`` (paper Table 11);
@@ -38,6 +41,7 @@ from typing import Any
 
 from fortress.bench.plots import Series, plot_clone_vs_budget, plot_exit_distribution, plot_tradeoff
 from fortress.bench.records import ResultRecord, read_records
+from fortress.bench.variants import worst_variants
 from fortress.errors import ArtifactError, FortressError
 
 __all__ = ["Report", "Stat", "make_report", "mean_std", "write_report"]
@@ -298,6 +302,75 @@ def _protection_table(records: Sequence[ResultRecord]) -> _Table:
         if hidden:
             names = ", ".join(sorted(hidden))
             t.md += [f"Set to the paper's ℓ1 budget and shown in the clone accuracy table only: {names}.", ""]
+    return t
+
+
+def _worst_variant_table(records: Sequence[ResultRecord]) -> _Table:
+    t = _Table(
+        "worst_variant",
+        "Worst attacker variant: for each defense and query strategy, the highest clone accuracy (%, mean ± std "
+        "over seeds; n: runs, where fewer than the most in the section) over the attacker variants that ran "
+        "against it, that variant's name, and every variant's mean; the defense's utility change (pp) beside it",
+    )
+    t.csv_header = [
+        "dataset",
+        "victim_arch",
+        "defense",
+        "strategy",
+        "output_mode",
+        "budget",
+        "clone_arch",
+        "worst_variant",
+        "worst_clone_acc",
+        "worst_clone_acc_std",
+        "variants",
+        "per_variant",
+        "utility_delta_pp",
+    ]
+    found = worst_variants(records)
+    for (dataset, arch), recs in _by_section(records).items():
+        mine = [w for w in found if (w.dataset, w.victim_arch) == (dataset, arch)]
+        if not mine:
+            continue
+        cols = sorted({(w.strategy, w.output_mode, w.budget, w.clone_arch) for w in mine})
+        table = {(w.defense, (w.strategy, w.output_mode, w.budget, w.clone_arch)): w for w in mine}
+        n_max = max(n for w in mine for _, _, n in w.variants.values())
+        rows: list[list[str]] = []
+        for d in _ordered(w.defense for w in mine):
+            delta = _utility_delta(recs, d)
+            row = [d, _delta_text(delta)]
+            for c in cols:
+                w = table.get((d, c))
+                if w is None:
+                    row += ["—", "—"]
+                    continue
+                mean, std, n = w.variants[w.worst]
+                runs = "" if n == n_max else f", n={n}"
+                row.append(f"{100 * mean:.2f} ± {100 * std:.2f} ({w.worst}{runs})")
+                row.append(" · ".join(f"{v} {100 * m:.1f}" for v, (m, _, _) in w.variants.items()))
+                per = ";".join(f"{v}:{100 * m:.4f}" for v, (m, _, _) in w.variants.items())
+                t.csv_rows.append(
+                    [
+                        dataset,
+                        arch,
+                        d,
+                        *c,
+                        w.worst,
+                        round(100 * mean, 4),
+                        round(100 * std, 4),
+                        len(w.variants),
+                        per,
+                        round(delta, 4),
+                    ]
+                )
+            rows.append(row)
+        header = ["defense", "utility Δ pp"]
+        for strategy, mode, budget, clone in cols:
+            name = f"{strategy} ({mode}) @{_budget(budget)}" + (f" → {clone}" if clone else "")
+            header += [f"{name}: worst variant", f"{name}: every variant"]
+        t.md += [f"### {dataset}, victim {arch}", "", *_md_table(header, rows), ""]
+    if not t.csv_rows:
+        t.md += ["No record names a query strategy and attacker variant (a grid's `strategy` / `variant`).", ""]
     return t
 
 
@@ -597,6 +670,7 @@ def write_report(records: Sequence[ResultRecord], out: Path, *, title: str = "fo
     tables = [
         _clone_table(records),
         _protection_table(records),
+        _worst_variant_table(records),
         _utility_table(records),
         _timing_table(records),
         _exit_table(records),

@@ -212,6 +212,7 @@ def run_cell(
     out = Path(out)
     defense = load_cell_defense(cell, out, device, amp)
     id_s = _id_seconds_per_1k(defense, id_data(cell.victim.spec).test.x)
+    attack_args, knowledge = _defense_knowledge(cell, out)
     rec = run_attack(
         defense,
         cell.attack,
@@ -225,13 +226,40 @@ def run_cell(
             "victim_artifact": cell.victim_key,
             "defense_artifact": cell.defense_key,
             **_matched(cell, out),
+            **knowledge,
         },
+        attack_args=attack_args,
     )
     seed = training_seed(cell.defense.name, cell.defense.params)
     facts = {"id_s_per_1k_queries": id_s, "defense_seed": seed}
-    rec = replace(rec, defense=cell.defense.display, extra={**rec.extra, **facts})
+    rec = replace(rec, defense=cell.defense.display, attack=cell.attack_display, extra={**rec.extra, **facts})
     data: dict[str, Any] = json.loads(rec.to_json())
     return data
+
+
+#: Added to the seed of an attack that simulates the defense, for what the attacker draws itself
+#: (a surrogate's initialisation): never the defender's own seed by construction of the grid.
+ATTACKER_SEED_OFFSET = 1000
+
+
+def _defense_knowledge(cell: Cell, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """For an attack that takes the defense's algorithm (D-DAE): its ``perturb_factory`` and what it assumed.
+
+    Built from the cell's defense as built and saved (algorithm and parameters, a matched strength
+    included; not its weights, and a surrogate's seed chosen by the attacker):
+    :func:`fortress.bench.shadow.assumed_defense`. Other attacks get nothing.
+    """
+    from fortress.bench.shadow import DEFENSE_ALGORITHM, assumed_defense, takes_defense_algorithm
+
+    if not takes_defense_algorithm(cell.attack.name):
+        return {}, {}
+    factory, known = assumed_defense(
+        cell.defense.name,
+        cell.defense.params,
+        Path(out) / ARTIFACTS / cell.defense_key,
+        attacker_seed=ATTACKER_SEED_OFFSET + cell.attack.seed,
+    )
+    return {DEFENSE_ALGORITHM: factory}, {"defense_knowledge": known}
 
 
 def _matched(cell: Cell, out: Path) -> dict[str, Any]:
