@@ -23,6 +23,8 @@ from fortress.data.spec import DataSpec
 from fortress.defenses.dnf.losses import DNFLossWeights
 from fortress.defenses.dnf.recipe import OODConfig, ProtectConfig
 from fortress.errors import ArtifactError, ConfigError
+from fortress.models.recipes import recipe_for
+from fortress.models.train import check_train_options
 
 __all__ = [
     "AttackConfig",
@@ -50,10 +52,18 @@ class VictimConfig:
             digits). TOML: a table ``{ name = "fashion-mnist", path = "...", options = {...} }`` or
             ``"NAME[:PATH]"``; the older ``dataset = "NAME"`` is read as ``data``.
         epochs: training epochs.
-        lr: Adam learning rate.
+        lr: learning rate (Adam's, SGD's, or OneCycle's peak).
         batch_size: mini-batch size.
         max_shift: random-translation augmentation in pixels.
         seed: seeds initialisation and batches.
+        weight_decay: L2 weight decay.
+        optimizer: ``adam`` or ``sgd`` (Nesterov momentum 0.9).
+        schedule: learning-rate schedule (``cosine``, ``onecycle``, ``step``, ``constant``).
+        hflip: random horizontal flips (refused on digits data sets when training starts, as
+            a grid's ``[data]`` table may name the data after the victim is read).
+
+    The last four keep older configs' meaning at their defaults (the paper's App. G training);
+    :meth:`recommended` fills every field from :func:`fortress.models.recipes.recipe_for`.
     """
 
     #: Keys of older config files read under their new name.
@@ -66,12 +76,69 @@ class VictimConfig:
     batch_size: int = 64
     max_shift: int = 2
     seed: int = 0
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    hflip: bool = False
+
+    #: Fields added after grids were first keyed: left out of cell keys while at these defaults.
+    RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "weight_decay": 0.0,
+        "optimizer": "adam",
+        "schedule": "cosine",
+        "hflip": False,
+    }
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.max_shift < 0:
             raise ConfigError(f"invalid victim training settings: {self}")
         if isinstance(self.data, str):
             object.__setattr__(self, "data", DataSpec.parse(self.data))
+        check_train_options(
+            self.epochs,
+            self.lr,
+            self.batch_size,
+            self.weight_decay,
+            self.max_shift,
+            self.optimizer,
+            0.9,
+            self.schedule,
+            0.0,
+        )
+
+    @classmethod
+    def recommended(cls, arch: str, data: DataSpec | None = None, *, seed: int = 0, **overrides: Any) -> VictimConfig:
+        """The victim config of ``arch`` on ``data`` with the recipe that fits them (:func:`recipe_for`).
+
+        Args:
+            arch: model registry name.
+            data: data spec (``None``: the embedded MNIST digits).
+            seed: training seed.
+            **overrides: fields to set instead of the recipe's (``None`` values are ignored).
+
+        Raises:
+            ConfigError: an override is not a field, or the result is not a valid config.
+
+        Example:
+            >>> VictimConfig.recommended("lenet5") == VictimConfig()
+            True
+        """
+        recipe = recipe_for(arch, (data or DataSpec()).name)
+        fields: dict[str, Any] = {
+            "epochs": recipe.epochs,
+            "lr": recipe.lr,
+            "batch_size": recipe.batch_size,
+            "max_shift": recipe.max_shift,
+            "weight_decay": recipe.weight_decay,
+            "optimizer": recipe.optimizer,
+            "schedule": recipe.schedule,
+            "hflip": recipe.hflip,
+        }
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown victim training option(s) {unknown}; valid: {sorted(fields)}")
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(arch=arch, data=data, seed=seed, **fields)
 
     @property
     def spec(self) -> DataSpec:

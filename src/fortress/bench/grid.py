@@ -347,9 +347,14 @@ def victim_key_view(victim: VictimConfig) -> dict[str, Any]:
     The data spec is written ``"dataset": NAME`` when it is a bare registry name (no path, no
     options), as in grids before data specs existed, so every earlier cell keeps its key (and
     ``--resume`` its records); a spec with a path or options is written in full as ``"data"``.
+    The training options added later (optimizer, schedule, weight decay, flips) are left out while
+    they hold their defaults, for the same reason.
     """
     out: dict[str, Any] = to_dict(victim)
     out.pop("data", None)
+    for name, default in VictimConfig.RECIPE_DEFAULTS.items():
+        if name in out and out[name] == default:
+            del out[name]
     spec = victim.spec
     if spec.path is None and not spec.options:
         out["dataset"] = spec.name

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -37,6 +37,8 @@ from fortress.models import (
     save_model,
     train_classifier,
 )
+from fortress.models.recipes import check_flips
+from fortress.models.train import OptimizerName, ScheduleName
 from fortress.oracle import HttpOracle, LocalOracle, Oracle
 from fortress.reproducibility import runtime_facts
 from fortress.tensors import check_labels
@@ -110,6 +112,7 @@ def train_victim(
     Returns:
         The model (eval mode) and its ID-test accuracy.
     """
+    check_flips(cfg.dataset, cfg.hflip)
     data = id_data(cfg.spec)
     torch.manual_seed(cfg.seed)
     c, h, _ = data.image_shape
@@ -124,6 +127,10 @@ def train_victim(
         max_shift=cfg.max_shift,
         seed=cfg.seed,
         on_epoch=on_epoch,
+        weight_decay=cfg.weight_decay,
+        optimizer=cast("OptimizerName", cfg.optimizer),
+        schedule=cast("ScheduleName", cfg.schedule),
+        hflip=cfg.hflip,
     )
     acc = evaluate_accuracy(model, data.test.x, data.test.targets)
     model.data_card = data.card()

@@ -29,21 +29,27 @@ __all__ = ["defend_cmd", "protect_cmd", "train_victim_cmd"]
 def train_victim_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the saved victim.")],
     arch: Annotated[str, typer.Option(help="Model registry name.")] = "lenet5",
-    epochs: Annotated[int, typer.Option(help="Training epochs (paper: 20).")] = 20,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    epochs: Annotated[
+        int | None, typer.Option(help="Training epochs (default: the recipe's; paper, MNIST: 20).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the recipe's; paper: Adam, 1e-3).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     data: DataOption = None,
     data_option: DataOptions = None,
     threads: Threads = DEFAULT_THREADS,
 ) -> None:
-    """Train a victim on a data set (default: the embedded MNIST digits) and save it (safetensors + JSON)."""
+    """Train a victim on a data set (default: the embedded MNIST digits) and save it (safetensors + JSON).
+
+    The training recipe (optimiser, schedule, augmentation, epochs) is the one that fits the
+    architecture and the data set (fortress.models.recipes); --epochs and --lr override it.
+    """
     pin_threads(threads)
     from fortress.bench.pipeline import train_victim
     from fortress.config import VictimConfig
 
-    cfg = VictimConfig(arch=arch, data=data_spec(data, data_option), epochs=epochs, lr=lr, seed=seed)
+    cfg = VictimConfig.recommended(arch, data_spec(data, data_option), seed=seed, epochs=epochs, lr=lr)
     with progress() as update:
-        _, acc = train_victim(cfg, out, on_epoch=lambda e, _l, _a: update("train victim", e + 1, epochs))
+        _, acc = train_victim(cfg, out, on_epoch=lambda e, _l, _a: update("train victim", e + 1, cfg.epochs))
     console.print(
         f"victim {arch} on {cfg.spec.text()}: ID test accuracy {100 * acc:.2f}% — saved to {out}", highlight=False
     )
