@@ -111,6 +111,10 @@ def train_victim(
 
     Returns:
         The model (eval mode) and its ID-test accuracy.
+
+    Raises:
+        ConfigError: flips are asked for on a digits data set (checked first).
+        UnknownComponent, ConfigError, ArtifactError: as :func:`fortress.data.resolve.resolve_data`.
     """
     check_flips(cfg.dataset, cfg.hflip)
     data = id_data(cfg.spec)
