@@ -83,9 +83,8 @@ def shrunk(name: str, data: DataSpec) -> Any:
     raw["eval_every"] = 20
     raw.pop("data", None)
     for v in raw["victims"]:
-        assert v["arch"] == "resnet34-8x" and v["recipe"]["milestones"] == [80, 120] and v["epochs"] == 200
-        v.update(arch="lenet5", epochs=2, batch_size=32)
-        v["recipe"] = {**v["recipe"], "milestones": [1]}
+        assert v["arch"] == "resnet34-8x" and v["milestones"] == [80, 120] and v["epochs"] == 200
+        v.update(arch="lenet5", epochs=2, batch_size=32, milestones=[1])
     for d in raw["defenses"]:
         params = d.setdefault("params", {})
         if "fit" in params:
@@ -170,7 +169,7 @@ def test_a_cifar_grid_without_its_folder_names_what_it_looked_for(tmp_path: Path
 def test_the_app_g_recipe_of_resnet34_8x_on_cifar() -> None:
     import torch
 
-    from fortress.config import VictimConfig
+    from fortress.config import VictimConfig, from_dict
     from fortress.models import create_model, recipe_for, train_classifier
     from fortress.models.recipes import PAPER_RESNET34_CIFAR, TrainRecipe
 
@@ -183,9 +182,15 @@ def test_the_app_g_recipe_of_resnet34_8x_on_cifar() -> None:
     with pytest.raises(ConfigError, match="milestones"):
         TrainRecipe(epochs=200, milestones=(80, 120))  # the cosine schedule has no drops
     with pytest.raises(ConfigError, match="milestones"):  # milestones without the step schedule
-        VictimConfig(arch="resnet34-8x", epochs=200, lr=0.1, recipe={"optimizer": "sgd", "milestones": [80, 120]})
-    with pytest.raises(ConfigError, match="unknown"):
-        VictimConfig(recipe={"nesterov": True})
+        VictimConfig(arch="resnet34-8x", epochs=200, lr=0.1, optimizer="sgd", milestones=(80, 120))
+    with pytest.raises(ConfigError, match="nesterov"):
+        from_dict(VictimConfig, {"nesterov": True}, where="victim")
+    # train-victim's config: the recipe, and a shorter run keeps the drops at the same fraction
+    full = VictimConfig.recommended("resnet34-8x", DataSpec("cifar10"))
+    assert full.train_recipe() == PAPER_RESNET34_CIFAR
+    assert VictimConfig.recommended("resnet34-8x", DataSpec("cifar10"), epochs=20).milestones == (8, 12)
+    short = VictimConfig.recommended("resnet34-8x", DataSpec("cifar10"), epochs=1)
+    assert (short.milestones, short.schedule) == (None, "constant")
     # the drops happen after the named epochs: 3 epochs of one step each, ÷10 after epochs 1 and 2
     torch.manual_seed(0)
     model = create_model("lenet5", in_channels=3, image_size=32)

@@ -24,7 +24,7 @@ from fortress.data.spec import DataSpec
 from fortress.defenses import load_defense
 from fortress.defenses.dnf import DNFTrainConfig
 from fortress.defenses.dnf.recipe import OODConfig
-from fortress.errors import InvalidInput
+from fortress.errors import ConfigError, InvalidInput
 from fortress.models import evaluate_accuracy
 from test_data_spec import write_fashion
 
@@ -151,3 +151,55 @@ def test_serve_names_the_classes_the_saved_model_remembers(victim_dir: Path, tmp
         info = client.get("/v1/info", headers={"X-API-Key": key}).json()
     store.close()
     assert info["classes"] == list(FASHION_CLASSES) and info["input_shape"] == [1, 28, 28]
+
+
+def test_every_verb_refuses_an_unknown_name_or_a_missing_path_in_one_line_and_keeps_what_exists(
+    fashion: DataSpec, victim_dir: Path, wrong: dict[str, DataSpec], tmp_path: Path
+) -> None:
+    kept = tmp_path / "kept"
+    made = runner.invoke(app, ["protect", str(victim_dir), "--out", str(kept), "--epochs", "1", "--ood", "noise"])
+    assert made.exit_code == 0, made.output
+    cal = tmp_path / "cal.json"
+    cal.write_text("{}")
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "note.txt").write_text("kept")
+    before = {p: _tree(p) for p in (kept, demo)}
+    verbs = (
+        ["train-victim", "--out", str(kept)],
+        ["protect", str(victim_dir), "--out", str(kept)],
+        ["defend", "undefended", str(victim_dir), "--out", str(kept)],
+        ["attack", "knockoff", "--target", str(kept), "--budget", "5", "--out", str(kept)],
+        ["demo", "--out", str(demo), "--quick"],
+        ["monitor", "calibrate", str(kept), "--out", str(cal)],
+        ["bench-speed", str(kept)],
+    )
+    for verb in verbs:
+        for data, match in (
+            ("nope", "unknown dataset 'nope'"),
+            (f"fashion-mnist:{tmp_path}/absent", "apt-get install"),
+        ):
+            res = runner.invoke(app, [*verb, "--data", data])
+            lines = res.output.strip().splitlines()
+            assert res.exit_code == 1 and match in res.output and len(lines) == 1, (verb, res.output)
+    # data that do not fit the saved model: monitor calibrate (the other verbs: the test above)
+    for spec, match in ((wrong["rgb"], "(3, 32, 32)"), (wrong["five"], "in 5 classes")):
+        res = runner.invoke(app, ["monitor", "calibrate", str(kept), "--out", str(cal), "--data", f"npz:{spec.path}"])
+        assert res.exit_code == 1 and match in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert {p: _tree(p) for p in (kept, demo)} == before and cal.read_text() == "{}"
+
+
+def test_train_victim_takes_the_recipe_of_the_architecture_and_the_data(fashion: DataSpec, tmp_path: Path) -> None:
+    assert VictimConfig.recommended("lenet5") == VictimConfig()  # MNIST: the paper's training, unchanged
+    cfg = VictimConfig.recommended("lenet5", fashion)
+    assert (cfg.epochs, cfg.max_shift, cfg.hflip, cfg.optimizer) == (15, 0, True, "adam")
+    res = runner.invoke(app, ["train-victim", "--out", str(tmp_path / "v"), "--epochs", "1", "--data", fashion.text()])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "v" / "model.json").read_text())["extra"]["config"]
+    assert (saved["epochs"], saved["max_shift"], saved["hflip"]) == (1, 0, True)
+    # flips on digits are refused before anything trains or is written
+    with pytest.raises(ConfigError, match="horizontal flips change the class of digits"):
+        train_victim(VictimConfig(epochs=1, hflip=True), tmp_path / "digits")
+    assert not (tmp_path / "digits").exists()
+    with pytest.raises(ConfigError, match="unknown victim training option"):
+        VictimConfig.recommended("lenet5", fashion, nesterov=True)

@@ -24,6 +24,7 @@ from fortress.defenses.dnf.losses import DNFLossWeights
 from fortress.defenses.dnf.recipe import OODConfig, ProtectConfig
 from fortress.device import check_device
 from fortress.errors import ArtifactError, ConfigError
+from fortress.models.recipes import TrainRecipe, recipe_for
 from fortress.models.user import Staging
 
 __all__ = [
@@ -55,29 +56,31 @@ class VictimConfig:
             digits). TOML: a table ``{ name = "fashion-mnist", path = "...", options = {...} }`` or
             ``"NAME[:PATH]"``; the older ``dataset = "NAME"`` is read as ``data``.
         epochs: training epochs.
-        lr: Adam learning rate.
+        lr: learning rate (Adam's, SGD's, or OneCycle's peak).
         batch_size: mini-batch size.
         max_shift: random-translation augmentation in pixels.
         seed: seeds initialisation and batches.
-        recipe: further training options of :class:`~fortress.models.recipes.TrainRecipe`
-            (``optimizer``, ``momentum``, ``weight_decay``, ``schedule``, ``milestones``, ``hflip``,
-            ``label_smoothing``) laid over the fields above; ``None``: Adam with a cosine schedule
-            (paper App. G for LeNet-5). E.g. ResNet-34-8x on CIFAR (App. G): ``{ optimizer = "sgd",
-            schedule = "step", milestones = [80, 120], weight_decay = 5e-4, hflip = true }``.
+        arch_params: keyword arguments of a user's factory (JSON values).
+        staging: module names that stage a factory's plain network (``None``: it returns a staged one).
+        weight_decay: L2 weight decay.
+        optimizer: ``adam`` or ``sgd`` (Nesterov momentum ``momentum``).
+        momentum: SGD's momentum.
+        schedule: learning-rate schedule (``cosine``, ``onecycle``, ``step``, ``constant``).
+        milestones: epochs after which the ``step`` schedule divides the rate by 10 (``None``: its
+            default spacing).
+        hflip: random horizontal flips (refused on digits data sets when training starts, as
+            a grid's ``[data]`` table may name the data after the victim is read).
+        label_smoothing: label smoothing of the training loss.
+
+    The fields from ``weight_decay`` on are the options of :class:`~fortress.models.recipes.TrainRecipe`;
+    at their defaults (the paper's App. G training of LeNet-5) they keep older configs' meaning and
+    cell keys. :meth:`recommended` fills them from :func:`fortress.models.recipes.recipe_for`, e.g.
+    ResNet-34-8x on CIFAR (App. G): ``optimizer = "sgd"``, ``lr = 0.1``, ``epochs = 200``,
+    ``schedule = "step"``, ``milestones = [80, 120]``, ``weight_decay = 5e-4``, ``hflip = true``.
     """
 
     #: Keys of older config files read under their new name.
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"dataset": "data"}
-    #: The recipe options a victim config may set (the other ``TrainRecipe`` fields are its own).
-    RECIPE_KEYS: ClassVar[tuple[str, ...]] = (
-        "optimizer",
-        "momentum",
-        "weight_decay",
-        "schedule",
-        "milestones",
-        "hflip",
-        "label_smoothing",
-    )
 
     arch: str = "lenet5"
     data: DataSpec | None = None
@@ -88,36 +91,90 @@ class VictimConfig:
     seed: int = 0
     arch_params: dict[str, Any] = field(default_factory=dict)
     staging: Staging | None = None
-    recipe: dict[str, Any] | None = None
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] | None = None
+    hflip: bool = False
+    label_smoothing: float = 0.0
+
+    #: Fields added after grids were first keyed: left out of cell keys while at these values.
+    KEYLESS_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "arch_params": {},
+        "staging": None,
+        "weight_decay": 0.0,
+        "optimizer": "adam",
+        "momentum": 0.9,
+        "schedule": "cosine",
+        "milestones": None,
+        "hflip": False,
+        "label_smoothing": 0.0,
+    }
+    #: The training options :meth:`recommended` takes from the recipe.
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "epochs",
+        "lr",
+        "batch_size",
+        "max_shift",
+        "weight_decay",
+        "optimizer",
+        "momentum",
+        "schedule",
+        "milestones",
+        "hflip",
+        "label_smoothing",
+    )
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.max_shift < 0:
             raise ConfigError(f"invalid victim training settings: {self}")
         if isinstance(self.data, str):
             object.__setattr__(self, "data", DataSpec.parse(self.data))
-        if self.recipe is not None:
-            bad = sorted(set(self.recipe) - set(self.RECIPE_KEYS))
-            if bad:
-                raise ConfigError(f"victim recipe options {bad} are unknown; valid: {list(self.RECIPE_KEYS)}")
-            self.train_recipe()  # checks the values
+        if self.milestones is not None:
+            object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        self.train_recipe()  # checks the values
 
-    def train_recipe(self) -> Any:
+    def train_recipe(self) -> TrainRecipe:
         """The whole :class:`~fortress.models.recipes.TrainRecipe` this config trains with.
 
         Raises:
-            ConfigError: a recipe value out of range.
+            ConfigError: a value out of range (e.g. milestones without the ``step`` schedule).
         """
-        from fortress.models.recipes import TrainRecipe
+        return TrainRecipe(**{name: getattr(self, name) for name in self.RECIPE_FIELDS})
 
-        extra = dict(self.recipe or {})
-        if "milestones" in extra and extra["milestones"] is not None:
-            extra["milestones"] = tuple(int(m) for m in extra["milestones"])
-        try:
-            return TrainRecipe(
-                epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, max_shift=self.max_shift, **extra
-            )
-        except TypeError as exc:
-            raise ConfigError(f"invalid victim recipe {self.recipe}: {exc}") from None
+    @classmethod
+    def recommended(cls, arch: str, data: DataSpec | None = None, *, seed: int = 0, **overrides: Any) -> VictimConfig:
+        """The victim config of ``arch`` on ``data`` with the recipe that fits them (:func:`recipe_for`).
+
+        Args:
+            arch: model registry name.
+            data: data spec (``None``: the embedded MNIST digits).
+            seed: training seed.
+            **overrides: fields to set instead of the recipe's (``None`` values are ignored).
+
+        Raises:
+            ConfigError: an override is not a field, or the result is not a valid config.
+
+        Example:
+            >>> VictimConfig.recommended("lenet5") == VictimConfig()
+            True
+        """
+        recipe = recipe_for(arch, (data or DataSpec()).name)
+        fields: dict[str, Any] = {name: getattr(recipe, name) for name in cls.RECIPE_FIELDS}
+        unknown = sorted(set(overrides) - set(fields) - {"arch_params", "staging"})
+        if unknown:
+            raise ConfigError(f"unknown victim training option(s) {unknown}; valid: {sorted(fields)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        n_epochs = given.get("epochs", recipe.epochs)
+        if recipe.milestones and n_epochs != recipe.epochs and "milestones" not in given:
+            # a shorter (or longer) run keeps the schedule's drops at the same fraction of training
+            scaled = sorted({round(m * n_epochs / recipe.epochs) for m in recipe.milestones} - {0})
+            fields["milestones"] = tuple(m for m in scaled if m < n_epochs) or None
+            if fields["milestones"] is None:
+                fields["schedule"] = "constant"
+        fields.update(given)
+        return cls(arch=arch, data=data, seed=seed, **fields)
 
     @property
     def spec(self) -> DataSpec:

@@ -398,14 +398,14 @@ def victim_key_view(victim: VictimConfig) -> dict[str, Any]:
     The data spec is written ``"dataset": NAME`` when it is a bare registry name (no path, no
     options), as in grids before data specs existed, so every earlier cell keeps its key (and
     ``--resume`` its records); a spec with a path or options is written in full as ``"data"``.
+    The training options added later (optimizer, schedule, weight decay, flips) are left out while
+    they hold their defaults, for the same reason.
     """
     out: dict[str, Any] = to_dict(victim)
     out.pop("data", None)
-    for key, unset in (("arch_params", {}), ("staging", None)):  # keys from before users' models stay as they were
-        if out.get(key) == unset:
-            out.pop(key)
-    if out.get("recipe") is None:  # victims without a recipe keep the keys they had before it existed
-        out.pop("recipe", None)
+    for name, default in VictimConfig.KEYLESS_DEFAULTS.items():  # earlier cells keep their keys
+        if name in out and out[name] == default:
+            del out[name]
     spec = victim.spec
     if spec.path is None and not spec.options:
         out["dataset"] = spec.name

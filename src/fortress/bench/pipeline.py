@@ -41,6 +41,7 @@ from fortress.models import (
     save_model,
     train_classifier,
 )
+from fortress.models.recipes import check_flips
 from fortress.oracle import HttpOracle, LocalOracle, Oracle
 from fortress.reproducibility import runtime_facts
 from fortress.tensors import check_labels
@@ -119,7 +120,12 @@ def train_victim(
 
     Returns:
         The model (eval mode) and its ID-test accuracy.
+
+    Raises:
+        ConfigError: flips are asked for on a digits data set (checked first).
+        UnknownComponent, ConfigError, ArtifactError: as :func:`fortress.data.resolve.resolve_data`.
     """
+    check_flips(cfg.dataset, cfg.hflip)
     dev = resolve_device(device)
     data = id_data(cfg.spec)
     torch.manual_seed(cfg.seed)

@@ -38,62 +38,34 @@ def train_victim_cmd(
     arch_param: ArchParams = None,
     stages: Stages = None,
     classifier: Classifier = None,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs (default 20, or the recipe's).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (default Adam's 1e-3, or the recipe's).")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Training epochs (default: the recipe's; paper, MNIST: 20).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the recipe's; paper: Adam, 1e-3).")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    recipe: Annotated[
-        bool,
-        typer.Option(
-            "--recipe",
-            help="Train with the architecture's recipe for the data set (e.g. ResNet-34-8x on CIFAR: paper App. G, "
-            "SGD 0.1, 200 epochs, ÷10 at 80 and 120); --epochs and --lr still override it.",
-        ),
-    ] = False,
     data: DataOption = None,
     data_option: DataOptions = None,
     threads: Threads = DEFAULT_THREADS,
     device: Device = "cpu",
     amp: Amp = False,
 ) -> None:
-    """Train a victim on a data set (default: the embedded MNIST digits) and save it (safetensors + JSON)."""
+    """Train a victim on a data set (default: the embedded MNIST digits) and save it (safetensors + JSON).
+
+    The training recipe (optimiser, schedule, augmentation, epochs) is the one that fits the
+    architecture and the data set (fortress.models.recipes); --epochs and --lr override it.
+    """
     pin_threads(threads)
     from fortress.bench.pipeline import train_victim
     from fortress.config import VictimConfig, parse_params
     from fortress.device import resolve_device
 
     dev = resolve_device(device)
-    spec = data_spec(data, data_option)
-    base = VictimConfig(arch=arch, data=spec)
-    if recipe:
-        from fortress.models.recipes import recipe_for
-
-        r = recipe_for(arch, base.dataset)
-        keys = VictimConfig.RECIPE_KEYS
-        base = VictimConfig(
-            arch=arch,
-            data=spec,
-            epochs=r.epochs,
-            lr=r.lr,
-            batch_size=r.batch_size,
-            max_shift=r.max_shift,
-            recipe={k: getattr(r, k) for k in keys if getattr(r, k) is not None},
-        )
-    n_epochs = base.epochs if epochs is None else epochs
-    extra = dict(base.recipe) if base.recipe else None
-    if extra and extra.get("milestones") and n_epochs != base.epochs:  # the drops keep their place in the run
-        scaled = sorted({round(m * n_epochs / base.epochs) for m in extra["milestones"]} - {0})
-        extra["milestones"] = [m for m in scaled if m < n_epochs] or None
-        if extra["milestones"] is None:
-            extra["schedule"] = "constant"
-    cfg = VictimConfig(
-        arch=arch,
-        data=spec,
-        epochs=n_epochs,
-        lr=base.lr if lr is None else lr,
-        batch_size=base.batch_size,
-        max_shift=base.max_shift,
+    cfg = VictimConfig.recommended(
+        arch,
+        data_spec(data, data_option),
         seed=seed,
-        recipe=extra,
+        epochs=epochs,
+        lr=lr,
         arch_params=parse_params(arch_param or [], what="--arch-param"),
         staging=staging_of(stages, classifier),
     )
