@@ -329,6 +329,7 @@ def protect_overrides(
     thresholds: tuple[float, ...] | None = None,
     search: bool = False,
     search_trials: int | None = None,
+    max_utility_drop: float | None = None,
 ) -> ProtectConfig:
     """A :class:`ProtectConfig` with the ``fortress protect`` options laid over it (``None``: keep).
 
@@ -341,6 +342,7 @@ def protect_overrides(
         thresholds: per-head exit thresholds.
         search: search thresholds with SMAC3 after training (the config's search settings or the defaults).
         search_trials: threshold-search trials (implies ``search``).
+        max_utility_drop: the utility budget in points of ID validation accuracy.
 
     Raises:
         ConfigError: a value the config does not accept.
@@ -362,4 +364,6 @@ def protect_overrides(
         overrides["thresholds"] = list(thresholds)
     if search or search_trials is not None:
         overrides["search"] = {} if search_trials is None else {"n_trials": search_trials}
+    if max_utility_drop is not None:
+        overrides["max_utility_drop"] = max_utility_drop
     return merge_overrides(cfg, overrides)

@@ -100,6 +100,10 @@ def protect_cmd(
         bool, typer.Option(help="Search exit thresholds with SMAC3 after training (paper App. H).")
     ] = False,
     search_trials: Annotated[int | None, typer.Option(help="Threshold-search trials (default 50).")] = None,
+    max_utility_drop: Annotated[
+        float | None,
+        typer.Option(help="Utility budget: points of ID validation accuracy early exits may cost (default 0.5)."),
+    ] = None,
     data: DataOption = None,
     data_option: DataOptions = None,
     threads: Threads = DEFAULT_THREADS,
@@ -119,6 +123,7 @@ def protect_cmd(
         thresholds=parse_floats(thresholds, "--thresholds"),
         search=search_thresholds,
         search_trials=search_trials,
+        max_utility_drop=max_utility_drop,
     )
     with progress() as update:
         made = protect_saved(victim, out, cfg, resume=resume, data=data_spec(data, data_option), event=update)

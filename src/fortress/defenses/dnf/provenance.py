@@ -33,17 +33,32 @@ class Attempt:
 
 @dataclass(frozen=True)
 class GuardResult:
-    """The utility guard (``DNF`` thresholds raised so early exits cost no ID validation accuracy).
+    """The utility guard (``DNF`` thresholds raised so early exits cost at most a budget of ID validation accuracy).
 
     Attributes:
         before: thresholds before the guard.
         after: thresholds after it (never lower).
-        max_harm: validation images a head was still allowed to answer wrongly.
+        max_harm: validation images a head was still allowed to answer wrongly (zero budget).
+        max_utility_drop: the utility budget in points of accuracy (0: zero tolerance; such a record
+            is written without the budget's keys, as before the budget existed).
+        victim_val_acc: the victim's ID validation accuracy (with a budget).
+        val_acc: the defended ID validation accuracy after the guard (with a budget).
     """
 
     before: tuple[float, ...]
     after: tuple[float, ...]
     max_harm: int = 0
+    max_utility_drop: float = 0.0
+    victim_val_acc: float | None = None
+    val_acc: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form; a zero budget keeps the record's older form (no budget keys)."""
+        data = asdict(self)
+        if self.max_utility_drop == 0:
+            for key in ("max_utility_drop", "victim_val_acc", "val_acc"):
+                data.pop(key)
+        return data
 
 
 @dataclass(frozen=True)
@@ -143,6 +158,8 @@ class Provenance:
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (tuples as lists)."""
         data: dict[str, Any] = asdict(self)
+        if self.guard is not None:
+            data["guard"] = self.guard.to_json()
         return data
 
     @classmethod
@@ -163,6 +180,9 @@ class Provenance:
                     tuple(float(t) for t in guard["before"]),
                     tuple(float(t) for t in guard["after"]),
                     int(guard.get("max_harm", 0)),
+                    float(guard.get("max_utility_drop", 0.0)),
+                    _optional_float(guard.get("victim_val_acc")),
+                    _optional_float(guard.get("val_acc")),
                 ),
                 search=None
                 if search is None
@@ -177,6 +197,10 @@ class Provenance:
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"not a DNF provenance record: {exc}") from exc
+
+
+def _optional_float(v: Any) -> float | None:
+    return None if v is None else float(v)
 
 
 def _attempts(items: Any) -> tuple[Attempt, ...]:

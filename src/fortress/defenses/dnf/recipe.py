@@ -9,8 +9,10 @@ measured here, and :func:`protect` runs them in order:
    ``min_ood_exit0`` of fresh OOD samples must leave at exit 0, else the heads are re-initialised
    with the next seed and trained again, up to ``max_attempts`` times (the best attempt is kept).
 3. **Utility guard** (beyond the paper, whose App. H searches thresholds under a utility
-   constraint): thresholds are raised so no head answers a held-out ID image wrongly that the
-   victim answers rightly (:func:`guard_utility`).
+   constraint): thresholds are raised until early exits cost at most ``max_utility_drop`` points
+   of held-out ID accuracy (default 0.5, the paper's Table 4 gap; 0: no head may answer a held-out
+   ID image wrongly that the victim answers rightly) (:func:`guard_utility`). The budget is also
+   the threshold search's tolerance.
 4. **Selection by an extraction probe** (optional, beyond the paper; ``ProtectConfig.select``):
    steps 2–3 run for several candidate trainings, each is attacked by the defender's own short
    data-free extraction (:func:`~fortress.defenses.dnf.probe.extraction_probe`), and the candidate
@@ -146,8 +148,13 @@ class ProtectConfig:
         hidden: head hidden width (``None``: one linear layer, paper Table 6).
         thresholds: per-head thresholds (``None``: the paper's defaults for the data set).
         train_final_exit: train a copy of the final classifier too.
-        utility_guard: after training, raise thresholds so no head answers a held-out ID
-            validation image wrongly that the victim answers rightly (:func:`guard_utility`).
+        utility_guard: after training, raise thresholds so early exits cost at most
+            ``max_utility_drop`` of held-out ID validation accuracy (:func:`guard_utility`).
+        max_utility_drop: the utility budget, in points of ID validation accuracy (default 0.5, the
+            gap of the paper's Table 4): the guard and the threshold search accept early ID answers as
+            long as the defended accuracy stays at least the victim's minus this. 0: zero tolerance, no
+            head may answer a validation image wrongly that the victim answers rightly (the search then
+            keeps its own ``tolerance``).
         min_ood_exit0: acceptance check on the defender's own data: after training, at least this
             share of fresh samples from the OOD source must leave at exit 0, else the heads are
             re-initialised with the next seed and retrained (0 turns the check off).
@@ -164,6 +171,7 @@ class ProtectConfig:
     thresholds: tuple[float, ...] | None = None
     train_final_exit: bool = False
     utility_guard: bool = True
+    max_utility_drop: float = 0.5
     min_ood_exit0: float = 0.5
     max_attempts: int = 3
     train: DNFTrainConfig = field(default_factory=DNFTrainConfig)
@@ -176,6 +184,10 @@ class ProtectConfig:
             raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not 0.0 <= self.min_ood_exit0 <= 1.0:
             raise ConfigError(f"min_ood_exit0 (a share of OOD probes) must be in [0, 1], got {self.min_ood_exit0}")
+        if not 0.0 <= self.max_utility_drop <= 100.0:
+            raise ConfigError(
+                f"max_utility_drop (points of ID validation accuracy) must be in [0, 100], got {self.max_utility_drop}"
+            )
         if self.hidden is not None and self.hidden < 1:
             raise ConfigError(f"hidden (head width) must be >= 1 or None, got {self.hidden}")
 
@@ -246,26 +258,53 @@ def build_ood(
 
 
 @torch.no_grad()
-def guard_utility(dnf: DNF, x_val: Tensor, y_val: Tensor, *, max_harm: int = 0) -> GuardResult:
-    """Raise ``dnf``'s thresholds so early exits do not cost utility on held-out ID data.
+def guard_utility(
+    dnf: DNF, x_val: Tensor, y_val: Tensor, *, max_harm: int = 0, max_utility_drop: float = 0.0
+) -> GuardResult:
+    """Raise ``dnf``'s thresholds so early exits cost at most a budget of utility on held-out ID data.
 
-    Goes beyond the paper (whose App. H searches thresholds under a utility constraint): head by
-    head, in depth order, the rows of ``(x_val, y_val)`` that would leave at head ``j`` are
-    checked against the final exit; while more than ``max_harm`` of them are answered wrongly by
-    the head but rightly by the final exit, head ``j``'s threshold is raised just above the
-    confidence of the most confident such row. Thresholds only ever go up.
+    Goes beyond the paper (whose App. H searches thresholds under a utility constraint).
+
+    * ``max_utility_drop == 0`` (zero tolerance): head by head, in depth order, the rows of
+      ``(x_val, y_val)`` that would leave at head ``j`` are checked against the final exit; while
+      more than ``max_harm`` of them are answered wrongly by the head but rightly by the final exit,
+      head ``j``'s threshold is raised just above the confidence of the most confident such row.
+    * ``max_utility_drop > 0`` (a budget, in points of accuracy; paper Table 4 compares defenses
+      at most 0.5 points below the undefended model): early answers are accepted as long as the
+      defended accuracy on ``(x_val, y_val)`` is at least the victim's minus the budget. While it is
+      not, one head's threshold is raised just above its most confident row that it answers wrongly
+      and the final exit rightly; of the heads, the one whose raise wins the most accuracy per
+      validation row it sends deeper (ties: the deeper head, so exit 0 keeps its reach on attack
+      queries) is raised. Early answers thus go first where they are least often right.
+
+    Thresholds only ever go up.
+
+    Args:
+        dnf: the trained DNF (its thresholds are replaced).
+        x_val: held-out ID images ``(N, C, H, W)`` in [0, 1].
+        y_val: their labels ``(N,)``.
+        max_harm: (zero budget only) rows a head may still answer wrongly that the final exit answers rightly.
+        max_utility_drop: the budget, in points of ID validation accuracy (0.5 = half a point).
 
     Returns:
-        The thresholds before and after (the new ones are also set on ``dnf``).
+        The thresholds before and after (the new ones are also set on ``dnf``), and with a budget
+        the victim's and the defended validation accuracy.
 
     Raises:
         InvalidInput: ``y_val`` breaks the label contract (:func:`~fortress.tensors.check_labels`).
+        ConfigError: a negative budget, or a budget together with ``max_harm``.
     """
+    if not 0.0 <= max_utility_drop <= 100.0:
+        raise ConfigError(f"max_utility_drop (points of ID accuracy) must be in [0, 100], got {max_utility_drop}")
+    if max_utility_drop > 0 and max_harm:
+        raise ConfigError(f"give either max_harm ({max_harm}) or max_utility_drop ({max_utility_drop}), not both")
     y_val = check_labels(y_val, len(x_val), dnf.num_classes, name="y_val")
     before = tuple(dnf.thresholds)
     allx = dnf.net.forward_all(x_val)
     conf = torch.softmax(allx.logits, dim=2).amax(dim=2)  # (E, N)
     pred = allx.logits.argmax(dim=2)
+    if max_utility_drop > 0:
+        return _budget_guard(dnf, conf, pred, y_val, x_val, max_utility_drop)
     final_ok = pred[-1] == y_val
     thr = list(before)
     pending = torch.ones(x_val.shape[0], dtype=torch.bool)
@@ -281,6 +320,57 @@ def guard_utility(dnf: DNF, x_val: Tensor, y_val: Tensor, *, max_harm: int = 0) 
         pending &= ~(conf[j] >= thr[j])
     dnf.set_thresholds(thr)
     return GuardResult(before, tuple(dnf.thresholds), max_harm)
+
+
+def _first_exits(conf: Tensor, thr: Tensor) -> Tensor:
+    """Exit per row: the first head whose confidence reaches its threshold, else the final exit."""
+    heads = conf.shape[0] - 1
+    passed = conf[:-1] >= thr.view(-1, 1)
+    idx = torch.arange(heads).view(-1, 1).expand_as(passed)
+    return torch.where(passed, idx, torch.full_like(idx, heads)).amin(dim=0)
+
+
+def _budget_guard(dnf: DNF, conf: Tensor, pred: Tensor, y: Tensor, x_val: Tensor, budget: float) -> GuardResult:
+    """The guard under a utility budget (see :func:`guard_utility`)."""
+    before = tuple(dnf.thresholds)
+    right = pred == y.view(1, -1)  # (E, N)
+    rows = torch.arange(y.shape[0])
+    victim_acc = float((dnf.victim(x_val).argmax(1) == y).float().mean())
+    target = victim_acc - budget / 100.0
+    thr = torch.tensor(before, dtype=torch.float32)
+    ex = _first_exits(conf, thr)
+    acc = float(right[ex, rows].float().mean())
+    while acc < target - 1e-9:
+        best: tuple[float, int, Tensor, Tensor, float] | None = None
+        for j in range(thr.numel()):
+            bad = (ex == j) & ~right[j] & right[-1]
+            if not bool(bad.any()):
+                continue
+            moved = thr.clone()
+            moved[j] = torch.nextafter(conf[j][bad].max(), torch.tensor(2.0))
+            ex_m = _first_exits(conf, moved)
+            acc_m = float(right[ex_m, rows].float().mean())
+            score = (acc_m - acc) / max(1, int((ex_m != ex).sum()))
+            if best is None or (score, j) >= (best[0], best[1]):
+                best = (score, j, moved, ex_m, acc_m)
+        if best is None:  # every early answer that is wrong is wrong at the final exit too
+            break
+        _, _, thr, ex, acc = best
+    dnf.set_thresholds(thr.tolist())
+    return GuardResult(before, tuple(dnf.thresholds), 0, budget, victim_acc, acc)
+
+
+def _guard(dnf: DNF, data: DefenderData, cfg: ProtectConfig) -> GuardResult | None:
+    if not cfg.utility_guard:
+        return None
+    return guard_utility(dnf, data.x_val, data.y_val, max_utility_drop=cfg.max_utility_drop)
+
+
+def _search_config(cfg: ProtectConfig) -> ThresholdSearchConfig | None:
+    """The search's settings; a utility budget sets its tolerance (a zero budget keeps the search's own)."""
+    if cfg.search is None or cfg.max_utility_drop == 0:
+        return cfg.search
+    return replace(cfg.search, tolerance=cfg.max_utility_drop / 100.0)
 
 
 def _new_dnf(victim: StagedBackbone, cfg: ProtectConfig, dataset: str | None, seed: int) -> DNF:
@@ -379,7 +469,7 @@ def _select(
         where = checkpoints if checkpoints is None or j == 0 else checkpoints / f"candidate-{j}"
         t0 = time.perf_counter()
         dnf, attempts = _train_accepted(victim, data, cfg, ood, seed, where, resume, on_step)
-        guard = guard_utility(dnf, data.x_val, data.y_val) if cfg.utility_guard else None
+        guard = _guard(dnf, data, cfg)
         t1 = time.perf_counter()
         result = extraction_probe(dnf, data.x_val, data.y_val, select.probe)
         accepted = any(a.ood_exit0 >= cfg.min_ood_exit0 for a in attempts)
@@ -443,15 +533,16 @@ def protect(
     ckpt = None if out is None else out / CHECKPOINTS_DIR
     if cfg.select is None:
         dnf, attempts = _train_accepted(victim, data, cfg, ood, cfg.train.seed, ckpt, resume, on_step)
-        guard = guard_utility(dnf, data.x_val, data.y_val) if cfg.utility_guard else None
+        guard = _guard(dnf, data, cfg)
         dnf.provenance = Provenance(tuple(attempts), cfg.min_ood_exit0, guard=guard)
     else:
         dnf = _select(victim, data, cfg, cfg.select, ood, ckpt, resume, on_step)
     if out is not None:
         dnf.save(out)  # a failing search never costs the trained model
-    if cfg.search is not None:
+    search = _search_config(cfg)
+    if search is not None:
         result = search_thresholds(
-            dnf.net, (data.x_val, data.y_val), config=cfg.search, query=query, dataset=data.dataset, out_dir=out
+            dnf.net, (data.x_val, data.y_val), config=search, query=query, dataset=data.dataset, out_dir=out
         )
         dnf.set_thresholds(result.best.thresholds)
         assert dnf.provenance is not None  # set by both training paths above

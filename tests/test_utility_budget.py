@@ -1,0 +1,125 @@
+"""The utility budget of the DNF recipe: early ID answers accepted while the defended accuracy stays
+within ``max_utility_drop`` points of the victim's; a zero budget is the zero-tolerance guard."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fortress.cli import app
+from fortress.data import mnist_splits
+from fortress.defenses import DNF, DefenderData, load_defense
+from fortress.defenses.dnf import OODConfig, ProtectConfig, Provenance, guard_utility, protect
+from fortress.defenses.dnf.training import DNFTrainConfig
+from fortress.errors import ConfigError
+from fortress.generative.ood import NoiseOOD
+from fortress.models import StagedBackbone, create_model, save_model, train_classifier
+
+TRAIN = DNFTrainConfig(epochs=2, batch_size=128, ood_batch_size=64)
+OOD = OODConfig(kind="noise")
+
+
+@lru_cache(maxsize=1)
+def victim_state() -> dict[str, torch.Tensor]:
+    d = mnist_splits()
+    torch.manual_seed(0)
+    net = create_model("lenet5")
+    train_classifier(net, d.train.x[:1500], d.train.targets[:1500], epochs=2, seed=0)
+    return net.state_dict()
+
+
+def victim() -> StagedBackbone:
+    net = create_model("lenet5")
+    net.load_state_dict(victim_state())
+    return net.eval()
+
+
+def data() -> DefenderData:
+    d = mnist_splits()
+    return DefenderData(d.train.x[:512], d.train.targets[:512], d.val.x, d.val.targets, 10, dataset="mnist")
+
+
+@lru_cache(maxsize=1)
+def trained_heads() -> dict[str, torch.Tensor]:
+    dnf = DNF(victim(), seed=0, dataset="mnist")
+    dnf.fit(data(), TRAIN)
+    return {k: v.clone() for k, v in dnf.net.state_dict().items()}
+
+
+def trained(thresholds: float) -> DNF:
+    dnf = DNF(victim(), seed=0, dataset="mnist")
+    dnf.net.load_state_dict(trained_heads())
+    dnf.set_thresholds([thresholds] * (dnf.num_exits - 1))
+    return dnf
+
+
+def accuracy(dnf: DNF, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((dnf.net.forward_dynamic(x)[0].argmax(1) == y).float().mean())
+
+
+@pytest.mark.parametrize("budget", [0.5, 2.0])
+def test_the_budget_guard_keeps_accuracy_within_the_budget_and_answers_early(budget: float) -> None:
+    d = data()
+    loose = trained(0.3)  # low thresholds: many early answers, many of them wrong
+    victim_acc = float((loose.victim(d.x_val).argmax(1) == d.y_val).float().mean())
+    assert accuracy(loose, d.x_val, d.y_val) < victim_acc - budget / 100  # the guard has work to do
+    strict, budgeted = trained(0.3), trained(0.3)
+    zero = guard_utility(strict, d.x_val, d.y_val)
+    res = guard_utility(budgeted, d.x_val, d.y_val, max_utility_drop=budget)
+    acc = accuracy(budgeted, d.x_val, d.y_val)
+    assert res.victim_val_acc == pytest.approx(victim_acc) and res.val_acc == pytest.approx(acc)
+    assert victim_acc - budget / 100 - 1e-6 <= acc
+    assert all(a >= b for a, b in zip(res.after, res.before, strict=True))  # thresholds only go up
+    assert all(a <= z for a, z in zip(res.after, zero.after, strict=True))  # never stricter than zero tolerance
+    early = lambda dnf: float((dnf.net.forward_dynamic(d.x_val)[1] < dnf.num_exits - 1).float().mean())  # noqa: E731
+    assert early(budgeted) > early(strict)
+    assert zero.max_utility_drop == 0 and zero.val_acc is None
+
+
+def test_a_larger_budget_never_answers_later() -> None:
+    d = data()
+    shares = []
+    for budget in (0.0, 0.5, 2.0, 10.0):
+        dnf = trained(0.3)
+        guard_utility(dnf, d.x_val, d.y_val, max_utility_drop=budget)
+        shares.append(float(dnf.net.forward_dynamic(d.x_val)[1].float().mean()))
+    assert shares == sorted(shares, reverse=True)
+
+
+def test_budget_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"max_utility_drop .* must be in \[0, 100\], got -1"):
+        ProtectConfig(max_utility_drop=-1)
+    with pytest.raises(ConfigError, match="not both"):
+        guard_utility(trained(0.5), data().x_val, data().y_val, max_harm=2, max_utility_drop=0.5)
+    assert ProtectConfig().max_utility_drop == 0.5
+
+
+def test_zero_budget_saves_the_record_of_the_zero_tolerance_guard(tmp_path: Path) -> None:
+    cfg = dict(train=TRAIN, ood=OOD, min_ood_exit0=0.0, max_attempts=1)
+    a = protect(victim(), data(), ProtectConfig(**cfg, max_utility_drop=0.0), out=tmp_path / "a")
+    # the zero-tolerance guard by hand on the same training gives the same thresholds
+    b = DNF(victim(), seed=0, dataset="mnist")
+    b.fit(data(), TRAIN, ood=NoiseOOD((1, 28, 28)))
+    guard_utility(b, data().x_val, data().y_val, max_harm=0)
+    assert a.thresholds == b.thresholds
+    meta = json.loads((tmp_path / "a" / "defense.json").read_text())
+    assert set(meta["provenance"]["guard"]) == {"before", "after", "max_harm"}  # the record's older form
+    c = protect(victim(), data(), ProtectConfig(**cfg, max_utility_drop=1.0), out=tmp_path / "c")
+    guard = json.loads((tmp_path / "c" / "defense.json").read_text())["provenance"]["guard"]
+    assert guard["max_utility_drop"] == 1.0 and guard["val_acc"] >= guard["victim_val_acc"] - 0.01 - 1e-6
+    assert load_defense(tmp_path / "c").provenance == c.provenance
+    assert Provenance.from_json(meta["provenance"]) == a.provenance
+
+
+def test_cli_refuses_a_negative_budget_before_anything_is_written(tmp_path: Path) -> None:
+    victim_dir = save_model(victim(), tmp_path / "victim")
+    out = tmp_path / "dnf"
+    res = CliRunner().invoke(app, ["protect", str(victim_dir), "--out", str(out), "--max-utility-drop", "-1"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "max_utility_drop (points of ID validation accuracy) must be in [0, 100], got -1.0" in res.output
+    assert not out.exists()
