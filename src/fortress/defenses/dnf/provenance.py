@@ -118,6 +118,10 @@ class SearchSummary:
         victim_val_acc: the victim's ID validation accuracy.
         n_trials: trials evaluated.
         trials_file: name of the JSONL record next to the saved model (``None``: not written).
+        goal: the three-way search's pick (``protection``, ``efficiency``, ``pareto``; ``None``: single objective).
+        id_compute: ID FLOPs per query over the undefended victim's with the applied thresholds (three-way search).
+        baseline_id_compute: the same for the reference thresholds.
+        front_size: points on the Pareto front (three-way search).
     """
 
     thresholds: tuple[float, ...]
@@ -129,6 +133,18 @@ class SearchSummary:
     victim_val_acc: float
     n_trials: int
     trials_file: str | None = None
+    goal: str | None = None
+    id_compute: float | None = None
+    baseline_id_compute: float | None = None
+    front_size: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form; a single-objective search keeps the record's older form (no three-way keys)."""
+        data = asdict(self)
+        if self.goal is None:
+            for key in ("goal", "id_compute", "baseline_id_compute", "front_size"):
+                data.pop(key)
+        return data
 
 
 @dataclass(frozen=True)
@@ -160,6 +176,8 @@ class Provenance:
         data: dict[str, Any] = asdict(self)
         if self.guard is not None:
             data["guard"] = self.guard.to_json()
+        if self.search is not None:
+            data["search"] = self.search.to_json()
         return data
 
     @classmethod

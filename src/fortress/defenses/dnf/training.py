@@ -93,6 +93,11 @@ class DNFTrainConfig:
         w = self.weights
         if w.alpha < 0 or w.tau < 0 or w.kl_weight < 0 or not 0 < w.ood_prob_floor < 1 or w.ood_kl_cap <= 0:
             raise ConfigError(f"invalid loss weights {w}")
+        if w.distill < 0 or (w.id_confident_from is not None and w.id_confident_from < 1):
+            raise ConfigError(
+                f"loss weights need distill >= 0 and id_confident_from >= 1 (exit 0 stays uncertain on ID data), "
+                f"got distill={w.distill}, id_confident_from={w.id_confident_from}"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
