@@ -847,3 +847,12 @@ def test_distillation_pulls_intermediate_exits_to_the_final_answers() -> None:
     torch.testing.assert_close(id_loss(out, y, w, [0, 1, 2]).total - base.total, 0.5 * kl / 3)
     with pytest.raises(ConfigError, match="id_confident_from >= 1"):
         DNFTrainConfig(weights=dataclasses.replace(W0, id_confident_from=0))
+
+
+def test_id_kl_until_drops_the_id_kl_from_that_exit_on() -> None:
+    out, y = hand_exits(), labels()
+    w = DNFLossWeights(alpha=0.0, kl_weight=1.0)
+    full = id_loss(out, y, w, [0, 1])
+    cut = id_loss(out, y, dataclasses.replace(w, id_kl_until=1), [0, 1])
+    torch.testing.assert_close(cut.kl, gaussian_kl(out.heads[0].mu, out.heads[0].logvar).mean() / 2)
+    torch.testing.assert_close(full.total - cut.total, gaussian_kl(out.heads[1].mu, out.heads[1].logvar).mean() / 2)

@@ -123,3 +123,45 @@ def test_cli_refuses_a_negative_budget_before_anything_is_written(tmp_path: Path
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "max_utility_drop (points of ID validation accuracy) must be in [0, 100], got -1.0" in res.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["vib", "plain"])
+@pytest.mark.parametrize("hidden", [None, 8])
+def test_scaling_a_head_scales_its_logits(kind: str, hidden: int | None) -> None:
+    from fortress.defenses.dnf.calibration import scale_head
+    from fortress.exits.heads import ExitHead
+
+    torch.manual_seed(0)
+    head = ExitHead((4, 3, 3), 5, kind=kind, hidden=hidden).eval()  # type: ignore[arg-type]
+    h = torch.randn(6, 4, 3, 3)
+    before = head(h).logits
+    scale_head(head, 0.25)
+    torch.testing.assert_close(head(h).logits, 0.25 * before)
+
+
+def test_calibration_fits_exits_from_one_on_and_is_recorded(tmp_path: Path) -> None:
+    from fortress.defenses.dnf.calibration import calibrate_exits, fit_temperature
+
+    d = data()
+    dnf = trained(0.9)
+    before = dnf.net.forward_all(d.x_val).logits
+    temps = calibrate_exits(dnf, d.x_val, d.y_val)
+    after = dnf.net.forward_all(d.x_val).logits
+    assert temps[0] == 1.0 and all(t != 1.0 for t in temps[1:])
+    torch.testing.assert_close(after[0], before[0])  # exit 0 and the final exit are left alone
+    torch.testing.assert_close(after[-1], before[-1])
+    for j in range(1, dnf.num_exits - 1):
+        torch.testing.assert_close(after[j], before[j] / temps[j], rtol=1e-4, atol=1e-5)
+        assert torch.equal(after[j].argmax(1), before[j].argmax(1))
+        nll = torch.nn.functional.cross_entropy
+        assert nll(after[j], d.y_val) <= nll(before[j], d.y_val)
+        again = fit_temperature(after[j], d.y_val)  # a second fit finds (almost) nothing left to gain
+        assert nll(after[j] / again, d.y_val) >= nll(after[j], d.y_val) - 1e-3
+    with pytest.raises(ConfigError, match="calibrate_from must be >= 1"):
+        ProtectConfig(calibrate_from=0)
+    cfg = dict(train=TRAIN, ood=OOD, min_ood_exit0=0.0, max_attempts=1)
+    made = protect(victim(), data(), ProtectConfig(**cfg, calibrate_from=1), out=tmp_path / "c")
+    assert made.provenance is not None and made.provenance.temperatures is not None
+    loaded = load_defense(tmp_path / "c")
+    assert isinstance(loaded, DNF) and loaded.provenance == made.provenance
+    torch.testing.assert_close(loaded.net.forward_all(d.x_val).logits, made.net.forward_all(d.x_val).logits)

@@ -64,6 +64,9 @@ class DNFLossWeights:
         distill: weight of a distillation term on ID data at the exits from ``id_confident_from``
             on (from 1 if ``None``): ``KL(p_final ‖ p_i)`` with the final exit's (frozen) answers as
             targets, so early answers agree with the model's own final answers. 0: off (the paper).
+        id_kl_until: the ID KL term of Eq. 6 applies at exits before this one only (``None``: at
+            every exit, the paper). With one linear layer per head the VIB latent is the logits, and
+            the KL to ``N(0, I)`` keeps ID logits small, so ID answers stay flat at every head.
     """
 
     alpha: float = 0.1
@@ -75,6 +78,7 @@ class DNFLossWeights:
     ood_likelihood_at_first: bool = False
     id_confident_from: int | None = None
     distill: float = 0.0
+    id_kl_until: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ def id_loss(out: AllExits, y: Tensor, w: DNFLossWeights, exits: list[int]) -> Lo
     target = F.softmax(reg[e - 1].detach(), dim=1) if w.distill > 0 else None
     for i in exits:
         ce = ce + F.cross_entropy(out.logits[i], y)
-        k = _kl(out, i)
+        k = _kl(out, i) if w.id_kl_until is None or i < w.id_kl_until else None
         if k is not None:
             kl = kl + k.mean()
         ent = ent + _sign(i, e, w.id_confident_from) * entropy(reg[i]).mean()

@@ -158,6 +158,8 @@ class Provenance:
         search: the threshold search's result (``None``: not run).
         selection: the candidates and the probe's choice (``None``: one training, no probe);
             ``attempts`` and ``guard`` are then the kept candidate's.
+        temperatures: per-head temperatures folded into the heads before the guard (1.0: left
+            alone; ``None``: no calibration, and the record is written without the key).
     """
 
     attempts: tuple[Attempt, ...]
@@ -165,6 +167,7 @@ class Provenance:
     guard: GuardResult | None = None
     search: SearchSummary | None = None
     selection: Selection | None = None
+    temperatures: tuple[float, ...] | None = None
 
     @property
     def accepted(self) -> bool:
@@ -178,6 +181,8 @@ class Provenance:
             data["guard"] = self.guard.to_json()
         if self.search is not None:
             data["search"] = self.search.to_json()
+        if self.temperatures is None:
+            data.pop("temperatures")
         return data
 
     @classmethod
@@ -212,6 +217,9 @@ class Provenance:
                     }
                 ),
                 selection=None if selection is None else _selection(selection),
+                temperatures=None
+                if data.get("temperatures") is None
+                else tuple(float(t) for t in data["temperatures"]),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"not a DNF provenance record: {exc}") from exc

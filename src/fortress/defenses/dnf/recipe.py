@@ -155,6 +155,9 @@ class ProtectConfig:
             long as the defended accuracy stays at least the victim's minus this. 0: zero tolerance, no
             head may answer a validation image wrongly that the victim answers rightly (the search then
             keeps its own ``tolerance``).
+        calibrate_from: fit a temperature to every head from this one on, on the ID validation
+            split, before the guard (:func:`~fortress.defenses.dnf.calibration.calibrate_exits`);
+            ``None``: off.
         min_ood_exit0: acceptance check on the defender's own data: after training, at least this
             share of fresh samples from the OOD source must leave at exit 0, else the heads are
             re-initialised with the next seed and retrained (0 turns the check off).
@@ -172,6 +175,7 @@ class ProtectConfig:
     train_final_exit: bool = False
     utility_guard: bool = True
     max_utility_drop: float = 0.5
+    calibrate_from: int | None = None
     min_ood_exit0: float = 0.5
     max_attempts: int = 3
     train: DNFTrainConfig = field(default_factory=DNFTrainConfig)
@@ -187,6 +191,10 @@ class ProtectConfig:
         if not 0.0 <= self.max_utility_drop <= 100.0:
             raise ConfigError(
                 f"max_utility_drop (points of ID validation accuracy) must be in [0, 100], got {self.max_utility_drop}"
+            )
+        if self.calibrate_from is not None and self.calibrate_from < 1:
+            raise ConfigError(
+                f"calibrate_from must be >= 1 (exit 0 stays as trained) or None, got {self.calibrate_from}"
             )
         if self.hidden is not None and self.hidden < 1:
             raise ConfigError(f"hidden (head width) must be >= 1 or None, got {self.hidden}")
@@ -257,10 +265,17 @@ def build_ood(
     return dcgan if cfg.kind == "dcgan" else MixtureOOD([dcgan, noise])
 
 
-def _guard(dnf: DNF, data: DefenderData, cfg: ProtectConfig) -> GuardResult | None:
+def _guard(dnf: DNF, data: DefenderData, cfg: ProtectConfig) -> tuple[GuardResult | None, tuple[float, ...] | None]:
+    """Calibrate the intermediate exits (if configured), then run the utility guard (if on)."""
+    temps = None
+    if cfg.calibrate_from is not None:
+        from fortress.defenses.dnf.calibration import calibrate_exits
+
+        temps = calibrate_exits(dnf, data.x_val, data.y_val, first=cfg.calibrate_from)
+        log.info("exit temperatures %s", [round(t, 4) for t in temps])
     if not cfg.utility_guard:
-        return None
-    return guard_utility(dnf, data.x_val, data.y_val, max_utility_drop=cfg.max_utility_drop)
+        return None, temps
+    return guard_utility(dnf, data.x_val, data.y_val, max_utility_drop=cfg.max_utility_drop), temps
 
 
 def _search_config(cfg: ProtectConfig) -> ThresholdSearchConfig | None:
@@ -413,13 +428,13 @@ def _select(
     on_step: Callable[[StepInfo], None] | None,
 ) -> DNF:
     """Train ``select.candidates`` accepted, guarded DNFs; keep the one the extraction probe extracts least from."""
-    made: list[tuple[DNF, Candidate, GuardResult | None]] = []
+    made: list[tuple[DNF, Candidate, tuple[GuardResult | None, tuple[float, ...] | None]]] = []
     for j in range(select.candidates):
         seed = cfg.train.seed + CANDIDATE_SEED_STRIDE * j
         where = checkpoints if checkpoints is None or j == 0 else checkpoints / f"candidate-{j}"
         t0 = time.perf_counter()
         dnf, attempts = _train_accepted(victim, data, cfg, ood, seed, where, resume, on_step)
-        guard = _guard(dnf, data, cfg)
+        adjusted = _guard(dnf, data, cfg)
         t1 = time.perf_counter()
         result = extraction_probe(dnf, data.x_val, data.y_val, select.probe)
         accepted = any(a.ood_exit0 >= cfg.min_ood_exit0 for a in attempts)
@@ -431,12 +446,12 @@ def _select(
             100 * result.student_acc,
             [round(v, 3) for v in result.exit_hist],
         )
-        made.append((dnf, cand, guard))
+        made.append((dnf, cand, adjusted))
     pool = [i for i, (_, c, _) in enumerate(made) if c.accepted] or list(range(len(made)))
     chosen = min(pool, key=lambda i: (made[i][1].probe_student_acc, i))
-    dnf, cand, guard = made[chosen]
+    dnf, cand, (guard, temps) = made[chosen]
     selection = Selection(tuple(c for _, c, _ in made), chosen, asdict(select.probe))
-    dnf.provenance = Provenance(cand.attempts, cfg.min_ood_exit0, guard=guard, selection=selection)
+    dnf.provenance = Provenance(cand.attempts, cfg.min_ood_exit0, guard=guard, selection=selection, temperatures=temps)
     return dnf
 
 
@@ -483,8 +498,8 @@ def protect(
     ckpt = None if out is None else out / CHECKPOINTS_DIR
     if cfg.select is None:
         dnf, attempts = _train_accepted(victim, data, cfg, ood, cfg.train.seed, ckpt, resume, on_step)
-        guard = _guard(dnf, data, cfg)
-        dnf.provenance = Provenance(tuple(attempts), cfg.min_ood_exit0, guard=guard)
+        guard, temps = _guard(dnf, data, cfg)
+        dnf.provenance = Provenance(tuple(attempts), cfg.min_ood_exit0, guard=guard, temperatures=temps)
     else:
         dnf = _select(victim, data, cfg, cfg.select, ood, ckpt, resume, on_step)
     if out is not None:
