@@ -3,6 +3,7 @@ within ``max_utility_drop`` points of the victim's; a zero budget is the zero-to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -165,3 +166,18 @@ def test_calibration_fits_exits_from_one_on_and_is_recorded(tmp_path: Path) -> N
     loaded = load_defense(tmp_path / "c")
     assert isinstance(loaded, DNF) and loaded.provenance == made.provenance
     torch.testing.assert_close(loaded.net.forward_all(d.x_val).logits, made.net.forward_all(d.x_val).logits)
+
+
+def test_early_id_exits_apply_only_with_a_budget() -> None:
+    from fortress.defenses.dnf.recipe import effective
+
+    zero = ProtectConfig(max_utility_drop=0.0)
+    assert effective(zero) is zero  # a zero budget is today's recipe
+    off = ProtectConfig(early_id_exits=False)
+    assert effective(off) is off
+    on = effective(ProtectConfig())
+    w = on.train.weights
+    assert (w.id_kl_until, w.id_confident_from, w.distill, on.calibrate_from) == (1, 1, 1.0, 1)
+    custom = ProtectConfig(train=DNFTrainConfig(weights=dataclasses.replace(w, id_kl_until=2, distill=0.3)))
+    kept = effective(custom).train.weights
+    assert (kept.id_kl_until, kept.distill) == (2, 0.3)  # values set by hand are kept

@@ -68,7 +68,7 @@ from fortress.generative.dcgan import DCGANGenerator, load_generator, save_gener
 from fortress.generative.ood import GeneratorOOD, MixtureOOD, NoiseOOD, OODSource, PoolOOD
 from fortress.models.staged import StagedBackbone
 
-__all__ = ["OODConfig", "ProtectConfig", "SelectConfig", "build_ood", "guard_utility", "protect"]
+__all__ = ["OODConfig", "ProtectConfig", "SelectConfig", "build_ood", "effective", "guard_utility", "protect"]
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,11 @@ class ProtectConfig:
             long as the defended accuracy stays at least the victim's minus this. 0: zero tolerance, no
             head may answer a validation image wrongly that the victim answers rightly (the search then
             keeps its own ``tolerance``).
+        early_id_exits: with a utility budget (``max_utility_drop > 0``), train the intermediate
+            exits to answer ID queries (:meth:`effective`): the ID KL term only at exit 0, ID
+            confident and distilled from the final exit at exits 1…, and a temperature fitted to
+            each of them. Exit 0 keeps the paper's objective, so it keeps catching attack queries.
+            With a zero budget it does nothing (today's recipe).
         calibrate_from: fit a temperature to every head from this one on, on the ID validation
             split, before the guard (:func:`~fortress.defenses.dnf.calibration.calibrate_exits`);
             ``None``: off.
@@ -175,6 +180,7 @@ class ProtectConfig:
     train_final_exit: bool = False
     utility_guard: bool = True
     max_utility_drop: float = 0.5
+    early_id_exits: bool = True
     calibrate_from: int | None = None
     min_ood_exit0: float = 0.5
     max_attempts: int = 3
@@ -198,6 +204,25 @@ class ProtectConfig:
             )
         if self.hidden is not None and self.hidden < 1:
             raise ConfigError(f"hidden (head width) must be >= 1 or None, got {self.hidden}")
+
+
+def effective(cfg: ProtectConfig) -> ProtectConfig:
+    """``cfg`` with ``early_id_exits`` applied: the loss options and calibration it implies, where
+    they are left at the paper's values (a zero budget or ``early_id_exits=False``: ``cfg`` itself)."""
+    if not cfg.early_id_exits or cfg.max_utility_drop == 0:
+        return cfg
+    w = cfg.train.weights
+    weights = replace(
+        w,
+        id_kl_until=1 if w.id_kl_until is None else w.id_kl_until,
+        id_confident_from=1 if w.id_confident_from is None else w.id_confident_from,
+        distill=1.0 if w.distill == 0 else w.distill,
+    )
+    return replace(
+        cfg,
+        train=replace(cfg.train, weights=weights),
+        calibrate_from=1 if cfg.calibrate_from is None else cfg.calibrate_from,
+    )
 
 
 def _dcgan_settings(cfg: OODConfig) -> dict[str, object]:
@@ -485,7 +510,7 @@ def protect(
         ConfigError: a setting is invalid (raised before anything trains).
         ArtifactError: a saved DCGAN or checkpoint in ``out`` is corrupt or was made with other settings.
     """
-    cfg = config or ProtectConfig()
+    cfg = effective(config or ProtectConfig())
     out = None if out is None else Path(out)
     query = _check(victim, data, cfg)
     ood = build_ood(
