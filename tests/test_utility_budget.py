@@ -181,3 +181,10 @@ def test_early_id_exits_apply_only_with_a_budget() -> None:
     custom = ProtectConfig(train=DNFTrainConfig(weights=dataclasses.replace(w, id_kl_until=2, distill=0.3)))
     kept = effective(custom).train.weights
     assert (kept.id_kl_until, kept.distill) == (2, 0.3)  # values set by hand are kept
+
+
+def test_training_records_written_without_the_new_loss_options_at_their_paper_values() -> None:
+    plain = DNFTrainConfig().as_dict()["weights"]
+    assert not {"id_confident_from", "distill", "id_kl_until"} & set(plain)
+    set_ = DNFTrainConfig(weights=dataclasses.replace(DNFTrainConfig().weights, distill=0.5)).as_dict()["weights"]
+    assert set_["distill"] == 0.5 and "id_kl_until" not in set_

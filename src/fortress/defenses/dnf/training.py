@@ -29,6 +29,8 @@ __all__ = ["DNFTrainConfig", "DNFTrainReport", "StepInfo", "train_dnf", "trainab
 
 log = logging.getLogger(__name__)
 
+#: Loss options beyond the paper, with the values that keep Eq. 6 as written.
+EARLY_EXIT_DEFAULTS: dict[str, Any] = {"id_confident_from": None, "distill": 0.0, "id_kl_until": None}
 #: Checkpoint files: ``dnf-checkpoint.json`` naming ``dnf-checkpoint-e<epoch>.safetensors``.
 CKPT_NAME = "dnf-checkpoint"
 CKPT_STATE = f"{CKPT_NAME}.json"
@@ -100,8 +102,13 @@ class DNFTrainConfig:
             )
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return asdict(self)
+        """JSON-ready form. Loss options left at the paper's values are not written, so a config
+        without them is recorded (and matched by checkpoints) as before the options existed."""
+        data = asdict(self)
+        for key, default in EARLY_EXIT_DEFAULTS.items():
+            if data["weights"][key] == default:
+                del data["weights"][key]
+        return data
 
 
 @dataclass
