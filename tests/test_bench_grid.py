@@ -284,3 +284,17 @@ def test_seeded_params_set_every_seed_of_the_build_and_only_those_that_differ() 
     params = {"train": {"epochs": 1}}
     seeded_params("dnf", params, 7)
     assert params == {"train": {"epochs": 1}}  # the caller's table is not modified
+
+
+def test_dnf_cells_key_the_utility_budget_and_a_zero_budget_keeps_the_earlier_keys(tmp_path: Path) -> None:
+    from fortress.bench.grid import defense_key_params
+
+    assert DefenseSpec("dnf").canonical()["params"] == {"max_utility_drop": 0.5}  # the default, written out
+    assert DefenseSpec("dnf", params={"max_utility_drop": 0.5}).canonical() == DefenseSpec("dnf").canonical()
+    pinned = DefenseSpec("dnf", params={"max_utility_drop": 0, "train": {"epochs": 4}})
+    assert pinned.canonical()["params"] == {"train": {"epochs": 4}}  # as keyed before the budget existed
+    assert defense_key_params("randp", {"max_utility_drop": 0}) == {"max_utility_drop": 0}  # DNF's option only
+    text = GRID.replace("params = { train = { epochs = 1 }", "params = { max_utility_drop = 0, train = { epochs = 1 }")
+    cell = next(c for c in expand_grid(_grid(tmp_path, text)) if c.defense.display == "dnf")
+    again = Cell.from_dict(cell.to_dict())  # what a worker rebuilds keeps the pinned budget
+    assert again == cell and again.defense.params["max_utility_drop"] == 0 and again.key == cell.key

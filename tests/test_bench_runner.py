@@ -209,3 +209,11 @@ def test_bench_speed_times_defenses_side_by_side(tiny: Any, tmp_path: Path) -> N
     assert {f["traffic"] for f in data["forward"]} == {"id_test", "dfme_synthetic", "noise"}
     assert all(f["speedup"] > 0 and abs(sum(f["exit_hist"]) - 1) < 1e-6 for f in data["forward"])
     assert "forward_all vs forward_dynamic" in res.output
+    flops = {(c["defense"], c["traffic"]): c for c in data["flops"]}
+    assert set(flops) == set(costs) and all(flops[("undefended", t)]["ratio"] == 1.0 for t in ("id_test", "noise"))
+    [exits] = data["exits"]
+    assert exits["defense"] == "dnf" and exits["mflops"] == sorted(exits["mflops"])
+    for t, hist in exits["exit_hist"].items():  # per query: the per-exit costs weighted by where queries left
+        mixed = sum(h * m for h, m in zip(hist, exits["mflops"], strict=True))
+        assert abs(flops[("dnf", t)]["mflops_per_query"] - mixed) < 1e-3 * mixed
+    assert "MFLOPs per query" in res.output

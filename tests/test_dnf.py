@@ -827,3 +827,32 @@ def test_mixture_ood_rejects_bad_weights(weights: list[float]) -> None:
 def test_mixture_ood_needs_a_source() -> None:
     with pytest.raises(ConfigError):
         MixtureOOD([])
+
+
+@pytest.mark.parametrize("i", range(E))
+def test_id_confident_from_makes_id_confident_from_that_exit_on(i: int) -> None:
+    out, y = hand_exits(), labels()
+    w = dataclasses.replace(W0, id_confident_from=1)
+    sign = 1.0 if i >= 1 else -1.0  # exit 0 stays uncertain on ID data
+    torch.testing.assert_close(id_loss(out, y, w, [i]).entropy, sign * entropy(out.mean_logits[i]).mean())
+    torch.testing.assert_close(ood_loss(out, y, w, [i]).total, ood_loss(out, y, W0, [i]).total)  # OOD unchanged
+
+
+def test_distillation_pulls_intermediate_exits_to_the_final_answers() -> None:
+    out, y = hand_exits(), labels()
+    w = dataclasses.replace(W0, id_confident_from=1, distill=0.5)
+    base = id_loss(out, y, dataclasses.replace(w, distill=0.0), [0, 1, 2])
+    target = torch.softmax(out.mean_logits[2], 1)
+    kl = F.kl_div(F.log_softmax(out.mean_logits[1], 1), target, reduction="batchmean")  # exit 1 only
+    torch.testing.assert_close(id_loss(out, y, w, [0, 1, 2]).total - base.total, 0.5 * kl / 3)
+    with pytest.raises(ConfigError, match="id_confident_from >= 1"):
+        DNFTrainConfig(weights=dataclasses.replace(W0, id_confident_from=0))
+
+
+def test_id_kl_until_drops_the_id_kl_from_that_exit_on() -> None:
+    out, y = hand_exits(), labels()
+    w = DNFLossWeights(alpha=0.0, kl_weight=1.0)
+    full = id_loss(out, y, w, [0, 1])
+    cut = id_loss(out, y, dataclasses.replace(w, id_kl_until=1), [0, 1])
+    torch.testing.assert_close(cut.kl, gaussian_kl(out.heads[0].mu, out.heads[0].logvar).mean() / 2)
+    torch.testing.assert_close(full.total - cut.total, gaussian_kl(out.heads[1].mu, out.heads[1].logvar).mean() / 2)

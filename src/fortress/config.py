@@ -441,6 +441,8 @@ def protect_overrides(
     thresholds: tuple[float, ...] | None = None,
     search: bool = False,
     search_trials: int | None = None,
+    max_utility_drop: float | None = None,
+    objective: str | None = None,
 ) -> ProtectConfig:
     """A :class:`ProtectConfig` with the ``fortress protect`` options laid over it (``None``: keep).
 
@@ -453,6 +455,9 @@ def protect_overrides(
         thresholds: per-head exit thresholds.
         search: search thresholds with SMAC3 after training (the config's search settings or the defaults).
         search_trials: threshold-search trials (implies ``search``).
+        max_utility_drop: the utility budget in points of ID validation accuracy.
+        objective: run the three-way threshold search and apply its ``protection``, ``efficiency``
+            or ``pareto`` point (implies ``search``).
 
     Raises:
         ConfigError: a value the config does not accept.
@@ -472,6 +477,10 @@ def protect_overrides(
         overrides = _merged(overrides, {"ood": {"kind": ood}})
     if thresholds is not None:
         overrides["thresholds"] = list(thresholds)
-    if search or search_trials is not None:
+    if search or search_trials is not None or objective is not None:
         overrides["search"] = {} if search_trials is None else {"n_trials": search_trials}
+        if objective is not None:
+            overrides["search"]["goal"] = objective
+    if max_utility_drop is not None:
+        overrides["max_utility_drop"] = max_utility_drop
     return merge_overrides(cfg, overrides)

@@ -120,7 +120,7 @@ class DefenseSpec:
 
     def canonical(self) -> dict[str, Any]:
         """What defines the build and its label (``train_seeds`` is expanded into ``params`` per cell)."""
-        return {"name": self.name, "label": self.label, "params": to_dict(self.params)}
+        return {"name": self.name, "label": self.label, "params": defense_key_params(self.name, self.params)}
 
     def for_seed(self, seed: int | None) -> DefenseSpec:
         """This defense built with training seed ``seed`` (``None``: as its ``params`` say), one build."""
@@ -373,7 +373,9 @@ class Cell:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for task arguments and records); inverse of :meth:`from_dict`."""
         labels = {"strategy": self.strategy, "variant": self.variant} if self.strategy or self.variant else {}
-        return {"grid": self.grid, **self.canonical(), "defense_seed": self.defense_seed, **labels}
+        defense = {"name": self.defense.name, "label": self.defense.label, "params": to_dict(self.defense.params)}
+        plain = {**self.canonical(), "defense": defense}  # the parameters as given, not as keyed
+        return {"grid": self.grid, **plain, "defense_seed": self.defense_seed, **labels}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Cell:
@@ -390,6 +392,27 @@ class Cell:
             strategy=data.get("strategy"),
             variant=data.get("variant"),
         )
+
+
+def defense_key_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A defense's parameters as cell and build keys see them.
+
+    DNF's utility budget (``ProtectConfig.max_utility_drop``, default 0.5) is written with its
+    resolved value when it is not zero, and left out when it is zero: the zero-tolerance guard was
+    the only recipe before the budget existed, so cells that pin ``max_utility_drop = 0`` keep the
+    keys (and ``--resume`` the records) they had, and cells that leave the budget at its default
+    get new keys instead of being matched to records made without it.
+    """
+    out: dict[str, Any] = to_dict(params)
+    if name == "dnf":
+        from fortress.defenses.dnf.recipe import ProtectConfig
+
+        budget = out.get("max_utility_drop", ProtectConfig().max_utility_drop)
+        if budget == 0:
+            out.pop("max_utility_drop", None)
+        else:
+            out["max_utility_drop"] = budget
+    return out
 
 
 def victim_key_view(victim: VictimConfig) -> dict[str, Any]:
@@ -424,7 +447,11 @@ def defense_artifact_key(victim: VictimConfig, defense: DefenseSpec) -> str:
     """Cache directory name of a defense built on a victim (the label does not matter): ``<name>-<hash>``."""
     if defense.train_seeds is not None:
         raise ConfigError(f"defense {defense.display!r}: pick one training seed (for_seed) before keying its build")
-    data = {"victim": victim_key_view(victim), "name": defense.name, "params": to_dict(defense.params)}
+    data = {
+        "victim": victim_key_view(victim),
+        "name": defense.name,
+        "params": defense_key_params(defense.name, defense.params),
+    }
     return f"{defense.name}-{config_hash(data, length=12)}"
 
 

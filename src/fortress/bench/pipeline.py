@@ -233,9 +233,10 @@ def protect(
     )
     search = None if dnf.provenance is None else dnf.provenance.search
     if out is not None and search is not None and search.trials_file is not None:
-        from fortress.bench.threshold_plot import plot_threshold_search
+        from fortress.bench.threshold_plot import plot_pareto, plot_threshold_search
 
-        plot_threshold_search(Path(out) / search.trials_file)
+        plot = plot_threshold_search if search.goal is None else plot_pareto
+        plot(Path(out) / search.trials_file)
     return dnf
 
 

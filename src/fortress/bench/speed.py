@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fortress.bench.flops import DefenseFlops, ExitFlops, count_flops, defense_flops, exit_flops
 from fortress.data.spec import DataSpec
 from fortress.defenses.base import Defense
 from fortress.exits.network import EarlyExitNet
@@ -81,7 +82,7 @@ def compare_forward_speed(
             dt = time.perf_counter() - t0
             if r >= warmup:
                 (t_all if which == 0 else t_dyn).append(dt)
-    exits = torch.cat([net.forward_dynamic(b)[1] for b in batches])
+    exits = torch.cat([net.forward_dynamic(x[i : i + batch_size])[1] for i in range(0, x.shape[0], batch_size)])
     hist = (torch.bincount(exits, minlength=net.num_exits).float() / exits.numel()).tolist()
     a, d = statistics.median(t_all), statistics.median(t_dyn)
     return SpeedReport(batch_size, repeats, 1e3 * a, 1e3 * d, a / d, hist, torch.get_num_threads())
@@ -114,6 +115,9 @@ class SpeedSuite:
         threads: torch threads.
         costs: per-query cost of every defense on every traffic, with its ratio to undefended.
         forward: ``forward_all`` vs ``forward_dynamic`` per traffic, for each defense with an early-exit net.
+        flops: FLOPs per query of every defense on every traffic, with its ratio to undefended
+            (counted by :mod:`torch.utils.flop_counter`, independent of machine load).
+        exits: per early-exit defense, FLOPs of a query answered at each exit and each traffic's exit shares.
         skipped: defense name → why it was not timed.
         device: where it ran (:func:`fortress.device.device_facts`).
     """
@@ -123,6 +127,8 @@ class SpeedSuite:
     threads: int
     costs: list[DefenseCost] = field(default_factory=list)
     forward: list[dict[str, Any]] = field(default_factory=list)
+    flops: list[DefenseFlops] = field(default_factory=list)
+    exits: list[ExitFlops] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     device: dict[str, Any] = field(default_factory=dict)
 
@@ -243,9 +249,15 @@ def bench_speed(
         built = {"undefended": built["undefended"], **{k: v for k, v in built.items() if k != "undefended"}}
     traffic = {k: v.to(dev) for k, v in speed_traffic(victim.input_shape, n, id_images=resolved.test.x).items()}
     suite.costs = compare_defense_costs(built, traffic, batch_size=batch_size, repeats=repeats)
+    suite.flops = defense_flops(built, traffic, batch_size=batch_size)
+    base = count_flops(victim, torch.zeros(1, *victim.input_shape)) / 1e6
     for name, d in built.items():
         if isinstance(d, DNF):
+            hists: dict[str, list[float]] = {}
             for tname, x in traffic.items():
                 rep = compare_forward_speed(d.net, x, batch_size=batch_size, repeats=repeats)
                 suite.forward.append({"defense": name, "traffic": tname, **rep.as_dict()})
+                hists[tname] = rep.exit_hist
+            per_exit = exit_flops(d.net)
+            suite.exits.append(ExitFlops(name, per_exit, [v / base for v in per_exit], hists))
     return suite

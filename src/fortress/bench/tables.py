@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from fortress.bench.flops import ExitFlops
     from fortress.bench.records import ResultRecord
     from fortress.bench.speed import SpeedSuite
     from fortress.bench.timing import TimingReport
@@ -91,8 +92,12 @@ def speed_tables(suite: SpeedSuite) -> list[Table]:
         cells = {c.traffic: c for c in suite.costs if c.defense == name}
         ratio = {t: "" if cells[t].ratio is None else f" (×{cells[t].ratio:.2f})" for t in traffic}
         cost.add_row(name, *(f"{cells[t].ms_per_1k:.1f}{ratio[t]}" for t in traffic))
+    tables = [cost]
+    if suite.flops:
+        tables.append(_flops_table(suite))
+    tables += [_exit_table(e) for e in suite.exits]
     if not suite.forward:
-        return [cost]
+        return tables
     fwd = Table(title="forward_all vs forward_dynamic (median ms per batch; speed-up > 1: dynamic is faster)")
     for col in ("defense", "traffic", "all ms", "dynamic ms", "speed-up", "exits %"):
         fwd.add_column(col, justify="left" if col in ("defense", "traffic") else "right")
@@ -105,7 +110,28 @@ def speed_tables(suite: SpeedSuite) -> list[Table]:
             f"{f['speedup']:.2f}",
             exit_hist(f["exit_hist"]),
         )
-    return [cost, fwd]
+    return [*tables, fwd]
+
+
+def _flops_table(suite: SpeedSuite) -> Table:
+    traffic = list(dict.fromkeys(c.traffic for c in suite.flops))
+    table = Table(title="defense compute, MFLOPs per query (× undefended) · torch.utils.flop_counter")
+    for col in ("defense", *traffic):
+        table.add_column(col, justify="left" if col == "defense" else "right")
+    for name in dict.fromkeys(c.defense for c in suite.flops):
+        cells = {c.traffic: c for c in suite.flops if c.defense == name}
+        ratio = {t: "" if cells[t].ratio is None else f" (×{cells[t].ratio:.2f})" for t in traffic}
+        table.add_row(name, *(f"{cells[t].mflops_per_query:.3f}{ratio[t]}" for t in traffic))
+    return table
+
+
+def _exit_table(e: ExitFlops) -> Table:
+    table = Table(title=f"{e.defense}: MFLOPs of a query answered at each exit (× undefended), % of traffic there")
+    for col in ("exit", "MFLOPs", *e.exit_hist):
+        table.add_column(col, justify="right")
+    for j, (mf, r) in enumerate(zip(e.mflops, e.ratio, strict=True)):
+        table.add_row(str(j), f"{mf:.3f} (×{r:.2f})", *(f"{100 * h[j]:.1f}" for h in e.exit_hist.values()))
+    return table
 
 
 def timing_table(rep: TimingReport) -> Table:

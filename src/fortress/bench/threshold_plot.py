@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 
 from fortress.errors import ArtifactError
 
-__all__ = ["plot_threshold_search"]
+__all__ = ["plot_pareto", "plot_threshold_search"]
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -73,6 +73,62 @@ def plot_threshold_search(trials_path: Path, out: Path | None = None) -> Path:
     fig.tight_layout()
     path = Path(out) if out is not None else Path(trials_path).with_name("threshold_search.png")
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(front_path: Path, out: Path | None = None) -> Path:
+    """Draw the three-way threshold search written by :func:`~fortress.defenses.dnf.pareto_search.search_pareto`.
+
+    Surrogate clone accuracy against ID compute (× undefended) for every feasible trial, coloured by
+    the utility loss; the Pareto front, the paper-default thresholds and the chosen point are marked.
+
+    Args:
+        front_path: the ``threshold_pareto.jsonl`` record.
+        out: the PNG to write (default: ``threshold_pareto.png`` beside the record).
+
+    Returns:
+        The PNG's path.
+
+    Raises:
+        ArtifactError: the record is missing, not JSON lines, or holds no trials.
+    """
+    rows = _read(Path(front_path))
+    trials = [r for r in rows if r.get("kind") == "trial"]
+    if not trials:
+        raise ArtifactError(f"{front_path} holds no trials")
+    feas = [r for r in trials if r["feasible"]]
+    front = sorted((r for r in trials if r.get("on_front")), key=lambda r: float(r["id_compute"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sc = ax.scatter(
+        [float(r["id_compute"]) for r in feas],
+        [100 * float(r["surrogate"]) for r in feas],
+        c=[100 * float(r["utility_loss"]) for r in feas],
+        cmap="viridis",
+        s=16,
+        alpha=0.7,
+        label="feasible trials",
+    )
+    fig.colorbar(sc, ax=ax, label="utility loss (points)")
+    ax.plot(
+        [float(r["id_compute"]) for r in front],
+        [100 * float(r["surrogate"]) for r in front],
+        "o",
+        mfc="none",
+        mec="C3",
+        ms=9,
+        label="Pareto front",
+    )
+    for kind, marker, label in (("baseline", "s", "paper defaults"), ("chosen", "*", "chosen")):
+        r = next((x for x in rows if x.get("kind") == kind), None)
+        if r is not None:
+            ax.plot(float(r["id_compute"]), 100 * float(r["surrogate"]), marker, color="k", ms=11, label=label)
+    ax.set_xlabel("ID compute per query (× undefended FLOPs)")
+    ax.set_ylabel("surrogate clone accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out) if out is not None else Path(front_path).with_name("threshold_pareto.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -133,6 +133,17 @@ def protect_cmd(
         bool, typer.Option(help="Search exit thresholds with SMAC3 after training (paper App. H).")
     ] = False,
     search_trials: Annotated[int | None, typer.Option(help="Threshold-search trials (default 50).")] = None,
+    max_utility_drop: Annotated[
+        float | None,
+        typer.Option(help="Utility budget: points of ID validation accuracy early exits may cost (default 0.5)."),
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="Three-way threshold search (clone accuracy, ID compute, utility loss); apply its "
+            "protection, efficiency or pareto point (implies --search-thresholds)."
+        ),
+    ] = None,
     data: DataOption = None,
     data_option: DataOptions = None,
     threads: Threads = DEFAULT_THREADS,
@@ -156,6 +167,8 @@ def protect_cmd(
         thresholds=parse_floats(thresholds, "--thresholds"),
         search=search_thresholds,
         search_trials=search_trials,
+        max_utility_drop=max_utility_drop,
+        objective=objective,
     )
     with progress() as update:
         made = protect_saved(
@@ -166,3 +179,13 @@ def protect_cmd(
         f"ID exits (%) {exit_hist(made.exit_hist)}, thresholds {made.dnf.thresholds}",
         highlight=False,
     )
+    search = None if made.dnf.provenance is None else made.dnf.provenance.search
+    if search is not None and search.goal is not None and search.trials_file is not None:
+        plot = (out / search.trials_file).with_name("threshold_pareto.png")
+        console.print(
+            f"three-way search ({search.goal}): surrogate clone {100 * search.surrogate:.2f}% "
+            f"(paper defaults {100 * search.baseline_surrogate:.2f}%), ID compute ×{search.id_compute:.2f} "
+            f"(×{search.baseline_id_compute:.2f}), {search.front_size} points on the Pareto front → "
+            f"{out / search.trials_file}, {plot}",
+            highlight=False,
+        )

@@ -57,6 +57,16 @@ class DNFLossWeights:
             on LeNet-5/MNIST, exit 0 then settles on a two-class tie (max probability ≈ 0.5) and
             never fires for about half of the seeds. Default ``False``: exits 1… are pushed away
             from exit 0's labels, exit 0 itself only becomes confident and far from the prior.
+        id_confident_from: the first exit at which ID data are made *confident* (``K(i) = +1`` in
+            Eq. 6; exits before it keep ``K(i) = −1``, so exit 0 stays uncertain on ID data and keeps
+            catching attack queries). ``None``: the paper's Eq. 6, only the final exit confident,
+            which sends every ID query to the final exit (no compute saved on benign traffic).
+        distill: weight of a distillation term on ID data at the exits from ``id_confident_from``
+            on (from 1 if ``None``): ``KL(p_final ‖ p_i)`` with the final exit's (frozen) answers as
+            targets, so early answers agree with the model's own final answers. 0: off (the paper).
+        id_kl_until: the ID KL term of Eq. 6 applies at exits before this one only (``None``: at
+            every exit, the paper). With one linear layer per head the VIB latent is the logits, and
+            the KL to ``N(0, I)`` keeps ID logits small, so ID answers stay flat at every head.
     """
 
     alpha: float = 0.1
@@ -66,6 +76,9 @@ class DNFLossWeights:
     ood_kl_cap: float = 20.0
     mean_terms: bool = True
     ood_likelihood_at_first: bool = False
+    id_confident_from: int | None = None
+    distill: float = 0.0
+    id_kl_until: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,9 +91,10 @@ class LossTerms:
     entropy: Tensor
 
 
-def _sign(i: int, num_exits: int) -> float:
-    """``K(i)``: +1 at the final exit, −1 before it."""
-    return 1.0 if i == num_exits - 1 else -1.0
+def _sign(i: int, num_exits: int, confident_from: int | None = None) -> float:
+    """``K(i)``: +1 at the final exit (and from ``confident_from`` on), −1 before it."""
+    first = num_exits - 1 if confident_from is None else min(confident_from, num_exits - 1)
+    return 1.0 if i >= first else -1.0
 
 
 def _kl(out: AllExits, i: int) -> Tensor | None:
@@ -96,14 +110,21 @@ def id_loss(out: AllExits, y: Tensor, w: DNFLossWeights, exits: list[int]) -> Lo
     e = out.logits.shape[0]
     reg = out.mean_logits if w.mean_terms else out.logits
     ce = kl = ent = out.logits.new_zeros(())
+    distill = out.logits.new_zeros(())
+    first = 1 if w.id_confident_from is None else w.id_confident_from
+    target = F.softmax(reg[e - 1].detach(), dim=1) if w.distill > 0 else None
     for i in exits:
         ce = ce + F.cross_entropy(out.logits[i], y)
-        k = _kl(out, i)
+        k = _kl(out, i) if w.id_kl_until is None or i < w.id_kl_until else None
         if k is not None:
             kl = kl + k.mean()
-        ent = ent + _sign(i, e) * entropy(reg[i]).mean()
+        ent = ent + _sign(i, e, w.id_confident_from) * entropy(reg[i]).mean()
+        if target is not None and first <= i < e - 1:
+            distill = distill + F.kl_div(F.log_softmax(reg[i], dim=1), target, reduction="batchmean")
     n = max(len(exits), 1)
     total = (ce + w.kl_weight * kl + w.alpha * ent) / n
+    if target is not None:
+        total = total + w.distill * distill / n
     return LossTerms(total, ce / n, kl / n, ent / n)
 
 

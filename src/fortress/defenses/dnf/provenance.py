@@ -33,17 +33,32 @@ class Attempt:
 
 @dataclass(frozen=True)
 class GuardResult:
-    """The utility guard (``DNF`` thresholds raised so early exits cost no ID validation accuracy).
+    """The utility guard (``DNF`` thresholds raised so early exits cost at most a budget of ID validation accuracy).
 
     Attributes:
         before: thresholds before the guard.
         after: thresholds after it (never lower).
-        max_harm: validation images a head was still allowed to answer wrongly.
+        max_harm: validation images a head was still allowed to answer wrongly (zero budget).
+        max_utility_drop: the utility budget in points of accuracy (0: zero tolerance; such a record
+            is written without the budget's keys, as before the budget existed).
+        victim_val_acc: the victim's ID validation accuracy (with a budget).
+        val_acc: the defended ID validation accuracy after the guard (with a budget).
     """
 
     before: tuple[float, ...]
     after: tuple[float, ...]
     max_harm: int = 0
+    max_utility_drop: float = 0.0
+    victim_val_acc: float | None = None
+    val_acc: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form; a zero budget keeps the record's older form (no budget keys)."""
+        data = asdict(self)
+        if self.max_utility_drop == 0:
+            for key in ("max_utility_drop", "victim_val_acc", "val_acc"):
+                data.pop(key)
+        return data
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,10 @@ class SearchSummary:
         victim_val_acc: the victim's ID validation accuracy.
         n_trials: trials evaluated.
         trials_file: name of the JSONL record next to the saved model (``None``: not written).
+        goal: the three-way search's pick (``protection``, ``efficiency``, ``pareto``; ``None``: single objective).
+        id_compute: ID FLOPs per query over the undefended victim's with the applied thresholds (three-way search).
+        baseline_id_compute: the same for the reference thresholds.
+        front_size: points on the Pareto front (three-way search).
     """
 
     thresholds: tuple[float, ...]
@@ -114,6 +133,18 @@ class SearchSummary:
     victim_val_acc: float
     n_trials: int
     trials_file: str | None = None
+    goal: str | None = None
+    id_compute: float | None = None
+    baseline_id_compute: float | None = None
+    front_size: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form; a single-objective search keeps the record's older form (no three-way keys)."""
+        data = asdict(self)
+        if self.goal is None:
+            for key in ("goal", "id_compute", "baseline_id_compute", "front_size"):
+                data.pop(key)
+        return data
 
 
 @dataclass(frozen=True)
@@ -127,6 +158,8 @@ class Provenance:
         search: the threshold search's result (``None``: not run).
         selection: the candidates and the probe's choice (``None``: one training, no probe);
             ``attempts`` and ``guard`` are then the kept candidate's.
+        temperatures: per-head temperatures folded into the heads before the guard (1.0: left
+            alone; ``None``: no calibration, and the record is written without the key).
     """
 
     attempts: tuple[Attempt, ...]
@@ -134,6 +167,7 @@ class Provenance:
     guard: GuardResult | None = None
     search: SearchSummary | None = None
     selection: Selection | None = None
+    temperatures: tuple[float, ...] | None = None
 
     @property
     def accepted(self) -> bool:
@@ -143,6 +177,12 @@ class Provenance:
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (tuples as lists)."""
         data: dict[str, Any] = asdict(self)
+        if self.guard is not None:
+            data["guard"] = self.guard.to_json()
+        if self.search is not None:
+            data["search"] = self.search.to_json()
+        if self.temperatures is None:
+            data.pop("temperatures")
         return data
 
     @classmethod
@@ -163,6 +203,9 @@ class Provenance:
                     tuple(float(t) for t in guard["before"]),
                     tuple(float(t) for t in guard["after"]),
                     int(guard.get("max_harm", 0)),
+                    float(guard.get("max_utility_drop", 0.0)),
+                    _optional_float(guard.get("victim_val_acc")),
+                    _optional_float(guard.get("val_acc")),
                 ),
                 search=None
                 if search is None
@@ -174,9 +217,16 @@ class Provenance:
                     }
                 ),
                 selection=None if selection is None else _selection(selection),
+                temperatures=None
+                if data.get("temperatures") is None
+                else tuple(float(t) for t in data["temperatures"]),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"not a DNF provenance record: {exc}") from exc
+
+
+def _optional_float(v: Any) -> float | None:
+    return None if v is None else float(v)
 
 
 def _attempts(items: Any) -> tuple[Attempt, ...]:

@@ -9,8 +9,10 @@ measured here, and :func:`protect` runs them in order:
    ``min_ood_exit0`` of fresh OOD samples must leave at exit 0, else the heads are re-initialised
    with the next seed and trained again, up to ``max_attempts`` times (the best attempt is kept).
 3. **Utility guard** (beyond the paper, whose App. H searches thresholds under a utility
-   constraint): thresholds are raised so no head answers a held-out ID image wrongly that the
-   victim answers rightly (:func:`guard_utility`).
+   constraint): thresholds are raised until early exits cost at most ``max_utility_drop`` points
+   of held-out ID accuracy (default 0.5, the paper's Table 4 gap; 0: no head may answer a held-out
+   ID image wrongly that the victim answers rightly) (:func:`guard_utility`). The budget is also
+   the threshold search's tolerance.
 4. **Selection by an extraction probe** (optional, beyond the paper; ``ProtectConfig.select``):
    steps 2–3 run for several candidate trainings, each is attacked by the defender's own short
    data-free extraction (:func:`~fortress.defenses.dnf.probe.extraction_probe`), and the candidate
@@ -49,6 +51,7 @@ from torch import Tensor
 from fortress.data.defaults import fitted_options
 from fortress.data.registry import load_dataset
 from fortress.defenses.dnf.defense import DNF
+from fortress.defenses.dnf.guard import guard_utility
 from fortress.defenses.dnf.probe import ProbeConfig, extraction_probe
 from fortress.defenses.dnf.provenance import Attempt, Candidate, GuardResult, Provenance, SearchSummary, Selection
 from fortress.defenses.dnf.threshold_search import (
@@ -65,9 +68,8 @@ from fortress.generative.dcgan import CONFIG as DCGAN_CONFIG
 from fortress.generative.dcgan import DCGANGenerator, load_generator, save_generator, train_dcgan
 from fortress.generative.ood import GeneratorOOD, MixtureOOD, NoiseOOD, OODSource, PoolOOD
 from fortress.models.staged import StagedBackbone
-from fortress.tensors import check_labels
 
-__all__ = ["OODConfig", "ProtectConfig", "SelectConfig", "build_ood", "guard_utility", "protect"]
+__all__ = ["OODConfig", "ProtectConfig", "SelectConfig", "build_ood", "effective", "guard_utility", "protect"]
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +149,21 @@ class ProtectConfig:
         hidden: head hidden width (``None``: one linear layer, paper Table 6).
         thresholds: per-head thresholds (``None``: the paper's defaults for the data set).
         train_final_exit: train a copy of the final classifier too.
-        utility_guard: after training, raise thresholds so no head answers a held-out ID
-            validation image wrongly that the victim answers rightly (:func:`guard_utility`).
+        utility_guard: after training, raise thresholds so early exits cost at most
+            ``max_utility_drop`` of held-out ID validation accuracy (:func:`guard_utility`).
+        max_utility_drop: the utility budget, in points of ID validation accuracy (default 0.5, the
+            gap of the paper's Table 4): the guard and the threshold search accept early ID answers as
+            long as the defended accuracy stays at least the victim's minus this. 0: zero tolerance, no
+            head may answer a validation image wrongly that the victim answers rightly (the search then
+            keeps its own ``tolerance``).
+        early_id_exits: with a utility budget (``max_utility_drop > 0``), train the intermediate
+            exits to answer ID queries (:meth:`effective`): the ID KL term only at exit 0, ID
+            confident and distilled from the final exit at exits 1…, and a temperature fitted to
+            each of them. Exit 0 keeps the paper's objective, so it keeps catching attack queries.
+            With a zero budget it does nothing (today's recipe).
+        calibrate_from: fit a temperature to every head from this one on, on the ID validation
+            split, before the guard (:func:`~fortress.defenses.dnf.calibration.calibrate_exits`);
+            ``None``: off.
         min_ood_exit0: acceptance check on the defender's own data: after training, at least this
             share of fresh samples from the OOD source must leave at exit 0, else the heads are
             re-initialised with the next seed and retrained (0 turns the check off).
@@ -165,6 +180,9 @@ class ProtectConfig:
     thresholds: tuple[float, ...] | None = None
     train_final_exit: bool = False
     utility_guard: bool = True
+    max_utility_drop: float = 0.5
+    early_id_exits: bool = True
+    calibrate_from: int | None = None
     min_ood_exit0: float = 0.5
     max_attempts: int = 3
     train: DNFTrainConfig = field(default_factory=DNFTrainConfig)
@@ -177,8 +195,35 @@ class ProtectConfig:
             raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not 0.0 <= self.min_ood_exit0 <= 1.0:
             raise ConfigError(f"min_ood_exit0 (a share of OOD probes) must be in [0, 1], got {self.min_ood_exit0}")
+        if not 0.0 <= self.max_utility_drop <= 100.0:
+            raise ConfigError(
+                f"max_utility_drop (points of ID validation accuracy) must be in [0, 100], got {self.max_utility_drop}"
+            )
+        if self.calibrate_from is not None and self.calibrate_from < 1:
+            raise ConfigError(
+                f"calibrate_from must be >= 1 (exit 0 stays as trained) or None, got {self.calibrate_from}"
+            )
         if self.hidden is not None and self.hidden < 1:
             raise ConfigError(f"hidden (head width) must be >= 1 or None, got {self.hidden}")
+
+
+def effective(cfg: ProtectConfig) -> ProtectConfig:
+    """``cfg`` with ``early_id_exits`` applied: the loss options and calibration it implies, where
+    they are left at the paper's values (a zero budget or ``early_id_exits=False``: ``cfg`` itself)."""
+    if not cfg.early_id_exits or cfg.max_utility_drop == 0:
+        return cfg
+    w = cfg.train.weights
+    weights = replace(
+        w,
+        id_kl_until=1 if w.id_kl_until is None else w.id_kl_until,
+        id_confident_from=1 if w.id_confident_from is None else w.id_confident_from,
+        distill=1.0 if w.distill == 0 else w.distill,
+    )
+    return replace(
+        cfg,
+        train=replace(cfg.train, weights=weights),
+        calibrate_from=1 if cfg.calibrate_from is None else cfg.calibrate_from,
+    )
 
 
 def _dcgan_settings(cfg: OODConfig) -> dict[str, object]:
@@ -249,42 +294,24 @@ def build_ood(
     return dcgan if cfg.kind == "dcgan" else MixtureOOD([dcgan, noise])
 
 
-@torch.no_grad()
-def guard_utility(dnf: DNF, x_val: Tensor, y_val: Tensor, *, max_harm: int = 0) -> GuardResult:
-    """Raise ``dnf``'s thresholds so early exits do not cost utility on held-out ID data.
+def _guard(dnf: DNF, data: DefenderData, cfg: ProtectConfig) -> tuple[GuardResult | None, tuple[float, ...] | None]:
+    """Calibrate the intermediate exits (if configured), then run the utility guard (if on)."""
+    temps = None
+    if cfg.calibrate_from is not None:
+        from fortress.defenses.dnf.calibration import calibrate_exits
 
-    Goes beyond the paper (whose App. H searches thresholds under a utility constraint): head by
-    head, in depth order, the rows of ``(x_val, y_val)`` that would leave at head ``j`` are
-    checked against the final exit; while more than ``max_harm`` of them are answered wrongly by
-    the head but rightly by the final exit, head ``j``'s threshold is raised just above the
-    confidence of the most confident such row. Thresholds only ever go up.
+        temps = calibrate_exits(dnf, data.x_val, data.y_val, first=cfg.calibrate_from)
+        log.info("exit temperatures %s", [round(t, 4) for t in temps])
+    if not cfg.utility_guard:
+        return None, temps
+    return guard_utility(dnf, data.x_val, data.y_val, max_utility_drop=cfg.max_utility_drop), temps
 
-    Returns:
-        The thresholds before and after (the new ones are also set on ``dnf``).
 
-    Raises:
-        InvalidInput: ``y_val`` breaks the label contract (:func:`~fortress.tensors.check_labels`).
-    """
-    y_val = check_labels(y_val, len(x_val), dnf.num_classes, name="y_val")
-    before = tuple(dnf.thresholds)
-    logits = dnf.net.forward_all(x_val.to(dnf.device)).logits.to(x_val.device)  # (E, N, K)
-    conf = torch.softmax(logits, dim=2).amax(dim=2)  # (E, N)
-    pred = logits.argmax(dim=2)
-    final_ok = pred[-1] == y_val
-    thr = list(before)
-    pending = torch.ones(x_val.shape[0], dtype=torch.bool)
-    for j in range(len(thr)):
-        harmful = pending & (pred[j] != y_val) & final_ok
-        while True:
-            leaves = pending & (conf[j] >= thr[j])
-            bad = harmful & leaves
-            if int(bad.sum()) <= max_harm:
-                break
-            worst = torch.sort(conf[j][bad], descending=True).values[max_harm]
-            thr[j] = float(torch.nextafter(worst, torch.tensor(2.0)))
-        pending &= ~(conf[j] >= thr[j])
-    dnf.set_thresholds(thr)
-    return GuardResult(before, tuple(dnf.thresholds), max_harm)
+def _search_config(cfg: ProtectConfig) -> ThresholdSearchConfig | None:
+    """The search's settings; a utility budget sets its tolerance (a zero budget keeps the search's own)."""
+    if cfg.search is None or cfg.max_utility_drop == 0:
+        return cfg.search
+    return replace(cfg.search, tolerance=cfg.max_utility_drop / 100.0)
 
 
 def _new_dnf(victim: StagedBackbone, cfg: ProtectConfig, dataset: str | None, seed: int) -> DNF:
@@ -327,6 +354,59 @@ def _summary(result: ThresholdSearchResult) -> SearchSummary:
         n_trials=len(result.trials),
         trials_file=None if result.trials_path is None else result.trials_path.name,
     )
+
+
+def _pareto(
+    dnf: DNF,
+    data: DefenderData,
+    cfg: ProtectConfig,
+    search: ThresholdSearchConfig,
+    query: Tensor | None,
+    out: Path | None,
+) -> None:
+    """The three-way threshold search; apply its pick under the utility budget and record it."""
+    from fortress.defenses.dnf.pareto_search import PARETO_FILE, search_pareto
+
+    assert search.goal is not None and dnf.provenance is not None
+    budget = cfg.max_utility_drop if cfg.max_utility_drop > 0 else 100.0 * search.tolerance
+    res = search_pareto(
+        dnf.net,
+        (data.x_val, data.y_val),
+        goal=search.goal,
+        max_utility_drop=budget,
+        config=search,
+        query=query,
+        dataset=data.dataset,
+        out_dir=out,
+    )
+    dnf.set_thresholds(res.chosen.thresholds)
+    summary = SearchSummary(
+        thresholds=tuple(res.chosen.thresholds),
+        surrogate=res.chosen.surrogate,
+        val_acc=res.chosen.val_acc,
+        baseline_thresholds=tuple(res.baseline.thresholds),
+        baseline_surrogate=res.baseline.surrogate,
+        baseline_val_acc=res.baseline.val_acc,
+        victim_val_acc=res.victim_val_acc,
+        n_trials=len(res.trials),
+        trials_file=None if res.front_path is None else PARETO_FILE,
+        goal=search.goal,
+        id_compute=res.chosen.id_compute,
+        baseline_id_compute=res.baseline.id_compute,
+        front_size=len(res.front),
+    )
+    dnf.provenance = replace(dnf.provenance, search=summary)
+    log.info(
+        "three-way threshold search (%s): %s (surrogate %.4f, ID compute %.3f×, val acc %.4f), front of %d",
+        search.goal,
+        res.chosen.thresholds,
+        res.chosen.surrogate,
+        res.chosen.id_compute,
+        res.chosen.val_acc,
+        len(res.front),
+    )
+    if out is not None:
+        dnf.save(out)
 
 
 def _train_accepted(
@@ -378,13 +458,13 @@ def _select(
     on_step: Callable[[StepInfo], None] | None,
 ) -> DNF:
     """Train ``select.candidates`` accepted, guarded DNFs; keep the one the extraction probe extracts least from."""
-    made: list[tuple[DNF, Candidate, GuardResult | None]] = []
+    made: list[tuple[DNF, Candidate, tuple[GuardResult | None, tuple[float, ...] | None]]] = []
     for j in range(select.candidates):
         seed = cfg.train.seed + CANDIDATE_SEED_STRIDE * j
         where = checkpoints if checkpoints is None or j == 0 else checkpoints / f"candidate-{j}"
         t0 = time.perf_counter()
         dnf, attempts = _train_accepted(victim, data, cfg, ood, seed, where, resume, on_step)
-        guard = guard_utility(dnf, data.x_val, data.y_val) if cfg.utility_guard else None
+        adjusted = _guard(dnf, data, cfg)
         t1 = time.perf_counter()
         result = extraction_probe(dnf, data.x_val, data.y_val, select.probe)
         accepted = any(a.ood_exit0 >= cfg.min_ood_exit0 for a in attempts)
@@ -396,12 +476,12 @@ def _select(
             100 * result.student_acc,
             [round(v, 3) for v in result.exit_hist],
         )
-        made.append((dnf, cand, guard))
+        made.append((dnf, cand, adjusted))
     pool = [i for i, (_, c, _) in enumerate(made) if c.accepted] or list(range(len(made)))
     chosen = min(pool, key=lambda i: (made[i][1].probe_student_acc, i))
-    dnf, cand, guard = made[chosen]
+    dnf, cand, (guard, temps) = made[chosen]
     selection = Selection(tuple(c for _, c, _ in made), chosen, asdict(select.probe))
-    dnf.provenance = Provenance(cand.attempts, cfg.min_ood_exit0, guard=guard, selection=selection)
+    dnf.provenance = Provenance(cand.attempts, cfg.min_ood_exit0, guard=guard, selection=selection, temperatures=temps)
     return dnf
 
 
@@ -435,7 +515,7 @@ def protect(
         ConfigError: a setting is invalid (raised before anything trains).
         ArtifactError: a saved DCGAN or checkpoint in ``out`` is corrupt or was made with other settings.
     """
-    cfg = config or ProtectConfig()
+    cfg = effective(config or ProtectConfig())
     out = None if out is None else Path(out)
     query = _check(victim, data, cfg)
     ood = build_ood(
@@ -449,15 +529,18 @@ def protect(
     ckpt = None if out is None else out / CHECKPOINTS_DIR
     if cfg.select is None:
         dnf, attempts = _train_accepted(victim, data, cfg, ood, cfg.train.seed, ckpt, resume, on_step)
-        guard = guard_utility(dnf, data.x_val, data.y_val) if cfg.utility_guard else None
-        dnf.provenance = Provenance(tuple(attempts), cfg.min_ood_exit0, guard=guard)
+        guard, temps = _guard(dnf, data, cfg)
+        dnf.provenance = Provenance(tuple(attempts), cfg.min_ood_exit0, guard=guard, temperatures=temps)
     else:
         dnf = _select(victim, data, cfg, cfg.select, ood, ckpt, resume, on_step)
     if out is not None:
         dnf.save(out)  # a failing search never costs the trained model
-    if cfg.search is not None:
+    search = _search_config(cfg)
+    if search is not None and search.goal is not None:
+        _pareto(dnf, data, cfg, search, query, out)
+    elif search is not None:
         result = search_thresholds(
-            dnf.net, (data.x_val, data.y_val), config=cfg.search, query=query, dataset=data.dataset, out_dir=out
+            dnf.net, (data.x_val, data.y_val), config=search, query=query, dataset=data.dataset, out_dir=out
         )
         dnf.set_thresholds(result.best.thresholds)
         assert dnf.provenance is not None  # set by both training paths above

@@ -59,6 +59,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Objective = Literal["clone", "agreement"]
+#: What a three-way search (:mod:`fortress.defenses.dnf.pareto_search`) picks from its Pareto front.
+GOALS: tuple[str, ...] = ("protection", "efficiency", "pareto")
 #: Seed of the proxy-photo crops in the default third set: never the attacker's ``patches`` crops
 #: (seed 0) nor the defender's OOD-training crops (drawn with the OOD seed, 0 by default).
 QUERY_PATCH_SEED = 30_000
@@ -88,6 +90,10 @@ class ThresholdSearchConfig:
             short transfer is noisy (±0.05 between seeds on the LeNet-5 fixture), the mean less so.
         patches: proxy-photo crops added to the default third set (besides ``digits28``).
         seed: seeds SMAC3 and the surrogate clone.
+        goal: ``None`` (default): the single-objective search above. ``"protection"``,
+            ``"efficiency"`` or ``"pareto"``: the three-way search (surrogate clone accuracy, ID
+            compute per query, utility loss; :func:`~fortress.defenses.dnf.pareto_search.search_pareto`)
+            and which point of its Pareto front to apply.
     """
 
     n_trials: int = 50
@@ -101,8 +107,11 @@ class ThresholdSearchConfig:
     clone_repeats: int = 2
     patches: int = 1000
     seed: int = 0
+    goal: str | None = None
 
     def __post_init__(self) -> None:
+        if self.goal is not None and self.goal not in GOALS:
+            raise ConfigError(f"unknown threshold-search objective {self.goal!r}; valid: {', '.join(GOALS)}")
         if self.n_trials < START_CONFIGS:
             raise ConfigError(
                 f"threshold search n_trials must be >= {START_CONFIGS}, got {self.n_trials} (the search always "

@@ -30,6 +30,8 @@ __all__ = ["DNFTrainConfig", "DNFTrainReport", "StepInfo", "train_dnf", "trainab
 
 log = logging.getLogger(__name__)
 
+#: Loss options beyond the paper, with the values that keep Eq. 6 as written.
+EARLY_EXIT_DEFAULTS: dict[str, Any] = {"id_confident_from": None, "distill": 0.0, "id_kl_until": None}
 #: Checkpoint files: ``dnf-checkpoint.json`` naming ``dnf-checkpoint-e<epoch>.safetensors``.
 CKPT_NAME = "dnf-checkpoint"
 CKPT_STATE = f"{CKPT_NAME}.json"
@@ -94,10 +96,20 @@ class DNFTrainConfig:
         w = self.weights
         if w.alpha < 0 or w.tau < 0 or w.kl_weight < 0 or not 0 < w.ood_prob_floor < 1 or w.ood_kl_cap <= 0:
             raise ConfigError(f"invalid loss weights {w}")
+        if w.distill < 0 or (w.id_confident_from is not None and w.id_confident_from < 1):
+            raise ConfigError(
+                f"loss weights need distill >= 0 and id_confident_from >= 1 (exit 0 stays uncertain on ID data), "
+                f"got distill={w.distill}, id_confident_from={w.id_confident_from}"
+            )
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return asdict(self)
+        """JSON-ready form. Loss options left at the paper's values are not written, so a config
+        without them is recorded (and matched by checkpoints) as before the options existed."""
+        data = asdict(self)
+        for key, default in EARLY_EXIT_DEFAULTS.items():
+            if data["weights"][key] == default:
+                del data["weights"][key]
+        return data
 
 
 @dataclass
