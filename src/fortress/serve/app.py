@@ -331,7 +331,8 @@ def _watch(settings: ServeSettings, defense: Defense) -> Watch:
     response = Response(settings.monitor_response)
     monitor = None
     if settings.monitor is not None:
-        monitor = create_monitor(settings.monitor, calibration=settings.monitor_calibration)
+        features = defense.victim.penultimate if isinstance(defense, DNF) else None
+        monitor = create_monitor(settings.monitor, calibration=settings.monitor_calibration, features=features)
     return Watch(
         settings.keys_path,
         num_exits=defense.num_exits or 0,
