@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from scipy.stats import beta
 
+from fortress.bench.pipeline import data_for
 from fortress.data.defaults import fitted_options
-from fortress.data.embedded import mnist_splits
 from fortress.data.registry import load_dataset
 from fortress.defenses import load_defense
 from fortress.monitor import ExitSPRT, Prada, calibrate_from_defense
@@ -92,7 +92,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     defense = load_defense(args.model_dir)
-    d = mnist_splits()
+    d = data_for(defense.victim)
     gen = torch.Generator().manual_seed(0)
     # reference on the defender's training digits; calibration banks on the validation digits
     tr = answer(defense, d.train.x)

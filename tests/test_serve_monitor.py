@@ -137,3 +137,53 @@ def test_reset_clears_the_flag_keeps_the_profile_and_persists(dnf: DNF, tmp_path
     bad = CliRunner().invoke(cli_app, ["keys", "reset", "nope", "--keys", str(settings.keys_path)])
     assert bad.exit_code != 0 and "nope" in bad.output
     store.close()
+
+
+def _blob_images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = 0.05 * torch.rand(n, 1, 28, 28, generator=g)
+    r = torch.randint(2, 18, (n, 2), generator=g)
+    for i in range(n):
+        x[i, 0, r[i, 0] : r[i, 0] + 8, r[i, 1] : r[i, 1] + 8] = 0.9
+    return x
+
+
+def test_served_exit_sprt_plus_dadd_from_one_bundle_flags_only_the_off_domain_key(tmp_path: Path) -> None:
+    import json
+
+    from fortress.monitor import calibrate_exit_sprt
+    from fortress.monitor.calibrate import dadd_from_defense
+
+    dnf = sharp_random_dnf()
+    dnf.set_thresholds([1.0, 1.0, 1.0])  # every query leaves at the last exit: exit-sprt sees nothing
+    dcal = dadd_from_defense(dnf, _blob_images(600, 0), _blob_images(200, 1), variants=2, horizon=200, streams=20)
+    dcal.save(tmp_path / "d.json")
+    calibrate_exit_sprt(torch.full((2000,), 3), 4, horizon=1000, simulations=100, seed=0).save(tmp_path / "e.json")
+    bundle = tmp_path / "cal.json"
+    bundle.write_text(json.dumps({"monitor": "bundle", "members": {"exit-sprt": "e.json", "dadd": "d.json"}}))
+    settings = ServeSettings(
+        tmp_path / "dnf",
+        tmp_path / "keys.db",
+        monitor="exit-sprt+dadd",
+        monitor_calibration=bundle,
+        monitor_response="degrade-label",
+    )
+    store = KeyStore(settings.keys_path, create=True)
+    _, user = store.add("user")
+    _, other = store.add("other-domain")
+    benign, off = _blob_images(200, 2), 1 - _blob_images(200, 3)
+    with TestClient(create_app(settings, defense=dnf)) as client:
+        got = [
+            client.post("/v1/predict", json=_npy_body(benign[i : i + 50]), headers={"X-API-Key": user}).json()
+            for i in range(0, 200, 50)
+        ]
+        bad = [
+            client.post("/v1/predict", json=_npy_body(off[i : i + 50]), headers={"X-API-Key": other}).json()
+            for i in range(0, 200, 50)
+        ]
+    with torch.inference_mode():
+        want = to_positive_probs(dnf(benign))
+    assert all(r["probabilities"] is not None for r in got)  # never degraded: the defense's own answers
+    assert torch.allclose(torch.cat([torch.tensor(r["probabilities"]) for r in got]), want, atol=1e-6)
+    assert bad[-1]["probabilities"] is None and bad[-1]["output_mode"] == "hard"  # flagged by dadd: labels only
+    store.close()
