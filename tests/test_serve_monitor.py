@@ -187,3 +187,50 @@ def test_served_exit_sprt_plus_dadd_from_one_bundle_flags_only_the_off_domain_ke
     assert torch.allclose(torch.cat([torch.tensor(r["probabilities"]) for r in got]), want, atol=1e-6)
     assert bad[-1]["probabilities"] is None and bad[-1]["output_mode"] == "hard"  # flagged by dadd: labels only
     store.close()
+
+
+def test_admin_creates_keys_and_a_sybil_attacker_is_caught_across_keys(tmp_path: Path) -> None:
+    from fortress.bench.sybil import SybilOracle
+    from fortress.monitor.calibrate import dadd_from_defense
+    from fortress.oracle import HttpOracle
+
+    dnf = sharp_random_dnf()
+    dnf.set_thresholds([1.0, 1.0, 1.0])
+    dcal = dadd_from_defense(dnf, _blob_images(600, 0), _blob_images(200, 1), variants=2, horizon=200, streams=20)
+    dcal.save(tmp_path / "d.json")
+    settings = ServeSettings(
+        tmp_path / "dnf",
+        tmp_path / "keys.db",
+        monitor="dadd",
+        monitor_calibration=tmp_path / "d.json",
+        monitor_response="degrade-exit0",
+        population_window_s=3600.0,
+        population_min_queries=200,
+    )
+    store = KeyStore(settings.keys_path, create=True)
+    _, admin = store.add("ops", admin=True)
+    _, user = store.add("user")
+    with TestClient(create_app(settings, defense=dnf)) as client:
+        refused = client.post("/v1/admin/keys", json={"name": "x"}, headers={"X-API-Key": user})
+        assert refused.status_code == 403
+        bad = client.post("/v1/admin/keys", json={"name": "x", "budget": -1}, headers={"X-API-Key": admin})
+        assert bad.status_code == 422 and "budget" in bad.text
+        sybil = SybilOracle("http://testserver", admin, keys=20, budget=400, client=client)
+        attack = 1 - _blob_images(400, 3)
+        answers = torch.cat([sybil.query(attack[i : i + 20]) for i in range(0, 400, 20)])
+        flags = sybil.flags()
+        benign = _blob_images(100, 4)
+        clean = HttpOracle("http://testserver", user, client=client).query(benign)
+    assert all(f["queries"] == 20 for f in flags)  # 20 queries per key: dadd alone never judges a key
+    caught = [f for f in flags if f["flagged"]]
+    assert len(caught) >= 18
+    assert all(f["flagged_at_key_query"] == 20 for f in caught)  # each after its only batch
+    with torch.inference_mode():
+        exit0 = to_positive_probs(torch.softmax(dnf.net.forward_all(attack).mean_logits[0], dim=1))
+        plain = to_positive_probs(dnf(attack))
+    # the window is tested from 200 pooled queries on: the first 9 keys got the defense's answers,
+    # the key that brought the pool to 200 and every later one got the response
+    assert torch.allclose(answers[:180], plain[:180], atol=1e-6)
+    assert torch.allclose(answers[180:], exit0[180:], atol=1e-6)
+    assert torch.allclose(clean, to_positive_probs(dnf(benign)), atol=1e-6)  # another window's key: untouched
+    store.close()

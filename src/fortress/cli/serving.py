@@ -57,6 +57,10 @@ def serve_cmd(
     monitor_webhook: Annotated[str | None, typer.Option(help="URL the alert response POSTs to.")] = None,
     profiles: Annotated[bool, typer.Option(help="Keep per-key query profiles in the key ledger.")] = True,
     throttle: Annotated[float, typer.Option(help="throttle response: seconds of delay per image.")] = 0.01,
+    population_window: Annotated[
+        float | None,
+        typer.Option(help="Also test the drift of all keys created in each window of this many seconds (needs dadd)."),
+    ] = None,
     pad_quantile: Annotated[
         float, typer.Option(help="padded compute: quantile of recent full-path times to pad to.")
     ] = 0.99,
@@ -86,6 +90,7 @@ def serve_cmd(
         monitor_response=monitor_response,
         monitor_webhook=monitor_webhook,
         throttle_s_per_query=throttle,
+        population_window_s=population_window,
         pad_quantile=pad_quantile,
         pad_window=pad_window,
     )

@@ -25,7 +25,7 @@ from fortress.monitor.base import Monitor, Response
 from fortress.monitor.dadd import DADD
 from fortress.monitor.population import PopulationDrift
 
-__all__ = ["KeyPlan", "Monitored"]
+__all__ = ["KeyPlan", "Monitored", "find_dadd"]
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Monitored(Defense):
         self.population = population
         self.response = response
         self.plan = plan or KeyPlan()
-        self.dadd = _find_dadd(monitor)
+        self.dadd = find_dadd(monitor)
         if population is not None and self.dadd is None:
             raise ConfigError("the population detector pools dadd features: the monitor must include 'dadd'")
         self.log = _Log()
@@ -170,7 +170,8 @@ class Monitored(Defense):
         return DefenseOutput(probs, out.exits)
 
 
-def _find_dadd(monitor: Monitor | None) -> DADD | None:
+def find_dadd(monitor: Monitor | None) -> DADD | None:
+    """``monitor`` itself when it is ``dadd``, its ``dadd`` member when it is a union, else ``None``."""
     if isinstance(monitor, DADD):
         return monitor
     for member in getattr(monitor, "members", []):

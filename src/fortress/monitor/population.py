@@ -230,6 +230,11 @@ class PopulationDrift:
         )
         return win.flag
 
+    def queries(self, key_id: str) -> int:
+        """Queries of ``key_id`` the detector has seen."""
+        st = self._keys.get(key_id)
+        return 0 if st is None else st.n
+
     def flagged(self, key_id: str) -> bool:
         """The key contributed to a flagged window (the response applies to it)."""
         st = self._keys.get(key_id)
