@@ -120,8 +120,8 @@ class SybilOracle(Oracle):
             r = self._http.get(f"/v1/admin/keys/{key_id}/profile", headers=self._admin)
             verdict = r.json().get("verdict") if r.status_code == 200 else None
             at = None if verdict is None else verdict.get("flagged_at")
-            attacker_at = None
-            if at is not None:  # the key's own query index → the attacker's
+            attacker_at = at if not self.sent[i] else None  # a key used on its own: its queries are the attacker's
+            if at is not None and self.sent[i]:  # the key's own query index → the attacker's
                 seen = 0
                 for first, last in self.sent[i]:
                     if seen + (last - first + 1) >= at:
