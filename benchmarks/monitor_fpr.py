@@ -101,7 +101,7 @@ def main() -> None:
     for s in SHIFTS:
         b = answer(defense, torch.cat([shifted(d.val.x, s, gen) for _ in range(10)]))
         cal_banks[s] = (b["feats"], b["cls"])
-    dcal = calibrate_dadd(ref, cal_banks, streams=200, horizon=args.queries, seed=0)
+    dcal = calibrate_dadd(ref, cal_banks, streams=200, horizon=args.queries, seed=0, variants=10)
     ecal = calibrate_from_defense(defense, d.val.x, alpha=0.01, horizon=10_000, simulations=1000, seed=0)
     early = 1 - ecal.id_counts[-1] / sum(ecal.id_counts)
     t_cal = time.perf_counter() - t0
@@ -118,7 +118,9 @@ def main() -> None:
     rows = []
     for shift, mix in SCENARIOS:
         bank = test_banks[shift]
-        idx = benign_streams(bank["cls"], args.keys, args.queries, mix, gen, num_classes=defense.num_classes)
+        idx = benign_streams(
+            bank["cls"], args.keys, args.queries, mix, gen, num_classes=defense.num_classes, variants=args.variants
+        )
         flags: dict[str, int] = {"exit-sprt": 0, "dadd": 0, "exit-sprt+dadd": 0, "prada": 0, "all three": 0}
         prada_n = 0
         t = time.perf_counter()
@@ -203,7 +205,9 @@ def main() -> None:
         for k in range(10):
             shift, mix = SCENARIOS[(w * 10 + k) % len(SCENARIOS)]
             bank = test_banks[shift]
-            idx = benign_streams(bank["cls"], 1, args.queries, mix, gen, num_classes=defense.num_classes)[0]
+            idx = benign_streams(
+                bank["cls"], 1, args.queries, mix, gen, num_classes=defense.num_classes, variants=args.variants
+            )[0]
             for i in range(0, idx.numel(), args.batch):
                 j = idx[i : i + args.batch]
                 pop.add(f"w{w}k{k}", 3600.0 * w + 1, bank["feats"][j], bank["cls"][j], bank["exits"][j])

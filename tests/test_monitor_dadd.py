@@ -148,6 +148,9 @@ def test_benign_streams_follow_their_class_mix() -> None:
     skew = benign_streams(labels, 5, 2000, "skewed", g)
     top = [torch.bincount(labels[row], minlength=10).max().item() / 2000 for row in skew]
     assert all(t > 0.3 for t in top)  # Zipf s = 1.5 over 10 classes: the top class takes ~ 0.48
+    # a bank of 4 variants of 250 images: a key of 250 queries sends each image once, as some variant
+    uni = benign_streams(labels, 3, 250, "uniform", g, variants=4)
+    assert all((row % 250).unique().numel() == 250 for row in uni) and int(uni.max()) >= 250
     with pytest.raises(ConfigError, match="one of uniform, one-class, skewed"):
         benign_streams(labels, 1, 1, "pairs", g)
 

@@ -9,7 +9,6 @@ rotations, sensor noise, other brightness and contrast, and from a sub-populatio
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -65,36 +64,55 @@ def shifted(x: Tensor, kind: str, gen: torch.Generator) -> Tensor:
 
 
 def benign_streams(
-    labels: Tensor, keys: int, queries: int, mix: str, gen: torch.Generator, *, num_classes: int | None = None
+    labels: Tensor,
+    keys: int,
+    queries: int,
+    mix: str,
+    gen: torch.Generator,
+    *,
+    num_classes: int | None = None,
+    variants: int = 1,
 ) -> Tensor:
-    """Indices ``(keys, queries)`` into a bank whose rows have class ``labels`` (``(N,)``), one row per key.
+    """Indices ``(keys, queries)`` into a bank of ``variants`` shifted copies of ``N`` images, one row per key.
 
-    ``uniform`` draws rows uniformly; ``one-class`` gives each key one class (drawn uniformly) and
-    draws its rows from that class; ``skewed`` gives each key Zipf class shares (s = 1.5) over a
-    random order of the classes.
+    The bank's row ``v * N + i`` is variant ``v`` of image ``i``; ``labels`` ``(variants * N,)`` are
+    the rows' classes. A key sends distinct images as long as its sub-population has any left (a
+    random order of the images, each as a random variant; the order restarts once all are sent):
+    ``uniform`` over all images; ``one-class`` over one class (drawn uniformly per key); ``skewed``
+    with Zipf class shares (s = 1.5) over a random order of the classes.
 
     Raises:
-        ConfigError: unknown mix or an empty bank.
+        ConfigError: unknown mix, an empty bank, or a bank size that is not a multiple of ``variants``.
     """
     if mix not in STREAM_MIXES:
         raise ConfigError(f"benign class mix must be one of {', '.join(STREAM_MIXES)}, got {mix!r}")
-    if labels.numel() == 0 or keys < 1 or queries < 1:
-        raise ConfigError(f"need a non-empty bank and keys, queries >= 1; got {labels.numel()}, {keys}, {queries}")
-    if mix == "uniform":
-        return torch.randint(0, labels.numel(), (keys, queries), generator=gen)
-    k = int(labels.max()) + 1 if num_classes is None else num_classes
-    present = [c for c in range(k) if bool((labels == c).any())]
-    by_class: Sequence[Tensor] = [torch.nonzero(labels == c).flatten() for c in range(k)]
-    out = torch.empty(keys, queries, dtype=torch.long)
+    if labels.numel() == 0 or keys < 1 or queries < 1 or variants < 1 or labels.numel() % variants:
+        raise ConfigError(
+            f"need a non-empty bank of variants x images and keys, queries >= 1; got {labels.numel()} rows, "
+            f"{variants} variants, {keys} keys, {queries} queries"
+        )
+    n = labels.numel() // variants
+    base = labels[:n]
+    k = int(base.max()) + 1 if num_classes is None else num_classes
+    by_class = [torch.nonzero(base == c).flatten() for c in range(k)]
+    present = [c for c in range(k) if by_class[c].numel()]
     zipf = 1.0 / torch.arange(1, len(present) + 1, dtype=torch.float64) ** 1.5
+    out = torch.empty(keys, queries, dtype=torch.long)
     for key in range(keys):
-        if mix == "one-class":
-            cls = torch.full((queries,), present[int(torch.randint(0, len(present), (1,), generator=gen))])
+        if mix == "uniform":
+            order = torch.randperm(n, generator=gen)
+            images = order.repeat(queries // n + 1)[:queries]
         else:
-            order = torch.tensor(present)[torch.randperm(len(present), generator=gen)]
-            cls = order[torch.multinomial(zipf, queries, replacement=True, generator=gen)]
-        for c in cls.unique().tolist():
-            sel = cls == c
-            rows = by_class[c]
-            out[key, sel] = rows[torch.randint(0, rows.numel(), (int(sel.sum()),), generator=gen)]
+            if mix == "one-class":
+                cls = torch.full((queries,), present[int(torch.randint(0, len(present), (1,), generator=gen))])
+            else:
+                ranked = torch.tensor(present)[torch.randperm(len(present), generator=gen)]
+                cls = ranked[torch.multinomial(zipf, queries, replacement=True, generator=gen)]
+            images = torch.empty(queries, dtype=torch.long)
+            for c in cls.unique().tolist():
+                sel = cls == c
+                rows = by_class[c][torch.randperm(by_class[c].numel(), generator=gen)]
+                m = int(sel.sum())
+                images[sel] = rows.repeat(m // rows.numel() + 1)[:m]
+        out[key] = images + n * torch.randint(0, variants, (queries,), generator=gen)
     return out

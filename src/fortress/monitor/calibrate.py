@@ -60,4 +60,4 @@ def dadd_from_defense(
     banks = {
         s: penultimate_answers(defense, torch.cat([shifted(x_val, s, gen) for _ in range(variants)])) for s in shifts
     }
-    return calibrate_dadd(ref, banks, seed=seed, **kw)
+    return calibrate_dadd(ref, banks, seed=seed, variants=variants, **kw)

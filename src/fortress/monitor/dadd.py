@@ -328,6 +328,7 @@ def calibrate_dadd(
     min_queries: int = 100,
     check_every: int = 10,
     seed: int = 0,
+    variants: int = 1,
 ) -> DADDCalibration:
     """Pick ``dadd``'s threshold for a target false-positive rate in every benign scenario.
 
@@ -348,6 +349,8 @@ def calibrate_dadd(
         min_queries: queries before the first check.
         check_every: queries between checks.
         seed: simulation seed.
+        variants: each bank holds this many shifted copies of the same images, stacked
+            (:func:`~fortress.monitor.benign.benign_streams`).
 
     Raises:
         ConfigError: bad settings or an empty bank.
@@ -373,7 +376,7 @@ def calibrate_dadd(
     per: dict[str, float] = {}
     for name, (z_all, cls_all) in zs.items():
         for mix in mixes:
-            idx = benign_streams(cls_all, streams, horizon, mix, gen, num_classes=k)
+            idx = benign_streams(cls_all, streams, horizon, mix, gen, num_classes=k, variants=variants)
             maxima = []
             for row in idx:
                 p = _path_stats(z_all[row], cls_all[row], k, _zero(z_all, k))
