@@ -35,7 +35,7 @@ from fortress.bench.pipeline import data_for, run_attack
 from fortress.bench.sybil import SybilOracle
 from fortress.config import AttackConfig
 from fortress.defenses import load_defense
-from fortress.monitor import AnyOf, ExitSPRT, Response, calibrate_from_defense
+from fortress.monitor import AnyOf, ExitSPRT, Prada, Response, calibrate_from_defense
 from fortress.monitor.calibrate import dadd_from_defense
 from fortress.monitor.closed_loop import KeyPlan, Monitored
 from fortress.monitor.dadd import DADD
@@ -87,6 +87,7 @@ def main() -> None:
     )
     ap.add_argument("--sybil-keys", type=int, nargs="+", default=[1, 100])
     ap.add_argument("--response", default="degrade-exit0")
+    ap.add_argument("--prada", action="store_true", help="per key: exit-sprt+dadd+prada (default exit-sprt+dadd)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--served", action="store_true", help="attack a real fortress serve process over HTTP")
     args = ap.parse_args()
@@ -144,7 +145,8 @@ def main() -> None:
     for spec in args.attacks:
         name, pool, budget = spec.split(":")
         for keys in args.sybil_keys:
-            monitor = AnyOf([ExitSPRT(ecal), DADD(dcal, features=dnf.victim.penultimate)])
+            members = [ExitSPRT(ecal), DADD(dcal, features=dnf.victim.penultimate)]
+            monitor = AnyOf([*members, Prada()] if args.prada else members)
             population = (
                 PopulationDrift(dcal, id_early_share=early, num_exits=dnf.num_exits, min_queries=500)
                 if keys > 1
@@ -162,6 +164,7 @@ def main() -> None:
                 "budget": int(budget),
                 "keys": keys,
                 "response": args.response,
+                "monitor_members": [m.name for m in monitor.members],
                 "clone_acc": rec.clone_acc,
                 "clone_fidelity": rec.clone_fidelity,
                 "defended_acc": rec.defended_acc,

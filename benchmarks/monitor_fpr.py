@@ -31,9 +31,11 @@ from fortress.data.registry import load_dataset
 from fortress.defenses import load_defense
 from fortress.monitor import ExitSPRT, Prada, calibrate_from_defense
 from fortress.monitor.benign import benign_streams, shifted
-from fortress.monitor.dadd import DADD, calibrate_dadd, fit_reference
+from fortress.monitor.dadd import DADD, calibrate_dadd, fit_reference, log_prob_features
 from fortress.monitor.population import PopulationDrift
 
+#: dadd's feature space (set from --feature).
+FEATURE = "penultimate"
 SHIFTS = ("replay", "shift-rotate", "noise", "brightness", "all")
 SCENARIOS = [(s, "uniform") for s in SHIFTS] + [(s, m) for s in ("replay", "all") for m in ("one-class", "skewed")]
 
@@ -49,7 +51,9 @@ def answer(defense: Any, x: torch.Tensor, chunk: int = 2048) -> dict[str, torch.
     parts: dict[str, list[torch.Tensor]] = {"feats": [], "probs": [], "exits": []}
     for i in range(0, x.shape[0], chunk):
         out = defense.respond(x[i : i + chunk])
-        parts["feats"].append(defense.victim.penultimate(x[i : i + chunk]))
+        parts["feats"].append(
+            defense.victim.penultimate(x[i : i + chunk]) if FEATURE == "penultimate" else log_prob_features(out.probs)
+        )
         parts["probs"].append(out.probs)
         parts["exits"].append(out.exits)
     got = {k: torch.cat(v) for k, v in parts.items()}
@@ -87,7 +91,10 @@ def main() -> None:
     ap.add_argument("--sybil-keys", type=int, default=100)
     ap.add_argument("--sybil-budget", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--feature", choices=["penultimate", "logits"], default="penultimate", help="dadd's feature space")
     args = ap.parse_args()
+    global FEATURE
+    FEATURE = args.feature
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -96,7 +103,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     # reference on the defender's training digits; calibration banks on the validation digits
     tr = answer(defense, d.train.x)
-    ref = fit_reference(tr["feats"], tr["cls"], defense.num_classes, feature="penultimate")
+    ref = fit_reference(tr["feats"], tr["cls"], defense.num_classes, feature=args.feature)
     cal_banks = {}
     for s in SHIFTS:
         b = answer(defense, torch.cat([shifted(d.val.x, s, gen) for _ in range(10)]))

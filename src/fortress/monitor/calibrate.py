@@ -17,19 +17,26 @@ from torch import Tensor
 
 from fortress.defenses import Defense
 from fortress.monitor.benign import IMAGE_SHIFTS, shifted
-from fortress.monitor.dadd import DADDCalibration, calibrate_dadd, fit_reference
+from fortress.monitor.dadd import DADDCalibration, FeatureKind, calibrate_dadd, fit_reference, log_prob_features
 
 __all__ = ["dadd_from_defense", "penultimate_answers"]
 
 
 @torch.no_grad()
-def penultimate_answers(defense: Defense, x: Tensor, *, chunk: int = 2048) -> tuple[Tensor, Tensor]:
-    """The victim's penultimate features ``(N, F)`` and the defense's predicted classes ``(N,)`` for ``x``."""
+def penultimate_answers(
+    defense: Defense, x: Tensor, *, feature: FeatureKind = "penultimate", chunk: int = 2048
+) -> tuple[Tensor, Tensor]:
+    """Features ``(N, F)`` of ``x`` in ``feature``'s space and the defense's predicted classes ``(N,)``.
+
+    ``"penultimate"``: the victim's input to its last linear layer; ``"logits"``: the defense's
+    answers as centred log-probabilities (:func:`~fortress.monitor.dadd.log_prob_features`).
+    """
     feats, cls = [], []
     for i in range(0, x.shape[0], chunk):
         part = x[i : i + chunk]
-        feats.append(defense.victim.penultimate(part))
-        cls.append(defense.respond(part).probs.argmax(1))
+        probs = defense.respond(part).probs
+        feats.append(defense.victim.penultimate(part) if feature == "penultimate" else log_prob_features(probs))
+        cls.append(probs.argmax(1))
     return torch.cat(feats), torch.cat(cls)
 
 
@@ -41,9 +48,10 @@ def dadd_from_defense(
     shifts: Sequence[str] = IMAGE_SHIFTS,
     variants: int = 10,
     seed: int = 0,
+    feature: FeatureKind = "penultimate",
     **kw: Any,
 ) -> DADDCalibration:
-    """Calibrate ``dadd`` (``"penultimate"`` features) for ``defense``.
+    """Calibrate ``dadd`` for ``defense`` in the ``feature`` space (``"penultimate"`` or the free ``"logits"``).
 
     Args:
         defense: the served defense (its victim gives the features).
