@@ -153,7 +153,11 @@ def main() -> None:
                 else None
             )
             guarded = Monitored(
-                dnf, monitor=monitor, population=population, response=Response(args.response), plan=KeyPlan(keys=keys)
+                dnf,
+                monitor=monitor,
+                population=population,
+                response=Response(args.response),
+                plan=KeyPlan(keys=keys, per_key=-(-int(budget) // keys)),
             )
             cfg = AttackConfig(name=name, budget=int(budget), pool=pool or None, seed=0)
             t = time.perf_counter()

@@ -237,3 +237,16 @@ def test_sybil_keys_are_caught_by_the_population_detector() -> None:
     rec = guarded.records()
     assert rec["keys_flagged"] >= 18 and {f["by"] for f in rec["flags"]} == {"population"}
     assert min(f["query"] for f in rec["flags"]) >= 200
+
+
+def test_key_plan_splits_batches_over_keys_within_their_budgets() -> None:
+    from fortress.monitor.closed_loop import KeyPlan
+
+    plan = KeyPlan(keys=3, per_key=20)
+    used = [0, 0, 0]
+    pieces, turn = plan.split(50, used, 0)
+    assert pieces == [(0, 0, 20), (1, 20, 40), (2, 40, 50)] and used == [20, 20, 10] and turn % 3 == 0
+    pieces, _ = plan.split(15, used, turn)
+    assert pieces == [(2, 0, 10), (0, 10, 15)]  # the last key fills up; past every budget the next key takes the rest
+    burst = KeyPlan(keys=2, mode="bursts", per_key=10)
+    assert burst.split(25, [0, 0], 0)[0] == [(0, 0, 10), (1, 10, 20), (1, 20, 25)]

@@ -36,9 +36,10 @@ class KeyPlan:
 
     Attributes:
         keys: number of keys (1: a single account).
-        mode: ``"round-robin"`` (each batch from the next key) or ``"bursts"`` (each key spends
-            ``per_key`` queries, then the next key starts).
-        per_key: queries per key in ``"bursts"`` mode.
+        mode: ``"round-robin"`` (each batch from the next key with budget left, split over the
+            following keys where it passes that key's ``per_key``) or ``"bursts"`` (each key spends
+            ``per_key`` queries, then the next key starts), as :class:`fortress.bench.sybil.SybilOracle`.
+        per_key: each key's query budget (once all are spent, the next key in turn takes the rest).
         created_at: creation time of every key (seconds; all in one window: the Sybil case).
     """
 
@@ -51,11 +52,25 @@ class KeyPlan:
         if self.keys < 1 or self.per_key < 1 or self.mode not in ("round-robin", "bursts"):
             raise ConfigError(f"need keys >= 1, per_key >= 1, mode round-robin|bursts; got {self}")
 
-    def key(self, batch_index: int, queries_before: int) -> str:
-        """The key that sends batch ``batch_index`` (0-based), after ``queries_before`` queries in all."""
-        if self.mode == "round-robin":
-            return f"key-{batch_index % self.keys}"
-        return f"key-{min(queries_before // self.per_key, self.keys - 1)}"
+    def split(self, n: int, used: list[int], turn: int) -> tuple[list[tuple[int, int, int]], int]:
+        """A batch of ``n`` as ``(key, start, stop)`` pieces, given each key's queries so far; and the next turn."""
+        pieces = []
+        done = 0
+        while done < n:
+            if self.mode == "bursts":
+                k = next((i for i in range(self.keys) if used[i] < self.per_key), self.keys - 1)
+            else:
+                k = next(
+                    ((turn + j) % self.keys for j in range(self.keys) if used[(turn + j) % self.keys] < self.per_key),
+                    turn % self.keys,
+                )
+                turn = k + 1
+            room = self.per_key - used[k] if used[k] < self.per_key else n - done
+            m = min(room, n - done)
+            pieces.append((k, done, done + m))
+            used[k] += m
+            done += m
+        return pieces, turn
 
 
 @dataclass
@@ -65,6 +80,8 @@ class _Log:
     queries: int = 0
     batches: int = 0
     degraded: int = 0
+    used: list[int] = field(default_factory=list)
+    turn: int = 0
 
 
 class Monitored(Defense):
@@ -107,7 +124,7 @@ class Monitored(Defense):
         self.dadd = find_dadd(monitor)
         if population is not None and self.dadd is None:
             raise ConfigError("the population detector pools dadd features: the monitor must include 'dadd'")
-        self.log = _Log()
+        self.log = _Log(used=[0] * self.plan.keys)
 
     @property
     def num_exits(self) -> int | None:
@@ -143,31 +160,38 @@ class Monitored(Defense):
 
     def _respond(self, x: Tensor) -> DefenseOutput:
         out = self.defense.respond(x)
-        key = self.plan.key(self.log.batches, self.log.queries)
-        before = self.log.queries
+        pieces, self.log.turn = self.plan.split(int(x.shape[0]), self.log.used, self.log.turn)
         self.log.batches += 1
-        self.log.queries += int(x.shape[0])
+        probs = out.probs.clone()
+        for k, start, stop in pieces:
+            probs[start:stop] = self._piece(f"key-{k}", x[start:stop], out.probs[start:stop], out.exits, start, stop)
+        return DefenseOutput(probs, out.exits)
+
+    def _piece(self, key: str, x: Tensor, probs: Tensor, all_exits: Tensor | None, start: int, stop: int) -> Tensor:
+        """Monitor one key's share of a batch; return its answers (the response's for a flagged key)."""
+        exits = None if all_exits is None else all_exits[start:stop]
+        before = self.log.queries
+        n = int(x.shape[0])
+        self.log.queries += n
         if self.monitor is not None:
-            v = self.monitor.observe(key, x, out.probs, out.exits)
+            v = self.monitor.observe(key, x, probs, exits)
             if v.flagged and v.flagged_at is not None:
-                # the key's own query index → the attacker's (the key's count before this batch is v.queries - B)
-                self._flag(key, self.monitor.name, before + v.flagged_at - (v.queries - int(x.shape[0])))
+                # the key's own query index → the attacker's (the key's count before this piece is v.queries - n)
+                self._flag(key, self.monitor.name, before + v.flagged_at - (v.queries - n))
         if self.population is not None and self.dadd is not None:
-            feats = self.dadd.featurize(x, out.probs)
-            flag = self.population.add(key, self.plan.created_at, feats, out.probs.argmax(1), out.exits)
+            feats = self.dadd.featurize(x, probs)
+            flag = self.population.add(key, self.plan.created_at, feats, probs.argmax(1), exits)
             if flag is not None:
                 for k in flag.contributing:
                     self._flag(k, "population", self.log.queries)
         if key not in self.log.flagged or self.response is Response.LOG:
-            return out
-        self.log.degraded += int(x.shape[0])
+            return probs
+        self.log.degraded += n
         if self.response is Response.DEGRADE_LABEL:
-            rows = torch.nn.functional.one_hot(out.probs.argmax(1), out.probs.shape[1]).to(out.probs.dtype)
-            return DefenseOutput(rows, out.exits)
+            return torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
         assert isinstance(self.defense, DNF)
         with torch.inference_mode():
-            probs = torch.softmax(self.defense.net.forward_all(x).mean_logits[0], dim=1)
-        return DefenseOutput(probs, out.exits)
+            return torch.softmax(self.defense.net.forward_all(x).mean_logits[0], dim=1)
 
 
 def find_dadd(monitor: Monitor | None) -> DADD | None:
