@@ -40,6 +40,7 @@ from fortress.monitor.calibrate import dadd_from_defense
 from fortress.monitor.closed_loop import KeyPlan, Monitored
 from fortress.monitor.dadd import DADD
 from fortress.monitor.population import PopulationDrift
+from fortress.monitor.tap import PenultimateTap
 from fortress.serve import KeyStore
 
 
@@ -145,7 +146,7 @@ def main() -> None:
     for spec in args.attacks:
         name, pool, budget = spec.split(":")
         for keys in args.sybil_keys:
-            members = [ExitSPRT(ecal), DADD(dcal, features=dnf.victim.penultimate)]
+            members = [ExitSPRT(ecal), DADD(dcal, features=PenultimateTap(dnf))]
             monitor = AnyOf([*members, Prada()] if args.prada else members)
             population = (
                 PopulationDrift(dcal, id_early_share=early, num_exits=dnf.num_exits, min_queries=500)

@@ -250,3 +250,26 @@ def test_key_plan_splits_batches_over_keys_within_their_budgets() -> None:
     assert pieces == [(2, 0, 10), (0, 10, 15)]  # the last key fills up; past every budget the next key takes the rest
     burst = KeyPlan(keys=2, mode="bursts", per_key=10)
     assert burst.split(25, [0, 0], 0)[0] == [(0, 0, 10), (1, 10, 20), (1, 20, 25)]
+
+
+@pytest.mark.parametrize("compute", ["dynamic", "full"])
+def test_the_tap_gives_the_victims_features_from_the_answers_own_pass(compute: str) -> None:
+    from fortress.monitor.tap import PenultimateTap
+    from helpers import sharp_random_dnf
+
+    dnf = sharp_random_dnf()
+    dnf.compute = compute
+    tap = PenultimateTap(dnf)
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():  # exit 0 takes the more confident half of the rows, the rest go to the end
+        conf = torch.softmax(dnf.net.forward_all(x).logits[0], dim=1).amax(dim=1)
+    dnf.set_thresholds([float(conf.median()), 1.0, 1.0])
+    out = dnf.respond(x)
+    assert out.exits is not None and 0 < int((out.exits == 3).sum()) < 64  # a mix of early and final rows
+    with torch.inference_mode():
+        want = dnf.victim.penultimate(x)
+    assert torch.allclose(tap.features(x, out.probs, out.exits), want, atol=1e-6)
+    # kept features of another batch are never used for this one
+    other = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    dnf.respond(other)
+    assert torch.allclose(tap.features(x, out.probs, out.exits), want, atol=1e-6)

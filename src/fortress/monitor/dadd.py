@@ -203,7 +203,8 @@ class DADD(Monitor):
     Args:
         calibration: from :func:`calibrate_dadd`.
         features: images ``(B, C, H, W)`` → features ``(B, F)`` for ``"penultimate"`` calibrations
-            (e.g. ``victim.penultimate``); ``None`` for ``"logits"``, computed from the answers.
+            (e.g. ``victim.penultimate``, or a :class:`~fortress.monitor.tap.PenultimateTap`, which
+            reuses the answer's own pass); ``None`` for ``"logits"``, computed from the answers.
         threshold: override the calibrated ``h``.
 
     Raises:
@@ -234,18 +235,27 @@ class DADD(Monitor):
         self.features = features
         self.threshold = calibration.threshold if threshold is None else float(threshold)
         self._keys: dict[str, _KeyState] = {}
+        self._last: tuple[Tensor, Tensor] | None = None
 
     def _new(self) -> _KeyState:
         k, f = self.calibration.reference.means.shape
         return _KeyState(torch.zeros(k), torch.zeros(k, f), torch.zeros(k))
 
-    def featurize(self, images: Tensor, probs: Tensor) -> Tensor:
-        """The batch's features ``(B, F)`` in the calibration's feature space."""
+    def featurize(self, images: Tensor, probs: Tensor, exits: Tensor | None = None) -> Tensor:
+        """The batch's features ``(B, F)`` in the calibration's feature space.
+
+        The last batch's features are kept, so the population detector reads them without a second pass.
+        """
         if self.calibration.reference.feature == "logits":
             return log_prob_features(probs)
+        if self._last is not None and self._last[0] is images:
+            return self._last[1]
         assert self.features is not None  # checked in __init__
+        tap = getattr(self.features, "features", None)  # a PenultimateTap reuses the answer's pass
         with torch.inference_mode():
-            return self.features(images).float()
+            feats = (tap(images, probs, exits) if callable(tap) else self.features(images)).float()
+        self._last = (images, feats)
+        return feats
 
     def observe(self, key_id: str, images: Tensor, probs: Tensor, exits: Tensor | None) -> Verdict:
         st = self._keys.setdefault(key_id, self._new())
@@ -255,7 +265,7 @@ class DADD(Monitor):
         if probs.shape[0] == 0:
             return self.verdict(key_id)
         cls = probs.argmax(dim=1)
-        z = ref.z(self.featurize(images, probs).cpu(), cls.cpu())
+        z = ref.z(self.featurize(images, probs, exits).cpu(), cls.cpu())
         path = _path_stats(z, cls.cpu(), ref.means.shape[0], (st.n_c, st.s_c, st.q_c))
         d = path[:, 0] - cal.m_ref + path[:, 1]
         n = path[:, 2]

@@ -34,6 +34,7 @@ from fortress.errors import ArtifactError, BudgetExceeded, ConfigError, Fortress
 from fortress.monitor import ExitSPRT, Monitor, PopulationDrift, Response, create_monitor
 from fortress.monitor.closed_loop import find_dadd
 from fortress.monitor.service import Watch, first_exit_probs
+from fortress.monitor.tap import PenultimateTap
 from fortress.serve.answer import Job, Service, Unavailable, answer_tail, profile_commit
 from fortress.serve.body import (
     BodyTimeout,
@@ -351,7 +352,7 @@ def _watch(settings: ServeSettings, defense: Defense, store: KeyStore | None = N
     monitor = None
     population = None
     if settings.monitor is not None:
-        features = defense.victim.penultimate if isinstance(defense, DNF) else None
+        features = PenultimateTap(defense) if isinstance(defense, DNF) else None
         monitor = create_monitor(settings.monitor, calibration=settings.monitor_calibration, features=features)
     if settings.population_window_s is not None and monitor is not None and store is not None:
         population = _population(settings, defense, monitor)
