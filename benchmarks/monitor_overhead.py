@@ -27,6 +27,7 @@ from fortress.defenses import load_defense
 from fortress.monitor import calibrate_from_defense, create_monitor
 from fortress.monitor.calibrate import dadd_from_defense
 from fortress.monitor.service import Watch
+from fortress.monitor.tap import PenultimateTap
 
 
 def main() -> None:
@@ -66,7 +67,7 @@ def main() -> None:
                 num_exits=defense.num_exits or 0,
                 monitor=None
                 if mon is None
-                else create_monitor(mon, calibration=cal_path, features=defense.victim.penultimate),
+                else create_monitor(mon, calibration=cal_path, features=PenultimateTap(defense)),
             )
             for i, (name, mon) in enumerate(setups.items())
         }
