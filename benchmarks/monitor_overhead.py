@@ -14,6 +14,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -24,7 +25,9 @@ import torch
 from fortress.data.embedded import mnist_splits
 from fortress.defenses import load_defense
 from fortress.monitor import calibrate_from_defense, create_monitor
+from fortress.monitor.calibrate import dadd_from_defense
 from fortress.monitor.service import Watch
+from fortress.monitor.tap import PenultimateTap
 
 
 def main() -> None:
@@ -44,18 +47,27 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         cal = calibrate_from_defense(defense, data.val.x, alpha=0.01, horizon=10_000, simulations=500, seed=0)
-        cal_path = cal.save(Path(tmp) / "cal.json")
+        cal.save(Path(tmp) / "exit.json")
+        dadd_from_defense(defense, data.train.x, data.val.x, streams=20).save(Path(tmp) / "dadd.json")
+        cal_path = Path(tmp) / "cal.json"
+        cal_path.write_text(
+            json.dumps({"monitor": "bundle", "members": {"exit-sprt": "exit.json", "dadd": "dadd.json"}})
+        )
         setups = {
             "profiles only": None,
             "exit-sprt": "exit-sprt",
             "prada": "prada",
             "exit-sprt+prada": "exit-sprt+prada",
+            "dadd": "dadd",
+            "exit-sprt+dadd": "exit-sprt+dadd",
         }
         watches = {
             name: Watch(
                 Path(tmp) / f"{i}.db",
                 num_exits=defense.num_exits or 0,
-                monitor=None if mon is None else create_monitor(mon, calibration=cal_path),
+                monitor=None
+                if mon is None
+                else create_monitor(mon, calibration=cal_path, features=PenultimateTap(defense)),
             )
             for i, (name, mon) in enumerate(setups.items())
         }

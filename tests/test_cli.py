@@ -339,3 +339,18 @@ def test_threads_are_pinned_and_recorded(victim_dir: Path, tmp_path: Path) -> No
         assert first.extra[key] == facts[key]
     res = runner.invoke(app, [*args, "--threads", "0"])
     assert res.exit_code != 0 and "threads" in res.output.lower()
+
+
+def test_monitor_calibrate_dadd_writes_a_bundle_the_union_loads(dnf_dir: Path, tmp_path: Path) -> None:
+    from fortress.defenses import load_defense
+    from fortress.monitor import DADD, AnyOf, ExitSPRT, create_monitor
+
+    out = tmp_path / "cal.json"
+    args = ["monitor", "calibrate", str(dnf_dir), "--out", str(out), "--views", "1", "--dadd"]
+    res = runner.invoke(app, [*args, "--dadd-horizon", "200", "--dadd-streams", "10"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cal.exit-sprt.json").is_file() and (tmp_path / "cal.dadd.json").is_file()
+    dnf = load_defense(dnf_dir)
+    mon = create_monitor("exit-sprt+dadd", calibration=out, features=dnf.victim.penultimate)
+    assert isinstance(mon, AnyOf) and [type(m) for m in mon.members] == [ExitSPRT, DADD]
+    assert "dadd calibration: threshold" in res.output

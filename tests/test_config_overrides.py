@@ -120,7 +120,7 @@ def _field_by_field(
     if seed is not None:
         cfg = replace(cfg, train=replace(cfg.train, seed=seed), ood=replace(cfg.ood, seed=seed))
     if ood is not None:
-        cfg = replace(cfg, ood=replace(cfg.ood, kind=ood))  # type: ignore[arg-type]
+        cfg = replace(cfg, ood=replace(cfg.ood, kind=ood))
     if thresholds is not None:
         cfg = replace(cfg, thresholds=thresholds)
     if search or search_trials is not None:

@@ -137,3 +137,100 @@ def test_reset_clears_the_flag_keeps_the_profile_and_persists(dnf: DNF, tmp_path
     bad = CliRunner().invoke(cli_app, ["keys", "reset", "nope", "--keys", str(settings.keys_path)])
     assert bad.exit_code != 0 and "nope" in bad.output
     store.close()
+
+
+def _blob_images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = 0.05 * torch.rand(n, 1, 28, 28, generator=g)
+    r = torch.randint(2, 18, (n, 2), generator=g)
+    for i in range(n):
+        x[i, 0, r[i, 0] : r[i, 0] + 8, r[i, 1] : r[i, 1] + 8] = 0.9
+    return x
+
+
+def test_served_exit_sprt_plus_dadd_from_one_bundle_flags_only_the_off_domain_key(tmp_path: Path) -> None:
+    import json
+
+    from fortress.monitor import calibrate_exit_sprt
+    from fortress.monitor.calibrate import dadd_from_defense
+
+    dnf = sharp_random_dnf()
+    dnf.set_thresholds([1.0, 1.0, 1.0])  # every query leaves at the last exit: exit-sprt sees nothing
+    dcal = dadd_from_defense(dnf, _blob_images(600, 0), _blob_images(200, 1), variants=2, horizon=200, streams=20)
+    dcal.save(tmp_path / "d.json")
+    calibrate_exit_sprt(torch.full((2000,), 3), 4, horizon=1000, simulations=100, seed=0).save(tmp_path / "e.json")
+    bundle = tmp_path / "cal.json"
+    bundle.write_text(json.dumps({"monitor": "bundle", "members": {"exit-sprt": "e.json", "dadd": "d.json"}}))
+    settings = ServeSettings(
+        tmp_path / "dnf",
+        tmp_path / "keys.db",
+        monitor="exit-sprt+dadd",
+        monitor_calibration=bundle,
+        monitor_response="degrade-label",
+    )
+    store = KeyStore(settings.keys_path, create=True)
+    _, user = store.add("user")
+    _, other = store.add("other-domain")
+    benign, off = _blob_images(200, 2), 1 - _blob_images(200, 3)
+    with TestClient(create_app(settings, defense=dnf)) as client:
+        got = [
+            client.post("/v1/predict", json=_npy_body(benign[i : i + 50]), headers={"X-API-Key": user}).json()
+            for i in range(0, 200, 50)
+        ]
+        bad = [
+            client.post("/v1/predict", json=_npy_body(off[i : i + 50]), headers={"X-API-Key": other}).json()
+            for i in range(0, 200, 50)
+        ]
+    with torch.inference_mode():
+        want = to_positive_probs(dnf(benign))
+    assert all(r["probabilities"] is not None for r in got)  # never degraded: the defense's own answers
+    assert torch.allclose(torch.cat([torch.tensor(r["probabilities"]) for r in got]), want, atol=1e-6)
+    assert bad[-1]["probabilities"] is None and bad[-1]["output_mode"] == "hard"  # flagged by dadd: labels only
+    store.close()
+
+
+def test_admin_creates_keys_and_a_sybil_attacker_is_caught_across_keys(tmp_path: Path) -> None:
+    from fortress.bench.sybil import SybilOracle
+    from fortress.monitor.calibrate import dadd_from_defense
+    from fortress.oracle import HttpOracle
+
+    dnf = sharp_random_dnf()
+    dnf.set_thresholds([1.0, 1.0, 1.0])
+    dcal = dadd_from_defense(dnf, _blob_images(600, 0), _blob_images(200, 1), variants=2, horizon=200, streams=20)
+    dcal.save(tmp_path / "d.json")
+    settings = ServeSettings(
+        tmp_path / "dnf",
+        tmp_path / "keys.db",
+        monitor="dadd",
+        monitor_calibration=tmp_path / "d.json",
+        monitor_response="degrade-exit0",
+        population_window_s=3600.0,
+        population_min_queries=200,
+    )
+    store = KeyStore(settings.keys_path, create=True)
+    _, admin = store.add("ops", admin=True)
+    _, user = store.add("user")
+    with TestClient(create_app(settings, defense=dnf)) as client:
+        refused = client.post("/v1/admin/keys", json={"name": "x"}, headers={"X-API-Key": user})
+        assert refused.status_code == 403
+        bad = client.post("/v1/admin/keys", json={"name": "x", "budget": -1}, headers={"X-API-Key": admin})
+        assert bad.status_code == 422 and "budget" in bad.text
+        sybil = SybilOracle("http://testserver", admin, keys=20, budget=400, client=client)
+        attack = 1 - _blob_images(400, 3)
+        answers = torch.cat([sybil.query(attack[i : i + 20]) for i in range(0, 400, 20)])
+        flags = sybil.flags()
+        benign = _blob_images(100, 4)
+        clean = HttpOracle("http://testserver", user, client=client).query(benign)
+    assert all(f["queries"] == 20 for f in flags)  # 20 queries per key: dadd alone never judges a key
+    caught = [f for f in flags if f["flagged"]]
+    assert len(caught) >= 18
+    assert all(f["flagged_at_key_query"] == 20 for f in caught)  # each after its only batch
+    with torch.inference_mode():
+        exit0 = to_positive_probs(torch.softmax(dnf.net.forward_all(attack).mean_logits[0], dim=1))
+        plain = to_positive_probs(dnf(attack))
+    # the window is tested from 200 pooled queries on: the first 9 keys got the defense's answers,
+    # the key that brought the pool to 200 and every later one got the response
+    assert torch.allclose(answers[:180], plain[:180], atol=1e-6)
+    assert torch.allclose(answers[180:], exit0[180:], atol=1e-6)
+    assert torch.allclose(clean, to_positive_probs(dnf(benign)), atol=1e-6)  # another window's key: untouched
+    store.close()

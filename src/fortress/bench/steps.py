@@ -14,6 +14,7 @@ data are resolved and checked against the model before anything is trained, quer
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,11 +88,15 @@ class Attacked:
 
 @dataclass(frozen=True)
 class Calibrated:
-    """An exit-sprt calibration saved to ``out``, made from ``queries`` held-out ID queries."""
+    """An exit-sprt calibration saved to ``out``, made from ``queries`` held-out ID queries.
+
+    With ``dadd``, ``out`` is a bundle naming both calibration files (``dadd_threshold``: its ``h``).
+    """
 
     calibration: ExitCalibration
     out: Path
     queries: int
+    dadd_threshold: float | None = None
 
 
 def is_url(target: str) -> bool:
@@ -249,8 +254,16 @@ def calibrate_saved(
     views: int = 3,
     seed: int = 0,
     data: DataSpec | None = None,
+    dadd: bool = False,
+    dadd_horizon: int = 1000,
+    dadd_streams: int = 200,
 ) -> Calibrated:
     """Calibrate the exit-sprt monitor for the DNF saved in ``model_dir`` on held-out ID data; save to ``out``.
+
+    With ``dadd``, also calibrate ``dadd`` (reference: the training split; threshold: the validation
+    split under every benign shift and class mix, ``alpha`` within ``dadd_horizon`` queries) and write
+    ``out`` as a bundle naming ``<out stem>.exit-sprt.json`` and ``<out stem>.dadd.json`` next to it, so
+    ``--monitor exit-sprt+dadd --monitor-calibration OUT`` reads both.
 
     The held-out queries are the ID validation split plus ``views`` shifted, noisy copies of it
     (:func:`fortress.monitor.exit_sprt.light_views`); ``alpha`` is the share of ID keys flagged within
@@ -263,10 +276,23 @@ def calibrate_saved(
     from fortress.monitor.exit_sprt import light_views
 
     defense = load_defense(model_dir)
-    x = light_views(data_for(defense.victim, data).val.x, views, seed=seed)
+    resolved = data_for(defense.victim, data)
+    x = light_views(resolved.val.x, views, seed=seed)
     cal = calibrate_from_defense(defense, x, alpha=alpha, horizon=horizon, seed=seed)
-    cal.save(out)
-    return Calibrated(cal, out, len(x))
+    if not dadd:
+        cal.save(out)
+        return Calibrated(cal, out, len(x))
+    from fortress.monitor.calibrate import dadd_from_defense
+
+    out = Path(out)
+    dcal = dadd_from_defense(
+        defense, resolved.train.x, resolved.val.x, alpha=alpha, horizon=dadd_horizon, streams=dadd_streams, seed=seed
+    )
+    members = {"exit-sprt": f"{out.stem}.exit-sprt.json", "dadd": f"{out.stem}.dadd.json"}
+    cal.save(out.parent / members["exit-sprt"])
+    dcal.save(out.parent / members["dadd"])
+    out.write_text(json.dumps({"monitor": "bundle", "members": members}, indent=2))
+    return Calibrated(cal, out, len(x), dcal.threshold)
 
 
 def _emit(event: EventFn | None, stage: str, completed: float, total: float) -> None:

@@ -125,7 +125,12 @@ def protect_cmd(
     config: Annotated[Path | None, typer.Option(help="ProtectConfig TOML (options below override it).")] = None,
     head: Annotated[str | None, typer.Option(help="Exit head kind: vib (paper) or plain.")] = None,
     epochs: Annotated[int | None, typer.Option(help="DNF training epochs (paper: 10).")] = None,
-    ood: Annotated[str | None, typer.Option(help="OOD source: dcgan, proxy, noise or dcgan+noise.")] = None,
+    ood: Annotated[
+        str | None,
+        typer.Option(
+            help="OOD source: dcgan, proxy, noise, near (transformed ID images), or parts joined by + (near+noise)."
+        ),
+    ] = None,
     thresholds: Annotated[str | None, typer.Option(help="Comma-separated per-head thresholds.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of DNF training.")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from checkpoints in OUT/checkpoints.")] = True,

@@ -44,10 +44,12 @@ def serve_cmd(
     workers: Annotated[int, typer.Option(help="Batches answered at once (threads).")] = 2,
     threads: Annotated[int, typer.Option(help="Torch intra-op threads per batch.")] = 1,
     monitor: Annotated[
-        str | None, typer.Option(help="Extraction monitor: exit-sprt, prada, or both (exit-sprt+prada).")
+        str | None,
+        typer.Option(help="Extraction monitor: exit-sprt, prada, dadd, or several joined by + (exit-sprt+dadd)."),
     ] = None,
     monitor_calibration: Annotated[
-        Path | None, typer.Option(help="exit-sprt calibration (fortress monitor calibrate).")
+        Path | None,
+        typer.Option(help="exit-sprt calibration, or a bundle with dadd's (fortress monitor calibrate --dadd)."),
     ] = None,
     monitor_response: Annotated[
         str, typer.Option(help="For flagged keys: log, alert, throttle, degrade-label, degrade-exit0.")
@@ -55,6 +57,10 @@ def serve_cmd(
     monitor_webhook: Annotated[str | None, typer.Option(help="URL the alert response POSTs to.")] = None,
     profiles: Annotated[bool, typer.Option(help="Keep per-key query profiles in the key ledger.")] = True,
     throttle: Annotated[float, typer.Option(help="throttle response: seconds of delay per image.")] = 0.01,
+    population_window: Annotated[
+        float | None,
+        typer.Option(help="Also test the drift of all keys created in each window of this many seconds (needs dadd)."),
+    ] = None,
     pad_quantile: Annotated[
         float, typer.Option(help="padded compute: quantile of recent full-path times to pad to.")
     ] = 0.99,
@@ -88,6 +94,7 @@ def serve_cmd(
         monitor_response=monitor_response,
         monitor_webhook=monitor_webhook,
         throttle_s_per_query=throttle,
+        population_window_s=population_window,
         pad_quantile=pad_quantile,
         pad_window=pad_window,
     )
@@ -231,17 +238,39 @@ def monitor_calibrate_cmd(
     horizon: Annotated[int, typer.Option(help="Queries per ID key the rate refers to.")] = 10_000,
     views: Annotated[int, typer.Option(help="Shifted+noisy copies of each held-out image added.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the augmentation and the simulation.")] = 0,
+    dadd: Annotated[
+        bool, typer.Option("--dadd", help="Also calibrate dadd; OUT becomes a bundle of both calibrations.")
+    ] = False,
+    dadd_horizon: Annotated[int, typer.Option(help="Queries per benign key dadd's rate refers to.")] = 1000,
+    dadd_streams: Annotated[int, typer.Option(help="Simulated benign keys per dadd scenario.")] = 200,
     data: DataOption = None,
     data_option: DataOptions = None,
 ) -> None:
-    """Calibrate the exit-sprt monitor on held-out ID data (the validation split of the model's data)."""
+    """Calibrate the exit-sprt monitor (and with --dadd the dadd monitor) on held-out ID data."""
     from fortress.bench.steps import calibrate_saved
 
     spec = data_spec(data, data_option)
-    made = calibrate_saved(model_dir, out, alpha=alpha, horizon=horizon, views=views, seed=seed, data=spec)
+    made = calibrate_saved(
+        model_dir,
+        out,
+        alpha=alpha,
+        horizon=horizon,
+        views=views,
+        seed=seed,
+        data=spec,
+        dadd=dadd,
+        dadd_horizon=dadd_horizon,
+        dadd_streams=dadd_streams,
+    )
     cal = made.calibration
     console.print(
         f"exit-sprt calibration: ID exits {list(cal.id_counts)} over {made.queries:,} held-out queries, "
         f"threshold {cal.threshold:.3f} for alpha {alpha:g} within {horizon:,} queries -> {out}",
         highlight=False,
     )
+    if made.dadd_threshold is not None:
+        console.print(
+            f"dadd calibration: threshold {made.dadd_threshold:.3f} for alpha {alpha:g} within {dadd_horizon:,} "
+            f"queries in every benign scenario -> {out} (bundle)",
+            highlight=False,
+        )

@@ -2,18 +2,26 @@
 
 ``exit-sprt`` tests a key's DNF exit histogram against the ID profile measured at protect time
 (paper Table 12: attack traffic leaves early far more often); ``prada`` is PRADA (Juuti et al.
-2019), the distance-normality baseline. The server (``fortress serve --monitor``) keeps a
+2019), the distance-normality baseline; ``dadd`` tests the distribution of a key's queries per
+predicted class in the victim's feature space (after D-ADD, AAAI 2025); :class:`PopulationDrift`
+pools all keys created in a window (the Sybil case). The server (``fortress serve --monitor``) keeps a
 :class:`KeyProfile` per key in the key ledger and applies a :class:`Response` to flagged keys.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fortress.errors import ConfigError
+from torch import Tensor
+
+from fortress.errors import ArtifactError, ConfigError
 from fortress.monitor.base import Monitor, Response, Verdict
+from fortress.monitor.dadd import DADD, DADDCalibration, DADDReference, calibrate_dadd, fit_reference
 from fortress.monitor.exit_sprt import ExitCalibration, ExitSPRT, calibrate_exit_sprt, calibrate_from_defense
+from fortress.monitor.population import PopulationDrift, PopulationFlag
 from fortress.monitor.prada import Prada
 from fortress.monitor.profile import KeyProfile, RunningMoments
 from fortress.monitor.store import ProfileStore
@@ -21,47 +29,98 @@ from fortress.monitor.union import AnyOf
 from fortress.registry import Registry
 
 __all__ = [
+    "DADD",
     "MONITORS",
     "AnyOf",
+    "DADDCalibration",
+    "DADDReference",
     "ExitCalibration",
     "ExitSPRT",
     "KeyProfile",
     "Monitor",
+    "PopulationDrift",
+    "PopulationFlag",
     "Prada",
     "ProfileStore",
     "Response",
     "RunningMoments",
     "Verdict",
+    "calibrate_dadd",
     "calibrate_exit_sprt",
     "calibrate_from_defense",
     "create_monitor",
+    "fit_reference",
+    "member_calibration",
 ]
 
 MONITORS: Registry[type[Monitor]] = Registry("monitor")
 MONITORS.add("exit-sprt", ExitSPRT)
 MONITORS.add("prada", Prada)
+MONITORS.add("dadd", DADD)
+
+#: Monitors that read a calibration file.
+CALIBRATED = {"exit-sprt": "fortress monitor calibrate MODEL_DIR --out FILE", "dadd": "calibrate_dadd"}
 
 
-def create_monitor(name: str, *, calibration: Path | None = None, **params: Any) -> Monitor:
-    """Build the monitor registered as ``name``; ``exit-sprt`` reads its ``calibration`` file.
+def member_calibration(calibration: Path, name: str) -> Path:
+    """The calibration file of monitor ``name``: ``calibration`` itself, or its entry in a bundle.
+
+    A bundle is a JSON object ``{"monitor": "bundle", "members": {"exit-sprt": "exit.json", "dadd":
+    "dadd.json"}}`` (paths relative to the bundle), so a union of calibrated monitors takes one file.
+
+    Raises:
+        ArtifactError: the bundle is unreadable or lacks ``name``.
+    """
+    try:
+        data = json.loads(Path(calibration).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read monitor calibration {calibration}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("monitor") != "bundle":
+        return Path(calibration)
+    members = data.get("members")
+    if not isinstance(members, dict) or name not in members:
+        have = sorted(members) if isinstance(members, dict) else []
+        raise ArtifactError(f"calibration bundle {calibration} has no entry for monitor {name!r} (it has {have})")
+    return Path(calibration).parent / str(members[name])
+
+
+def create_monitor(
+    name: str,
+    *,
+    calibration: Path | None = None,
+    features: Callable[[Tensor], Tensor] | None = None,
+    **params: Any,
+) -> Monitor:
+    """Build the monitor registered as ``name``; ``exit-sprt`` and ``dadd`` read their ``calibration`` file.
 
     ``"a+b"`` builds :class:`AnyOf` the named monitors (``exit-sprt+prada``: flag a key as soon as
-    either detector does); ``params`` then go to no member.
+    either detector does); ``params`` then go to no member. Calibrated members of a union take one
+    bundle file (:func:`member_calibration`).
+
+    Args:
+        name: registry name or ``+``-joined names.
+        calibration: calibration file or bundle.
+        features: the victim's feature function for ``dadd`` calibrations in the ``penultimate`` space
+            (e.g. ``dnf.victim.penultimate``).
+        **params: the monitor's own parameters.
 
     Raises:
         UnknownComponent: no such monitor.
-        ConfigError: ``exit-sprt`` without a calibration file.
+        ConfigError: a calibrated monitor without a calibration file.
         ArtifactError: the calibration file is unreadable.
     """
     if "+" in name:
         if params:
             raise ConfigError(f"a union of monitors ({name!r}) takes no parameters, got {sorted(params)}")
-        return AnyOf([create_monitor(part.strip(), calibration=calibration) for part in name.split("+")])
+        parts = [part.strip() for part in name.split("+")]
+        return AnyOf([create_monitor(part, calibration=calibration, features=features) for part in parts])
     cls = MONITORS.get(name)
+    if name in CALIBRATED and calibration is None:
+        raise ConfigError(f"monitor {name!r} needs a calibration file ({CALIBRATED[name]})")
     if cls is ExitSPRT:
-        if calibration is None:
-            raise ConfigError(
-                "monitor 'exit-sprt' needs a calibration file (fortress monitor calibrate MODEL_DIR --out FILE)"
-            )
-        return ExitSPRT(ExitCalibration.load(calibration), **params)
+        assert calibration is not None
+        return ExitSPRT(ExitCalibration.load(member_calibration(calibration, name)), **params)
+    if cls is DADD:
+        assert calibration is not None
+        return DADD(DADDCalibration.load(member_calibration(calibration, name)), features=features, **params)
     return cls(**params)

@@ -23,7 +23,9 @@ from torch import Tensor
 from fortress.defenses import DNF, Defense
 from fortress.errors import ConfigError
 from fortress.monitor.base import Monitor, Response, Verdict
+from fortress.monitor.closed_loop import find_dadd
 from fortress.monitor.exit_sprt import ExitSPRT
+from fortress.monitor.population import PopulationDrift
 from fortress.monitor.profile import KeyProfile
 from fortress.monitor.store import ProfileRecord, ProfileStore
 
@@ -88,6 +90,10 @@ class Watch:
         exit0: first-exit answers (needed by ``degrade-exit0``; see :func:`first_exit_probs`).
         webhook: URL the ``alert`` response POSTs a JSON event to (``None``: log line only).
         throttle_s_per_query: ``throttle`` delay per image of a flagged key's requests.
+        population: drift test over all keys created in a window (the Sybil case); it pools the
+            features of ``monitor``'s ``dadd`` member, and a key that contributed to a flagged window
+            is flagged like one the monitor flagged (``None``: per-key monitoring only).
+        created_at: a key's creation time in epoch seconds (needed with ``population``).
     """
 
     def __init__(
@@ -100,7 +106,11 @@ class Watch:
         exit0: Callable[[Tensor], Tensor] | None = None,
         webhook: str | None = None,
         throttle_s_per_query: float = 0.01,
+        population: PopulationDrift | None = None,
+        created_at: Callable[[str], float] | None = None,
     ) -> None:
+        if population is not None and (find_dadd(monitor) is None or created_at is None):
+            raise ConfigError("the population detector needs a monitor with dadd and the keys' creation times")
         if response is Response.DEGRADE_EXIT0 and exit0 is None:
             raise ConfigError("the degrade-exit0 response needs the defense's first exit (a DNF)")
         if throttle_s_per_query < 0:
@@ -112,6 +122,10 @@ class Watch:
         self.exit0 = exit0
         self.webhook = webhook
         self.throttle_s_per_query = throttle_s_per_query
+        self.population = population
+        self.created_at = created_at
+        self._population_flagged: set[str] = set()
+        self._announced: set[str] = set()
         self._epochs: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -157,6 +171,7 @@ class Watch:
                 state = self.monitor.state(key_id)
                 if now.flagged and not was:
                     newly = now
+                newly = self._population(key_id, images, probs, exits, now, was or stored_flag is not None, newly)
             verdict = self._verdict(key_id, stored_flag)
         record = ProfileRecord(
             key_id,
@@ -168,7 +183,7 @@ class Watch:
         )
         if stored_flag is None and newly is None and (verdict is None or not verdict.flagged):
             return Answer(probs, False, 0.0, verdict, record, False)
-        if newly is not None and stored_flag is None:
+        if newly is not None and stored_flag is None and key_id not in self._announced:
             self._announce(newly)
         n = int(probs.shape[0])
         if self.response is Response.DEGRADE_LABEL:
@@ -180,6 +195,45 @@ class Watch:
             return Answer(probs, False, n * self.throttle_s_per_query, verdict, record, True)
         return Answer(probs, False, 0.0, verdict, record, True)
 
+    def _population(
+        self,
+        key_id: str,
+        images: Tensor,
+        probs: Tensor,
+        exits: Tensor | None,
+        now: Verdict,
+        already: bool,
+        newly: Verdict | None,
+    ) -> Verdict | None:
+        """Feed the batch to the population detector; a newly contributing key gets a flag at its last query."""
+        dadd = find_dadd(self.monitor)
+        if self.population is None or dadd is None or self.created_at is None:
+            return newly
+        flag = self.population.add(
+            key_id, self.created_at(key_id), dadd.featurize(images, probs), probs.argmax(1), exits
+        )
+        if flag is None:
+            return newly
+        threshold = self.population.calibration.threshold
+        # keys of the window that contributed but send nothing more: their flag is stored now
+        for other in flag.contributing:
+            if other != key_id and other not in self._population_flagged:
+                self._population_flagged.add(other)
+                at = self.population.queries(other)
+                _, epoch = self.store.flag(other)
+                rec = ProfileRecord(
+                    other, KeyProfile(num_exits=self.num_exits), monitor=self.monitor_name, flagged_at=at, epoch=epoch
+                )
+                self.store.save(rec)
+                self._announce(Verdict(other, True, at, at, flag.score, threshold), by="population")
+        if already or newly is not None or not self.population.flagged(key_id) or key_id in self._population_flagged:
+            return newly
+        self._population_flagged.add(key_id)
+        verdict = Verdict(key_id, True, now.queries, now.queries, flag.score, threshold)
+        self._announce(verdict, by="population")
+        self._announced.add(key_id)
+        return verdict
+
     def observe(self, key_id: str, images: Tensor, probs: Tensor, exits: Tensor | None) -> Answer:
         """:meth:`assess` one answered batch and store its record at once; return the answer to send."""
         answer = self.assess(key_id, images, probs, exits)
@@ -187,8 +241,13 @@ class Watch:
         self.store.save(answer.record)
         return answer
 
-    def _announce(self, verdict: Verdict) -> None:
-        what = self.monitor.name if self.monitor is not None else "monitor"
+    @property
+    def monitor_name(self) -> str | None:
+        """The monitor's registry name (``None``: profiles only)."""
+        return None if self.monitor is None else self.monitor.name
+
+    def _announce(self, verdict: Verdict, *, by: str | None = None) -> None:
+        what = by or (self.monitor.name if self.monitor is not None else "monitor")
         msg = (
             f"API key {verdict.key_id} flagged by {what} at query {verdict.flagged_at} "
             f"(score {verdict.score:.4g}, threshold {verdict.threshold:.4g}); response: {self.response.value}"

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Annotated, Any
 
 import anyio
@@ -31,8 +32,10 @@ from torch import Tensor
 from fortress.defenses import DNF, Defense, load_defense
 from fortress.device import resolve_device
 from fortress.errors import ArtifactError, BudgetExceeded, ConfigError, FortressError, InvalidInput
-from fortress.monitor import Response, create_monitor
+from fortress.monitor import ExitSPRT, Monitor, PopulationDrift, Response, create_monitor
+from fortress.monitor.closed_loop import find_dadd
 from fortress.monitor.service import Watch, first_exit_probs
+from fortress.monitor.tap import PenultimateTap
 from fortress.serve.answer import Job, Service, Unavailable, answer_tail, profile_commit
 from fortress.serve.body import (
     BodyTimeout,
@@ -50,6 +53,8 @@ from fortress.serve.schemas import (
     ErrorResponse,
     HealthResponse,
     InfoResponse,
+    NewKeyRequest,
+    NewKeyResponse,
     PredictResponse,
     ProfileResponse,
     json_request_schema,
@@ -163,7 +168,7 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
         defense.to(resolve_device(settings.device))
         if isinstance(defense, DNF):
             defense.compute = "dynamic" if settings.compute == "padded" else settings.compute
-        watch = _watch(settings, defense) if settings.profiles else None
+        watch = _watch(settings, defense, store) if settings.profiles else None
         padded = (
             PaddedCompute(defense, FullPathClock(quantile=settings.pad_quantile, window=settings.pad_window))
             if settings.compute == "padded" and defense.num_exits
@@ -313,6 +318,21 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
             raise InvalidInput(str(exc)) from None
         return svc.watch
 
+    @app.post("/v1/admin/keys", response_model=NewKeyResponse, responses=_responses(401, 403, 422))
+    async def key_create(body: NewKeyRequest, key: Key) -> NewKeyResponse:
+        """Create an API key (admin keys only); the secret is in this answer and nowhere else."""
+        if not key.admin:
+            raise KeyRejected(f"API key {key.key_id} may not create keys (create one with --admin)", 403)
+        try:
+            made, secret = await anyio.to_thread.run_sync(
+                functools.partial(
+                    svc.store.add, body.name, budget=body.budget, output_mode=body.output_mode, top_k=body.top_k
+                )
+            )
+        except ConfigError as exc:
+            raise InvalidInput(str(exc)) from None
+        return NewKeyResponse(key_id=made.key_id, secret=secret, budget=made.budget, created_at=made.created_at)
+
     @app.get("/v1/admin/keys/{key_id}/profile", response_model=ProfileResponse, responses=_responses(401, 403, 422))
     async def key_profile(key_id: str, key: Key) -> ProfileResponse:
         """A key's query profile and monitor verdict (admin keys only; see docs/monitoring.md)."""
@@ -328,12 +348,16 @@ def create_app(settings: ServeSettings, *, defense: Defense | None = None) -> Fa
     return app
 
 
-def _watch(settings: ServeSettings, defense: Defense) -> Watch:
-    """Per-key profiles and the configured monitor (``settings.monitor``) over the key ledger."""
+def _watch(settings: ServeSettings, defense: Defense, store: KeyStore | None = None) -> Watch:
+    """Per-key profiles, the configured monitor (``settings.monitor``) and the population detector."""
     response = Response(settings.monitor_response)
     monitor = None
+    population = None
     if settings.monitor is not None:
-        monitor = create_monitor(settings.monitor, calibration=settings.monitor_calibration)
+        features = PenultimateTap(defense) if isinstance(defense, DNF) else None
+        monitor = create_monitor(settings.monitor, calibration=settings.monitor_calibration, features=features)
+    if settings.population_window_s is not None and monitor is not None and store is not None:
+        population = _population(settings, defense, monitor)
     return Watch(
         settings.keys_path,
         num_exits=defense.num_exits or 0,
@@ -342,7 +366,39 @@ def _watch(settings: ServeSettings, defense: Defense) -> Watch:
         exit0=first_exit_probs(defense) if response is Response.DEGRADE_EXIT0 else None,
         webhook=settings.monitor_webhook,
         throttle_s_per_query=settings.throttle_s_per_query,
+        population=population,
+        created_at=None if store is None else _creation_times(store),
     )
+
+
+def _population(settings: ServeSettings, defense: Defense, monitor: Monitor) -> PopulationDrift:
+    """The population detector over ``monitor``'s dadd calibration (and exit-sprt's ID exits, if a member)."""
+    dadd = find_dadd(monitor)
+    if dadd is None:
+        raise ConfigError(f"the population detector needs dadd among the monitors, got {settings.monitor!r}")
+    members = getattr(monitor, "members", [monitor])
+    sprt = next((m for m in members if isinstance(m, ExitSPRT)), None)
+    early = None if sprt is None else 1 - sprt.calibration.id_counts[-1] / sum(sprt.calibration.id_counts)
+    assert settings.population_window_s is not None
+    return PopulationDrift(
+        dadd.calibration,
+        id_early_share=early,
+        num_exits=None if early is None else defense.num_exits,
+        window_s=settings.population_window_s,
+        min_queries=settings.population_min_queries,
+    )
+
+
+def _creation_times(store: KeyStore) -> Callable[[str], float]:
+    """A key's creation time (epoch seconds) from the ledger, read once per key."""
+    seen: dict[str, float] = {}
+
+    def created_at(key_id: str) -> float:
+        if key_id not in seen:
+            seen[key_id] = datetime.fromisoformat(store.get(key_id).created_at).timestamp()
+        return seen[key_id]
+
+    return created_at
 
 
 def _body_size(request: Request, settings: ServeSettings) -> int:

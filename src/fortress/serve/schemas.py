@@ -10,6 +10,8 @@ __all__ = [
     "ErrorResponse",
     "HealthResponse",
     "InfoResponse",
+    "NewKeyRequest",
+    "NewKeyResponse",
     "PredictRequest",
     "PredictResponse",
     "ProfileResponse",
@@ -48,6 +50,24 @@ class PredictResponse(BaseModel):
     queries_used: int = Field(description="Queries charged to this key so far, this request included.")
     budget: int | None = Field(description="This key's query budget (null: unlimited).")
     budget_left: int | None
+
+
+class NewKeyRequest(BaseModel):
+    """An admin's request for a new API key."""
+
+    name: str = Field(description="A label for the key.")
+    budget: int | None = Field(default=None, description="Query budget (null: unlimited).")
+    output_mode: str = Field(default="soft", description="soft, hard or topk.")
+    top_k: int = Field(default=1, description="Classes per answer in topk mode.")
+
+
+class NewKeyResponse(BaseModel):
+    """A new API key: its id and its secret (shown once)."""
+
+    key_id: str
+    secret: str
+    budget: int | None
+    created_at: str
 
 
 class ProfileResponse(BaseModel):

@@ -47,6 +47,9 @@ class ServeSettings:
             or ``degrade-exit0`` (see :class:`fortress.monitor.Response`).
         monitor_webhook: URL the ``alert`` response POSTs to.
         throttle_s_per_query: the ``throttle`` response's delay per image.
+        population_window_s: also test the drift of all keys created in each window of this many
+            seconds (the Sybil case; needs a monitor with ``dadd``); ``None``: per-key monitoring only.
+        population_min_queries: pooled queries of a window before it is tested.
         pad_quantile: ``padded`` compute: the padding target's quantile of recent full-path times.
         pad_window: ``padded`` compute: full-path times kept per batch-size bucket.
 
@@ -72,6 +75,8 @@ class ServeSettings:
     monitor_response: str = "log"
     monitor_webhook: str | None = None
     throttle_s_per_query: float = 0.01
+    population_window_s: float | None = None
+    population_min_queries: int = 500
     pad_quantile: float = 0.99
     pad_window: int = 256
 
@@ -98,6 +103,15 @@ class ServeSettings:
             raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if not 0.0 < self.pad_quantile <= 1.0:
             raise ConfigError(f"pad_quantile must be in (0, 1], got {self.pad_quantile}")
+        if self.population_window_s is not None and (
+            not self.population_window_s > 0 or self.monitor is None or "dadd" not in self.monitor.split("+")
+        ):
+            raise ConfigError(
+                f"population_window_s must be > 0 and needs a monitor with dadd, got {self.population_window_s} "
+                f"with monitor {self.monitor!r}"
+            )
+        if self.population_min_queries < 2:
+            raise ConfigError(f"population_min_queries must be >= 2, got {self.population_min_queries}")
         if not self.throttle_s_per_query >= 0:
             raise ConfigError(f"throttle_s_per_query must be >= 0, got {self.throttle_s_per_query}")
 

@@ -66,10 +66,20 @@ from fortress.device import device_of
 from fortress.errors import ArtifactError, ConfigError
 from fortress.generative.dcgan import CONFIG as DCGAN_CONFIG
 from fortress.generative.dcgan import DCGANGenerator, load_generator, save_generator, train_dcgan
+from fortress.generative.near_ood import NEAR_TRANSFORMS, NearIDOOD
 from fortress.generative.ood import GeneratorOOD, MixtureOOD, NoiseOOD, OODSource, PoolOOD
 from fortress.models.staged import StagedBackbone
 
-__all__ = ["OODConfig", "ProtectConfig", "SelectConfig", "build_ood", "effective", "guard_utility", "protect"]
+__all__ = [
+    "OOD_PARTS",
+    "OODConfig",
+    "ProtectConfig",
+    "SelectConfig",
+    "build_ood",
+    "effective",
+    "guard_utility",
+    "protect",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +92,21 @@ CHECKPOINTS_DIR = "checkpoints"
 #: candidate of one training seed is a candidate (or an acceptance retry) of another.
 CANDIDATE_SEED_STRIDE = 1_000
 
-OODKind = Literal["dcgan", "proxy", "noise", "dcgan+noise"]
+#: The parts an OOD source is mixed from (``OODConfig.kind`` joins them with ``+``).
+OOD_PARTS = ("dcgan", "proxy", "noise", "near")
 
 
 @dataclass(frozen=True)
 class OODConfig:
-    """Where DNF's OOD training data come from (paper §4.1, App. F, Table 3).
+    """Where DNF's OOD training data come from (paper §4.1, App. F, Table 3), recorded with the model.
 
     Attributes:
-        kind: ``"dcgan+noise"`` (default: half DCGAN samples, half uniform/Gaussian/smooth noise),
+        kind: one part or several joined by ``+`` (a mixture, equal shares unless ``weights``):
             ``"dcgan"`` (a DCGAN trained on the proxy set; the paper's choice), ``"proxy"`` (the proxy
-            images themselves) or ``"noise"``. The paper finds the OOD set matters little (Table 3);
+            images themselves: another real data set of the victim's shape), ``"noise"``
+            (uniform/Gaussian/smooth noise) and ``"near"`` (the defender's own ID training images
+            put through semantics-destroying transforms, :class:`~fortress.generative.near_ood.NearIDOOD`).
+            Default ``"dcgan+noise"``. The paper finds the OOD set matters little (Table 3);
             measured against a 1M-query DFME on LeNet-5/MNIST (seed 0), the mixture cut the clone to
             18.4 % with 77.5 % of DFME queries at exit 0, against 33.1 % and 42.6 % for the DCGAN alone.
         proxy: registered data set used as proxy (default: natural-photo patches; ``patches`` crops
@@ -100,19 +114,28 @@ class OODConfig:
         proxy_size: proxy images used.
         dcgan_epochs: DCGAN training epochs (paper: 30).
         dcgan_ngf: DCGAN width.
+        near_transforms: the transforms of ``"near"`` (among
+            :data:`~fortress.generative.near_ood.NEAR_TRANSFORMS`).
+        weights: the mixture's share per part of ``kind``, in its order (``None``: equal shares).
         seed: seeds the proxy sample and the DCGAN.
     """
 
-    kind: OODKind = "dcgan+noise"
+    kind: str = "dcgan+noise"
     proxy: str = "patches"
     proxy_size: int = 2000
     dcgan_epochs: int = 30
     dcgan_ngf: int = 32
+    near_transforms: tuple[str, ...] = NEAR_TRANSFORMS
+    weights: tuple[float, ...] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("dcgan", "proxy", "noise", "dcgan+noise"):
-            raise ConfigError(f"unknown OOD kind {self.kind!r}; valid kinds: dcgan, proxy, noise, dcgan+noise")
+        parts = self.parts
+        if not parts or any(p not in OOD_PARTS for p in parts) or len(set(parts)) != len(parts):
+            raise ConfigError(
+                f"ood.kind must be one of {', '.join(OOD_PARTS)} or several of them joined by '+' "
+                f"(e.g. dcgan+noise, near+noise), each at most once; got {self.kind!r}"
+            )
         for label, value, least in (
             ("proxy_size", self.proxy_size, 2),
             ("dcgan_epochs", self.dcgan_epochs, 1),
@@ -120,6 +143,21 @@ class OODConfig:
         ):
             if value < least:
                 raise ConfigError(f"invalid OOD settings: {label} must be >= {least}, got {value}")
+        bad = [t for t in self.near_transforms if t not in NEAR_TRANSFORMS]
+        if bad or not self.near_transforms:
+            raise ConfigError(f"near_transforms must be among {NEAR_TRANSFORMS}, got {list(self.near_transforms)}")
+        if self.weights is not None and (
+            len(self.weights) != len(parts) or any(not w >= 0 for w in self.weights) or sum(self.weights) <= 0
+        ):
+            raise ConfigError(
+                f"OOD weights must be {len(parts)} non-negative numbers (one per part of {self.kind!r}), "
+                f"got {list(self.weights)}"
+            )
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts of :attr:`kind`, in order."""
+        return tuple(p.strip() for p in self.kind.split("+"))
 
 
 @dataclass(frozen=True)
@@ -226,8 +264,12 @@ def effective(cfg: ProtectConfig) -> ProtectConfig:
     )
 
 
+#: The OOD settings a saved DCGAN depends on (compared when it is reused).
+DCGAN_SETTINGS = ("proxy", "proxy_size", "dcgan_epochs", "dcgan_ngf", "seed")
+
+
 def _dcgan_settings(cfg: OODConfig) -> dict[str, object]:
-    return {k: v for k, v in asdict(cfg).items() if k != "kind"}
+    return {k: v for k, v in asdict(cfg).items() if k in DCGAN_SETTINGS}
 
 
 def _dcgan(
@@ -261,6 +303,7 @@ def build_ood(
     cfg: OODConfig,
     image_shape: tuple[int, int, int],
     *,
+    id_data: tuple[Tensor, Tensor] | None = None,
     directory: Path | None = None,
     resume: bool = True,
     on_epoch: Callable[[int, float, float], None] | None = None,
@@ -271,27 +314,42 @@ def build_ood(
     Args:
         cfg: the OOD settings.
         image_shape: the victim's ``(C, H, W)``.
+        id_data: the defender's ID training images ``(N, C, H, W)`` and labels ``(N,)`` (``"near"`` needs them).
         directory: where the trained DCGAN is saved (and found again when ``resume``); ``None``: not saved.
         resume: reuse a DCGAN saved in ``directory`` with the same settings.
         on_epoch: DCGAN progress, ``on_epoch(epoch, g_loss, d_loss)``.
         device: where the DCGAN trains and samples (``None``: the CPU); every source answers on the CPU.
 
     Raises:
-        ConfigError: the proxy images do not have the victim's shape.
+        ConfigError: the proxy images do not have the victim's shape, or ``"near"`` without ``id_data``.
         ArtifactError: the saved DCGAN is corrupt or was trained with other settings.
     """
-    noise = NoiseOOD(image_shape)
-    if cfg.kind == "noise":
-        return noise
-    drawn: dict[str, object] = {"n": cfg.proxy_size, "seed": cfg.seed} if cfg.proxy == "patches" else {}
-    proxy = load_dataset(cfg.proxy, None, **fitted_options(cfg.proxy, image_shape), **drawn)  # the victim's shape
-    x = proxy.x[: cfg.proxy_size]
-    if tuple(x.shape[1:]) != tuple(image_shape):
-        raise ConfigError(f"proxy set {cfg.proxy!r} has images {tuple(x.shape[1:])}, the victim takes {image_shape}")
-    if cfg.kind == "proxy":
-        return PoolOOD(x, name=cfg.proxy)
-    dcgan = GeneratorOOD(_dcgan(cfg, x, directory, resume, on_epoch, device), proxy=cfg.proxy)
-    return dcgan if cfg.kind == "dcgan" else MixtureOOD([dcgan, noise])
+    parts = cfg.parts
+    if "near" in parts and id_data is None:
+        raise ConfigError(f"OOD kind {cfg.kind!r} transforms the defender's ID images; pass id_data")
+    x: Tensor | None = None
+    if "proxy" in parts or "dcgan" in parts:
+        drawn: dict[str, object] = {"n": cfg.proxy_size, "seed": cfg.seed} if cfg.proxy == "patches" else {}
+        proxy = load_dataset(cfg.proxy, None, **fitted_options(cfg.proxy, image_shape), **drawn)  # the victim's shape
+        x = proxy.x[: cfg.proxy_size]
+        if tuple(x.shape[1:]) != tuple(image_shape):
+            raise ConfigError(
+                f"proxy set {cfg.proxy!r} has images {tuple(x.shape[1:])}, the victim takes {image_shape}"
+            )
+    sources: list[OODSource] = []
+    for part in parts:
+        if part == "noise":
+            sources.append(NoiseOOD(image_shape))
+        elif part == "near":
+            assert id_data is not None  # checked above
+            sources.append(NearIDOOD(id_data[0], id_data[1], transforms=cfg.near_transforms))
+        elif part == "proxy":
+            assert x is not None
+            sources.append(PoolOOD(x, name=cfg.proxy))
+        else:
+            assert x is not None
+            sources.append(GeneratorOOD(_dcgan(cfg, x, directory, resume, on_epoch, device), proxy=cfg.proxy))
+    return sources[0] if len(sources) == 1 else MixtureOOD(sources, cfg.weights)
 
 
 def _guard(dnf: DNF, data: DefenderData, cfg: ProtectConfig) -> tuple[GuardResult | None, tuple[float, ...] | None]:
@@ -521,6 +579,7 @@ def protect(
     ood = build_ood(
         cfg.ood,
         victim.input_shape,
+        id_data=(data.x_train, data.y_train),
         directory=None if out is None else out / OOD_DIR,
         resume=resume,
         on_epoch=on_dcgan_epoch,
