@@ -56,9 +56,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _batches(batch: int, count: int) -> list[np.ndarray]:
-    """``count`` distinct batches of real test digits (cycled)."""
-    x = mnist_splits().test.x.numpy()
+def _batches(batch: int, count: int, model: str | None = None) -> list[np.ndarray]:
+    """``count`` distinct batches (cycled) of the ID test images of the data ``model`` remembers
+    (``None``: the embedded MNIST test digits) — the traffic of legitimate users."""
+    if model is None:
+        x = mnist_splits().test.x.numpy()
+    else:
+        from fortress.bench.pipeline import data_for
+
+        x = data_for(load_defense(Path(model)).victim).test.x.numpy()
     return [np.ascontiguousarray(x[(np.arange(batch) + i * batch) % len(x)], dtype=np.float32) for i in range(count)]
 
 
@@ -182,7 +188,7 @@ def run_target(
     log = (tmp / "server.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
-    batches = _batches(args.batch, 16)
+    batches = _batches(args.batch, 16, model)
     bodies = [_body(b) for b in batches]
     rows = []
     sent = 0
