@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from fortress.bench.demo import demo_config, run_demo
 from fortress.bench.records import read_records
 from fortress.config import AttackConfig, OODConfig, ProtectConfig, VictimConfig
@@ -76,3 +78,13 @@ def test_full_and_quick_configs_use_equal_budgets_per_attack() -> None:
         names = [a.name for a in cfg.attacks]
         assert names == ["dfme", "knockoff"]
         assert cfg.victim.arch == "lenet5"
+
+
+def test_the_demo_takes_dnfs_utility_budget() -> None:
+    from fortress.errors import ConfigError
+
+    for quick in (True, False):
+        assert demo_config(quick=quick).protect.max_utility_drop == 0.5  # ProtectConfig's default
+        assert demo_config(quick=quick, max_utility_drop=0).protect.max_utility_drop == 0
+    with pytest.raises(ConfigError, match="max_utility_drop"):
+        demo_config(max_utility_drop=-1)

@@ -41,6 +41,7 @@ def demo_config(
     data: DataSpec | None = None,
     device: str = "cpu",
     amp: bool = False,
+    max_utility_drop: float | None = None,
 ) -> DemoConfig:
     """The demo's settings: ``quick`` finishes in a few minutes on 2 CPU cores, the full one in < 30.
 
@@ -49,6 +50,11 @@ def demo_config(
     used against both defenses. ``data``: the victim's data (default: the embedded digits). On a
     data set other than the 3,500 embedded training digits (Fashion-MNIST has 52,800), the quick demo
     trains the victim for 3 epochs and DNF for 1 (fewer passes over a larger set).
+    ``max_utility_drop``: DNF's utility budget (``None``: :class:`ProtectConfig`'s default, 0.5
+    points; 0: the zero-tolerance guard, every ID query at the final exit).
+
+    Raises:
+        ConfigError: a budget outside [0, 100].
     """
     small = data is None or data.is_default
     victim = VictimConfig(data=data) if small or not quick else VictimConfig(data=data, epochs=3)
@@ -61,6 +67,8 @@ def demo_config(
     else:
         protect_cfg = ProtectConfig()
         dfme_budget = 1_000_000
+    if max_utility_drop is not None:
+        protect_cfg = replace(protect_cfg, max_utility_drop=max_utility_drop)
     attacks = (
         AttackConfig(name="dfme", budget=dfme_budget, clone="lenet5", output_mode="soft"),
         AttackConfig(name="knockoff", budget=5_000, clone="lenet5", output_mode="soft", pool="patches"),

@@ -27,6 +27,7 @@ __all__ = [
     "DataOption",
     "DataOptions",
     "Device",
+    "MaxUtilityDrop",
     "Threads",
     "app",
     "console",
@@ -57,6 +58,10 @@ Device = Annotated[
 ]
 #: ``--amp``: bf16 autocast for training on a GPU (recorded; no effect on the CPU).
 Amp = Annotated[bool, typer.Option("--amp", help="bf16 autocast for training on a GPU (off by default; recorded).")]
+MaxUtilityDrop = Annotated[
+    float | None,
+    typer.Option(help="Utility budget: points of ID validation accuracy early exits may cost (default 0.5; 0: none)."),
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")

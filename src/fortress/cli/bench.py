@@ -17,6 +17,7 @@ from fortress.cli.base import (
     DataOption,
     DataOptions,
     Device,
+    MaxUtilityDrop,
     Threads,
     app,
     console,
@@ -261,6 +262,7 @@ def demo_cmd(
     threads: Threads = DEFAULT_THREADS,
     device: Device = "cpu",
     amp: Amp = False,
+    max_utility_drop: MaxUtilityDrop = None,
 ) -> None:
     """Train a LeNet-5 victim, protect it with DNF, attack both with DFME and Knockoff; print the table."""
     from fortress.bench.demo import TABLE, demo_config, run_demo
@@ -271,7 +273,14 @@ def demo_cmd(
 
     pin_threads(threads)
     seed_list = tuple(int(s) for s in (parse_floats(seeds, "--seeds") or (0,)))
-    cfg = demo_config(quick=quick, seeds=seed_list, data=data_spec(data, data_option), device=device, amp=amp)
+    cfg = demo_config(
+        quick=quick,
+        seeds=seed_list,
+        data=data_spec(data, data_option),
+        device=device,
+        amp=amp,
+        max_utility_drop=max_utility_drop,
+    )
     resolve_device(cfg.device)
     with progress() as update:
         result = run_demo(cfg, out, event=update)

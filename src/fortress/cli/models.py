@@ -14,6 +14,7 @@ from fortress.cli.base import (
     DataOption,
     DataOptions,
     Device,
+    MaxUtilityDrop,
     Threads,
     app,
     console,
@@ -138,10 +139,7 @@ def protect_cmd(
         bool, typer.Option(help="Search exit thresholds with SMAC3 after training (paper App. H).")
     ] = False,
     search_trials: Annotated[int | None, typer.Option(help="Threshold-search trials (default 50).")] = None,
-    max_utility_drop: Annotated[
-        float | None,
-        typer.Option(help="Utility budget: points of ID validation accuracy early exits may cost (default 0.5)."),
-    ] = None,
+    max_utility_drop: MaxUtilityDrop = None,
     objective: Annotated[
         str | None,
         typer.Option(
