@@ -354,6 +354,7 @@ def test_worst_variant_table_takes_the_highest_mean_over_variants_per_defense_an
 def test_worst_variant_table_says_when_no_record_names_a_variant(tmp_path: Path) -> None:
     rep = make_report(_write(tmp_path / "results.jsonl", _records()))
     assert "No record names a query strategy" in rep.tables["worst_variant"][0].read_text()
+    assert "Worst attacker variant" not in rep.markdown.read_text()  # an empty table stays out of report.md
 
 
 def test_worst_variant_table_names_the_runs_of_a_variant_with_fewer_seeds(tmp_path: Path) -> None:

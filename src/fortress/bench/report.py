@@ -687,7 +687,8 @@ def write_report(records: Sequence[ResultRecord], out: Path, *, title: str = "fo
             writer.writerow(t.csv_header)
             writer.writerows(t.csv_rows)
         report.tables[t.name] = (md_path, csv_path)
-        doc += body
+        if t.csv_rows:  # a table with nothing to show keeps its files but stays out of report.md
+            doc += body
     plots = [
         plot_clone_vs_budget(_budget_panels(records), out / "clone_vs_budget.png"),
         plot_tradeoff(_tradeoff_points(records), out / "tradeoff.png"),
