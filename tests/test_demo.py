@@ -88,3 +88,12 @@ def test_the_demo_takes_dnfs_utility_budget() -> None:
         assert demo_config(quick=quick, max_utility_drop=0).protect.max_utility_drop == 0
     with pytest.raises(ConfigError, match="max_utility_drop"):
         demo_config(max_utility_drop=-1)
+
+
+def test_the_demo_trains_the_victim_with_the_recipe_for_its_data() -> None:
+    from fortress.data.spec import DataSpec
+
+    assert demo_config().victim == VictimConfig()  # the embedded digits: paper App. G
+    full, quick = demo_config(data=DataSpec("fashion-mnist")), demo_config(quick=True, data=DataSpec("fashion-mnist"))
+    assert (full.victim.epochs, full.victim.max_shift, full.victim.hflip) == (15, 0, True)
+    assert (quick.victim.epochs, quick.victim.hflip) == (3, True)

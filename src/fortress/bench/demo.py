@@ -57,7 +57,8 @@ def demo_config(
         ConfigError: a budget outside [0, 100].
     """
     small = data is None or data.is_default
-    victim = VictimConfig(data=data) if small or not quick else VictimConfig(data=data, epochs=3)
+    # the victim's recipe for the data (the paper's App. G for the digits: VictimConfig())
+    victim = VictimConfig.recommended("lenet5", data, epochs=None if small or not quick else 3)
     if quick:
         dnf_epochs = 4 if small else 1
         protect_cfg = ProtectConfig(
