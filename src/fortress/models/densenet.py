@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fortress.models.resnet import check_common, default_normalisation
+from fortress.models.resnet import check_common, default_normalisation, square_backbone
 from fortress.models.staged import StagedBackbone
 
 __all__ = ["Bottleneck", "densenet121"]
@@ -90,13 +90,13 @@ def densenet121(
             layers += [nn.BatchNorm2d(planes), nn.ReLU()]
         stages.append(nn.Sequential(*layers))
     classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(planes, num_classes))
-    return StagedBackbone(
+    return square_backbone(
         stages,
         classifier,
-        input_shape=(in_channels, image_size, image_size),
+        arch="densenet121",
         num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
         mean=mean_t,
         std=std_t,
-        arch="densenet121",
-        arch_params={"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
     )

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from fortress.models.resnet import check_common, default_normalisation
+from fortress.models.resnet import check_common, default_normalisation, square_backbone
 from fortress.models.staged import StagedBackbone
 
 __all__ = ["InvertedResidual", "mobilenetv2"]
@@ -97,13 +97,13 @@ def mobilenetv2(
             stages.append(nn.Sequential(*layers))
             layers = []
     classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, num_classes))
-    return StagedBackbone(
+    return square_backbone(
         stages,
         classifier,
-        input_shape=(in_channels, image_size, image_size),
+        arch="mobilenetv2",
         num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
         mean=mean_t,
         std=std_t,
-        arch="mobilenetv2",
-        arch_params={"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
     )

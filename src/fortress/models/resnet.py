@@ -66,6 +66,31 @@ def check_common(num_classes: int, in_channels: int, image_size: int, min_size: 
         raise ConfigError(f"{name}: image_size must be at least {min_size}, got {image_size}")
 
 
+def square_backbone(
+    stages: Sequence[nn.Module],
+    classifier: nn.Module,
+    *,
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> StagedBackbone:
+    """The staged backbone of a built-in factory for square ``in_channels``×``image_size``² inputs,
+    recording the factory's arguments so :func:`~fortress.models.build_model` can rebuild it."""
+    return StagedBackbone(
+        list(stages),
+        classifier,
+        input_shape=(in_channels, image_size, image_size),
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        arch=arch,
+        arch_params={"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
+    )
+
+
 class BasicBlock(nn.Module):
     """Two 3×3 conv–BN layers with an identity (or 1×1 conv–BN projection) shortcut, then ReLU.
 
@@ -165,15 +190,15 @@ def staged_resnet(
         in_planes = width
     stages: list[nn.Module] = [nn.Sequential(stem, layers[0]), *layers[1:]]
     classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(planes[-1], num_classes))
-    return StagedBackbone(
+    return square_backbone(
         stages,
         classifier,
-        input_shape=(in_channels, image_size, image_size),
+        arch=arch,
         num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
         mean=mean_t,
         std=std_t,
-        arch=arch,
-        arch_params={"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
     )
 
 

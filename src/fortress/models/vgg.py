@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from fortress.models.resnet import check_common, default_normalisation
+from fortress.models.resnet import check_common, default_normalisation, square_backbone
 from fortress.models.staged import StagedBackbone
 
 __all__ = ["VGG_BLOCKS", "vgg11", "vgg16"]
@@ -51,15 +51,15 @@ def _vgg(
         stages.append(_block(c, widths))
         c = widths[-1]
     classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
-    return StagedBackbone(
+    return square_backbone(
         stages,
         classifier,
-        input_shape=(in_channels, image_size, image_size),
+        arch=arch,
         num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
         mean=mean_t,
         std=std_t,
-        arch=arch,
-        arch_params={"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
     )
 
 
