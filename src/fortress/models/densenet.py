@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fortress.models.resnet import check_common, default_normalisation, square_backbone
-from fortress.models.staged import StagedBackbone
+from fortress.models.resnet import check_common, default_normalisation
+from fortress.models.staged import StagedBackbone, square_backbone
 
 __all__ = ["Bottleneck", "densenet121"]
 

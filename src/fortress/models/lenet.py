@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from fortress.errors import ConfigError
-from fortress.models.staged import StagedBackbone
+from fortress.models.staged import StagedBackbone, square_backbone
 
 __all__ = ["MNIST_MEAN", "MNIST_STD", "lenet5"]
 
@@ -60,13 +60,13 @@ def lenet5(
         mean = MNIST_MEAN * in_channels if in_channels == 1 else (0.5,) * in_channels
     if std is None:
         std = MNIST_STD * in_channels if in_channels == 1 else (0.5,) * in_channels
-    return StagedBackbone(
+    return square_backbone(
         stages,
         classifier,
-        input_shape=(in_channels, image_size, image_size),
+        arch=arch,
         num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
         mean=mean,
         std=std,
-        arch=arch,
-        arch_params={"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
     )

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from fortress.errors import ConfigError
-from fortress.models.staged import StagedBackbone
+from fortress.models.staged import StagedBackbone, square_backbone
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -64,31 +64,6 @@ def check_common(num_classes: int, in_channels: int, image_size: int, min_size: 
         raise ConfigError(f"{name}: in_channels must be at least 1, got {in_channels}")
     if image_size < min_size:
         raise ConfigError(f"{name}: image_size must be at least {min_size}, got {image_size}")
-
-
-def square_backbone(
-    stages: Sequence[nn.Module],
-    classifier: nn.Module,
-    *,
-    arch: str,
-    num_classes: int,
-    in_channels: int,
-    image_size: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-) -> StagedBackbone:
-    """The staged backbone of a built-in factory for square ``in_channels``×``image_size``² inputs,
-    recording the factory's arguments so :func:`~fortress.models.build_model` can rebuild it."""
-    return StagedBackbone(
-        list(stages),
-        classifier,
-        input_shape=(in_channels, image_size, image_size),
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-        arch=arch,
-        arch_params={"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
-    )
 
 
 class BasicBlock(nn.Module):

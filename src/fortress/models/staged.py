@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from fortress.data.spec import DataCard
 from fortress.errors import ConfigError
 
-__all__ = ["StagedBackbone", "from_sequential", "from_stages"]
+__all__ = ["StagedBackbone", "from_sequential", "from_stages", "square_backbone"]
 
 
 class StagedBackbone(nn.Module):
@@ -241,4 +241,29 @@ def from_stages(
         mean=mean,
         std=std,
         arch=arch,
+    )
+
+
+def square_backbone(
+    stages: Sequence[nn.Module],
+    classifier: nn.Module,
+    *,
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> StagedBackbone:
+    """The staged backbone of a built-in factory for square ``(in_channels, image_size, image_size)``
+    inputs, recording the factory's arguments so :func:`~fortress.models.build_model` can rebuild it."""
+    return StagedBackbone(
+        stages,
+        classifier,
+        input_shape=(in_channels, image_size, image_size),
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        arch=arch,
+        arch_params={"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size},
     )
