@@ -34,3 +34,15 @@ def spend_over_budget(rows: int, budget: int) -> int:
     oracle = LocalOracle(Undefended(create_model("lenet5").eval()), budget=budget)
     oracle.query(torch.rand(rows, 1, 28, 28))
     return oracle.queries_used
+
+
+def blob_images(n: int, seed: int) -> torch.Tensor:
+    """``(n, 1, 28, 28)`` dark images with a bright 8×8 square at a seeded place (an ID-like family
+    for a random LeNet-5; ``1 - blob_images(...)`` is another domain)."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.05 * torch.rand(n, 1, 28, 28, generator=g)
+    r = torch.randint(2, 18, (n, 2), generator=g)
+    rows = torch.arange(28).view(1, 28) - r[:, :1]  # (n, 28): offset of each row from the square's top
+    cols = torch.arange(28).view(1, 28) - r[:, 1:]
+    inside = ((rows >= 0) & (rows < 8)).view(n, 1, 28, 1) & ((cols >= 0) & (cols < 8)).view(n, 1, 1, 28)
+    return torch.where(inside, torch.tensor(0.9), x)

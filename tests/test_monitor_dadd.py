@@ -14,6 +14,7 @@ from fortress.monitor import DADD, MONITORS, AnyOf, DADDCalibration, DADDReferen
 from fortress.monitor.benign import IMAGE_SHIFTS, benign_streams, shifted
 from fortress.monitor.dadd import calibrate_dadd, fit_reference
 from fortress.monitor.population import PopulationDrift
+from helpers import blob_images
 
 K = F = 4
 
@@ -187,16 +188,6 @@ def test_population_exit_test_sees_early_exits() -> None:
         PopulationDrift(cal, id_early_share=0.01)
 
 
-def _blobs(n: int, seed: int) -> torch.Tensor:
-    """Dark images with a bright square at a seeded place (an ID-like family for a random LeNet)."""
-    g = torch.Generator().manual_seed(seed)
-    x = 0.05 * torch.rand(n, 1, 28, 28, generator=g)
-    r = torch.randint(2, 18, (n, 2), generator=g)
-    for i in range(n):
-        x[i, 0, r[i, 0] : r[i, 0] + 8, r[i, 1] : r[i, 1] + 8] = 0.9
-    return x
-
-
 def test_closed_loop_flags_the_attack_key_degrades_only_it_and_records_the_query() -> None:
     from fortress.monitor.calibrate import dadd_from_defense
     from fortress.monitor.closed_loop import Monitored
@@ -205,13 +196,14 @@ def test_closed_loop_flags_the_attack_key_degrades_only_it_and_records_the_query
 
     dnf = sharp_random_dnf()
     dnf.set_thresholds([1.0, 1.0, 1.0])  # every query answered at the last exit: only features can tell
-    cal = dadd_from_defense(dnf, _blobs(600, 0), _blobs(200, 1), variants=2, horizon=200, streams=20, min_queries=50)
+    train, val = blob_images(600, 0), blob_images(200, 1)
+    cal = dadd_from_defense(dnf, train, val, variants=2, horizon=200, streams=20, min_queries=50)
     guarded = Monitored(dnf, monitor=DADD(cal, features=dnf.victim.penultimate))
     oracle = LocalOracle(guarded, budget=10_000)
-    benign = _blobs(200, 2)
+    benign = blob_images(200, 2)
     assert torch.allclose(oracle.query(benign), dnf(benign))  # unflagged: the defense's own answers
     assert guarded.records()["keys_flagged"] == 0
-    attack = 1 - _blobs(300, 3)  # inverted blobs: another domain
+    attack = 1 - blob_images(300, 3)  # inverted blobs: another domain
     got = torch.cat([oracle.query(attack[i : i + 50]) for i in range(0, 300, 50)])
     rec = guarded.records()
     assert rec["keys_flagged"] == 1 and 200 < rec["flags"][0]["query"] <= 300  # after the attack began
@@ -227,11 +219,12 @@ def test_sybil_keys_are_caught_by_the_population_detector() -> None:
 
     dnf = sharp_random_dnf()
     dnf.set_thresholds([1.0, 1.0, 1.0])
-    cal = dadd_from_defense(dnf, _blobs(600, 0), _blobs(200, 1), variants=2, horizon=200, streams=20, min_queries=50)
+    train, val = blob_images(600, 0), blob_images(200, 1)
+    cal = dadd_from_defense(dnf, train, val, variants=2, horizon=200, streams=20, min_queries=50)
     pop = PopulationDrift(cal, window_s=3600.0, min_queries=200)
     guarded = Monitored(dnf, monitor=DADD(cal, features=dnf.victim.penultimate), population=pop, plan=KeyPlan(keys=20))
     oracle = LocalOracle(guarded, budget=10_000)
-    attack = 1 - _blobs(400, 3)
+    attack = 1 - blob_images(400, 3)
     for i in range(0, 400, 20):  # 20 keys × 20 queries: no key reaches dadd's 50 queries
         oracle.query(attack[i : i + 20])
     rec = guarded.records()

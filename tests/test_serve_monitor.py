@@ -16,7 +16,7 @@ from fortress.errors import ConfigError
 from fortress.monitor import calibrate_exit_sprt
 from fortress.serve import KeyStore, ServeSettings, create_app
 from fortress.tensors import to_positive_probs
-from helpers import sharp_random_dnf
+from helpers import blob_images, sharp_random_dnf
 
 
 @pytest.fixture(scope="module")
@@ -139,15 +139,6 @@ def test_reset_clears_the_flag_keeps_the_profile_and_persists(dnf: DNF, tmp_path
     store.close()
 
 
-def _blob_images(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = 0.05 * torch.rand(n, 1, 28, 28, generator=g)
-    r = torch.randint(2, 18, (n, 2), generator=g)
-    for i in range(n):
-        x[i, 0, r[i, 0] : r[i, 0] + 8, r[i, 1] : r[i, 1] + 8] = 0.9
-    return x
-
-
 def test_served_exit_sprt_plus_dadd_from_one_bundle_flags_only_the_off_domain_key(tmp_path: Path) -> None:
     import json
 
@@ -156,7 +147,7 @@ def test_served_exit_sprt_plus_dadd_from_one_bundle_flags_only_the_off_domain_ke
 
     dnf = sharp_random_dnf()
     dnf.set_thresholds([1.0, 1.0, 1.0])  # every query leaves at the last exit: exit-sprt sees nothing
-    dcal = dadd_from_defense(dnf, _blob_images(600, 0), _blob_images(200, 1), variants=2, horizon=200, streams=20)
+    dcal = dadd_from_defense(dnf, blob_images(600, 0), blob_images(200, 1), variants=2, horizon=200, streams=20)
     dcal.save(tmp_path / "d.json")
     calibrate_exit_sprt(torch.full((2000,), 3), 4, horizon=1000, simulations=100, seed=0).save(tmp_path / "e.json")
     bundle = tmp_path / "cal.json"
@@ -171,7 +162,7 @@ def test_served_exit_sprt_plus_dadd_from_one_bundle_flags_only_the_off_domain_ke
     store = KeyStore(settings.keys_path, create=True)
     _, user = store.add("user")
     _, other = store.add("other-domain")
-    benign, off = _blob_images(200, 2), 1 - _blob_images(200, 3)
+    benign, off = blob_images(200, 2), 1 - blob_images(200, 3)
     with TestClient(create_app(settings, defense=dnf)) as client:
         got = [
             client.post("/v1/predict", json=_npy_body(benign[i : i + 50]), headers={"X-API-Key": user}).json()
@@ -196,7 +187,7 @@ def test_admin_creates_keys_and_a_sybil_attacker_is_caught_across_keys(tmp_path:
 
     dnf = sharp_random_dnf()
     dnf.set_thresholds([1.0, 1.0, 1.0])
-    dcal = dadd_from_defense(dnf, _blob_images(600, 0), _blob_images(200, 1), variants=2, horizon=200, streams=20)
+    dcal = dadd_from_defense(dnf, blob_images(600, 0), blob_images(200, 1), variants=2, horizon=200, streams=20)
     dcal.save(tmp_path / "d.json")
     settings = ServeSettings(
         tmp_path / "dnf",
@@ -216,10 +207,10 @@ def test_admin_creates_keys_and_a_sybil_attacker_is_caught_across_keys(tmp_path:
         bad = client.post("/v1/admin/keys", json={"name": "x", "budget": -1}, headers={"X-API-Key": admin})
         assert bad.status_code == 422 and "budget" in bad.text
         sybil = SybilOracle("http://testserver", admin, keys=20, budget=400, client=client)
-        attack = 1 - _blob_images(400, 3)
+        attack = 1 - blob_images(400, 3)
         answers = torch.cat([sybil.query(attack[i : i + 20]) for i in range(0, 400, 20)])
         flags = sybil.flags()
-        benign = _blob_images(100, 4)
+        benign = blob_images(100, 4)
         clean = HttpOracle("http://testserver", user, client=client).query(benign)
     assert all(f["queries"] == 20 for f in flags)  # 20 queries per key: dadd alone never judges a key
     caught = [f for f in flags if f["flagged"]]
