@@ -1,13 +1,15 @@
 """The closed loop in process: DNF + monitor + response, attacked with one key and with N keys (Sybil).
 
-Calibrates ``exit-sprt`` and ``dadd`` on the model's held-out validation images, then runs each
-attack against :class:`fortress.monitor.closed_loop.Monitored` (the same per-key monitor and
-response the server applies, plus the population detector across keys created in one window) with
-one key and with ``--sybil-keys`` keys in round-robin, and appends one result record per run
+Calibrates the monitors (``exit-sprt``, ``dadd`` and ``step``; ``--monitor`` picks the per-key
+union) on the model's held-out validation images, then runs each attack against
+:class:`fortress.monitor.closed_loop.Monitored` (the same per-key monitor and response the server
+applies, plus the population detector across keys created in one window; built by
+:func:`fortress.monitor.closed_loop.closed_loop`, as a grid's ``monitor`` row does) with one key and
+with ``--sybil-keys`` keys in round-robin, and appends one result record per run
 (clone accuracy, the flags: key, detector, query) to ``OUT/closed_loop.jsonl``.
 
 With ``--served`` the same runs go through a real ``fortress serve`` process on a loopback port
-(``--monitor exit-sprt+dadd``, ``--population-window``, the response): one key is made with the
+(``--monitor`` as given, ``--population-window``, the response): one key is made with the
 admin API and attacked through :class:`~fortress.oracle.HttpOracle`; ``N`` keys through
 :class:`~fortress.bench.sybil.SybilOracle`, and the flags are the server's own verdicts.
 
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -34,19 +37,14 @@ import torch
 from fortress.bench.pipeline import data_for, run_attack
 from fortress.bench.sybil import SybilOracle
 from fortress.config import AttackConfig
-from fortress.defenses import load_defense
-from fortress.monitor import AnyOf, ExitSPRT, Prada, Response, calibrate_from_defense
-from fortress.monitor.calibrate import dadd_from_defense
-from fortress.monitor.closed_loop import KeyPlan, Monitored
-from fortress.monitor.dadd import DADD
-from fortress.monitor.population import PopulationDrift
-from fortress.monitor.tap import PenultimateTap
+from fortress.defenses import DNF, Undefended, load_defense
+from fortress.monitor.closed_loop import LoopConfig, closed_loop, loop_calibration
 from fortress.serve import KeyStore
 
 
 @contextlib.contextmanager
-def served(model: Path, cal: Path, out: Path, response: str) -> Iterator[tuple[str, str]]:
-    """A ``fortress serve`` process with exit-sprt+dadd and the population detector; yields (url, admin key)."""
+def served(model: Path, cal: Path, out: Path, response: str, monitor: str) -> Iterator[tuple[str, str]]:
+    """A ``fortress serve`` process with ``monitor`` and the population detector; yields (url, admin key)."""
     keys = out / "keys.db"
     keys.unlink(missing_ok=True)
     store = KeyStore(keys, create=True)
@@ -56,7 +54,7 @@ def served(model: Path, cal: Path, out: Path, response: str) -> Iterator[tuple[s
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "fortress", "serve", str(model), "--keys", str(keys), "--port", str(port)]
-    cmd += ["--monitor", "exit-sprt+dadd", "--monitor-calibration", str(cal), "--monitor-response", response]
+    cmd += ["--monitor", monitor, "--monitor-calibration", str(cal), "--monitor-response", response]
     cmd += ["--population-window", "3600", "--threads", "1"]
     log = (out / "server.log").open("ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -88,29 +86,34 @@ def main() -> None:
     )
     ap.add_argument("--sybil-keys", type=int, nargs="+", default=[1, 100])
     ap.add_argument("--response", default="degrade-exit0")
-    ap.add_argument("--prada", action="store_true", help="per key: exit-sprt+dadd+prada (default exit-sprt+dadd)")
+    ap.add_argument("--monitor", default="exit-sprt+dadd+step", help="per-key monitors joined by + (LoopConfig)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--served", action="store_true", help="attack a real fortress serve process over HTTP")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     dnf = load_defense(args.model_dir)
+    if not isinstance(dnf, DNF):
+        raise SystemExit(f"{args.model_dir} holds {dnf.name!r}; the closed loop needs a saved DNF")
     data = data_for(dnf.victim)
     t0 = time.perf_counter()
-    ecal = calibrate_from_defense(dnf, data.val.x, alpha=0.01, horizon=10_000, simulations=1000, seed=0)
-    dcal = dadd_from_defense(dnf, data.train.x, data.val.x, streams=100)
+    base = LoopConfig(monitor=args.monitor, response=args.response)
+    cals = loop_calibration(dnf, data.train.x, data.val.x, base, args.out / "calibration")
     t_cal = time.perf_counter() - t0
-    early = 1 - ecal.id_counts[-1] / sum(ecal.id_counts)
+    ecal, dcal = cals.exit_sprt, cals.dadd
     if args.served:
-        ecal.save(args.out / "cal.exit-sprt.json")
-        dcal.save(args.out / "cal.dadd.json")
-        bundle = {"monitor": "bundle", "members": {"exit-sprt": "cal.exit-sprt.json", "dadd": "cal.dadd.json"}}
+        members = {m: f"calibration/cal.{m}.json" for m in ("exit-sprt", "dadd", "step") if m in base.members}
+        members.setdefault("dadd", "calibration/cal.dadd.json")  # the population detector reads it
+        bundle = {"monitor": "bundle", "members": members}
         (args.out / "cal.json").write_text(json.dumps(bundle))
         for spec in args.attacks:
             name, pool, budget = spec.split(":")
             for keys in args.sybil_keys:
                 # a fresh server (and ledger) per run: one run's keys never share a window with another's
-                with served(args.model_dir, args.out / "cal.json", args.out, args.response) as (url, admin):
+                with served(args.model_dir, args.out / "cal.json", args.out, args.response, args.monitor) as (
+                    url,
+                    admin,
+                ):
                     t = time.perf_counter()
                     sybil = SybilOracle(url, admin, keys=keys, budget=int(budget), name=f"{name}-{keys}")
                     cfg = AttackConfig(name=name, budget=int(budget), pool=pool or None, seed=0)
@@ -145,22 +148,14 @@ def main() -> None:
         return
     for spec in args.attacks:
         name, pool, budget = spec.split(":")
+        cfg = AttackConfig(name=name, budget=int(budget), pool=pool or None, seed=0)
+        # the same attack against the undefended victim and against DNF alone (no monitor), for the ratios
+        alone = {
+            "undefended": run_attack(Undefended(dnf.victim), cfg).clone_acc,
+            "dnf": run_attack(dnf, cfg).clone_acc,
+        }
         for keys in args.sybil_keys:
-            members = [ExitSPRT(ecal), DADD(dcal, features=PenultimateTap(dnf))]
-            monitor = AnyOf([*members, Prada()] if args.prada else members)
-            population = (
-                PopulationDrift(dcal, id_early_share=early, num_exits=dnf.num_exits, min_queries=500)
-                if keys > 1
-                else None
-            )
-            guarded = Monitored(
-                dnf,
-                monitor=monitor,
-                population=population,
-                response=Response(args.response),
-                plan=KeyPlan(keys=keys, per_key=-(-int(budget) // keys)),
-            )
-            cfg = AttackConfig(name=name, budget=int(budget), pool=pool or None, seed=0)
+            guarded = closed_loop(dnf, replace(base, keys=keys), cals, budget=int(budget))
             t = time.perf_counter()
             rec = run_attack(guarded, cfg, reference=dnf)
             row = {
@@ -169,21 +164,36 @@ def main() -> None:
                 "budget": int(budget),
                 "keys": keys,
                 "response": args.response,
-                "monitor_members": [m.name for m in monitor.members],
+                "monitor_members": base.members,
                 "clone_acc": rec.clone_acc,
+                "undefended_clone_acc": alone["undefended"],
+                "dnf_alone_clone_acc": alone["dnf"],
+                "ratio_to_undefended": None
+                if not alone["undefended"]
+                else (rec.clone_acc or 0.0) / alone["undefended"],
                 "clone_fidelity": rec.clone_fidelity,
                 "defended_acc": rec.defended_acc,
                 "victim_acc": rec.victim_acc,
                 "exit_hist_attack": rec.exit_hist_attack,
                 "first_flag": min((f["query"] for f in guarded.log.flags), default=None),
                 "monitor": guarded.records(),
-                "calibration": {"dadd_h": dcal.threshold, "exit_sprt_h": ecal.threshold, "seconds": t_cal},
+                "calibration": {
+                    "dadd_h": dcal.threshold,
+                    "exit_sprt_h": ecal.threshold,
+                    "step_h": None if cals.step is None else cals.step.threshold,
+                    "seconds": t_cal,
+                },
                 "wall_s": time.perf_counter() - t,
             }
             with (args.out / "closed_loop.jsonl").open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(
-                json.dumps({k: row[k] for k in ("attack", "pool", "budget", "keys", "clone_acc", "first_flag")}),
+                json.dumps(
+                    {
+                        k: row[k]
+                        for k in ("attack", "pool", "budget", "keys", "clone_acc", "undefended_clone_acc", "first_flag")
+                    }
+                ),
                 flush=True,
             )
 

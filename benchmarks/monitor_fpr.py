@@ -1,14 +1,15 @@
 """Benign false positives and attack detection of every monitor, per key and across keys (Sybil).
 
-Calibrates ``exit-sprt`` (held-out validation digits, as ``fortress monitor calibrate``) and
+Calibrates ``exit-sprt`` (held-out validation digits, as ``fortress monitor calibrate``),
 ``dadd`` (reference: the defender's training features; threshold: validation digits under each
-realistic shift and class mix), then replays, per benign scenario, ``--keys`` keys of
-``--queries`` queries drawn from the *test* digits under that scenario (images the calibration
-never saw) through the real monitor classes in batches of ``--batch``, and reports the share of
-keys flagged with a one-sided 95 % Clopper–Pearson upper bound. Attack traffic: keys replaying
-natural related pools (another digit style, photo crops, Fashion-MNIST) and noise, with the query
-at which each detector flags; and a Sybil attacker whose budget is split over many keys created in
-one window (``PopulationDrift``), next to the same number of benign keys in other windows.
+realistic shift and class mix) and ``step`` (validation digits under each shift and mix), then
+replays, per benign scenario (every shift × class mix), ``--keys`` keys of ``--queries`` queries
+drawn from the *test* digits under that scenario (images the calibration never saw) through the
+real monitor classes in batches of ``--batch``, and reports the share of keys flagged with a
+one-sided 95 % Clopper–Pearson upper bound. Attack traffic: keys replaying natural related pools
+(another digit style, photo crops, Fashion-MNIST) and noise, with the query at which each detector
+flags; and a Sybil attacker whose budget is split over many keys created in one window
+(``PopulationDrift``), next to the same number of benign keys in other windows.
 
 Usage:
     python benchmarks/monitor_fpr.py DNF_DIR --out DIR [--keys 300] [--queries 1000] [--prada-keys 50]
@@ -33,11 +34,14 @@ from fortress.monitor import ExitSPRT, Prada, calibrate_from_defense
 from fortress.monitor.benign import benign_streams, shifted
 from fortress.monitor.dadd import DADD, calibrate_dadd, fit_reference, log_prob_features
 from fortress.monitor.population import PopulationDrift
+from fortress.monitor.step import Step, calibrate_step
 
 #: dadd's feature space (set from --feature).
 FEATURE = "penultimate"
 SHIFTS = ("replay", "shift-rotate", "noise", "brightness", "all")
-SCENARIOS = [(s, "uniform") for s in SHIFTS] + [(s, m) for s in ("replay", "all") for m in ("one-class", "skewed")]
+SCENARIOS = [(s, m) for s in SHIFTS for m in ("uniform", "one-class", "skewed")]
+#: Monitors fed the raw images (the others read precomputed features).
+IMAGE_MONITORS = ("prada", "step")
 
 
 def upper95(k: int, n: int) -> float:
@@ -74,7 +78,7 @@ def run_key(
         j = idx[i : i + batch]
         for name, mon in monitors.items():
             # dadd's feature function is the identity here: it is handed the precomputed features
-            x = images[j] if name == "prada" and images is not None else bank["feats"][j]
+            x = images[j] if name in IMAGE_MONITORS and images is not None else bank["feats"][j]
             mon.observe(key, x, bank["probs"][j], bank["exits"][j])
     return {name: mon.verdict(key).flagged_at for name, mon in monitors.items()}
 
@@ -111,10 +115,15 @@ def main() -> None:
     dcal = calibrate_dadd(ref, cal_banks, streams=200, horizon=args.queries, seed=0, variants=10)
     ecal = calibrate_from_defense(defense, d.val.x, alpha=0.01, horizon=10_000, simulations=1000, seed=0)
     early = 1 - ecal.id_counts[-1] / sum(ecal.id_counts)
+    scal = calibrate_step(lambda x: defense.respond(x).probs, d.val.x, horizon=args.queries, seed=0)
     t_cal = time.perf_counter() - t0
 
     def monitors(with_prada: bool) -> dict[str, Any]:
-        mons: dict[str, Any] = {"exit-sprt": ExitSPRT(ecal), "dadd": DADD(dcal, features=lambda f: f)}
+        mons: dict[str, Any] = {
+            "exit-sprt": ExitSPRT(ecal),
+            "dadd": DADD(dcal, features=lambda f: f),
+            "step": Step(scal),
+        }
         if with_prada:
             mons["prada"] = Prada()
         return mons
@@ -128,7 +137,9 @@ def main() -> None:
         idx = benign_streams(
             bank["cls"], args.keys, args.queries, mix, gen, num_classes=defense.num_classes, variants=args.variants
         )
-        flags: dict[str, int] = {"exit-sprt": 0, "dadd": 0, "exit-sprt+dadd": 0, "prada": 0, "all three": 0}
+        flags: dict[str, int] = dict.fromkeys(
+            ["exit-sprt", "dadd", "step", "exit-sprt+dadd", "exit-sprt+dadd+step", "prada", "all four"], 0
+        )
         prada_n = 0
         t = time.perf_counter()
         for k in range(args.keys):
@@ -136,11 +147,13 @@ def main() -> None:
             got = run_key(monitors(with_prada), f"b{k}", bank, idx[k], args.batch, test_images[shift])
             flags["exit-sprt"] += got["exit-sprt"] is not None
             flags["dadd"] += got["dadd"] is not None
+            flags["step"] += got["step"] is not None
             flags["exit-sprt+dadd"] += got["exit-sprt"] is not None or got["dadd"] is not None
+            flags["exit-sprt+dadd+step"] += any(got[m] is not None for m in ("exit-sprt", "dadd", "step"))
             if with_prada:
                 prada_n += 1
                 flags["prada"] += got["prada"] is not None
-                flags["all three"] += any(v is not None for v in got.values())
+                flags["all four"] += any(v is not None for v in got.values())
         row = {
             "scenario": f"{shift}/{mix}",
             "keys": args.keys,
@@ -148,7 +161,7 @@ def main() -> None:
             "wall_s": time.perf_counter() - t,
         }
         for name, k in flags.items():
-            n = prada_n if name in ("prada", "all three") else args.keys
+            n = prada_n if name in ("prada", "all four") else args.keys
             row[name] = {"flagged": k, "keys": n, "rate": k / max(n, 1), "upper95": upper95(k, n)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -163,7 +176,7 @@ def main() -> None:
     attack_rows = []
     for name, x in pools.items():
         bank = answer(defense, x)
-        firsts: dict[str, list[int | None]] = {"exit-sprt": [], "dadd": [], "prada": []}
+        firsts: dict[str, list[int | None]] = {"exit-sprt": [], "dadd": [], "step": [], "prada": []}
         for k in range(10):
             idx = torch.randint(0, x.shape[0], (args.queries,), generator=gen)
             got = run_key(monitors(True), f"a{k}", bank, idx, args.batch, x)
@@ -208,7 +221,11 @@ def main() -> None:
     pop = PopulationDrift(dcal, id_early_share=early, num_exits=defense.num_exits, window_s=3600.0, min_queries=500)
     windows = args.keys // 10
     flagged_windows, flagged_keys = 0, 0
+    # the window-wide step detector (the closed loop's population_step): all keys of a window as one stream
+    step_windows, step_keys = 0, 0
     for w in range(windows):
+        window_step = Step(scal)
+        sent_steps: dict[str, list[int]] = {}
         for k in range(10):
             shift, mix = SCENARIOS[(w * 10 + k) % len(SCENARIOS)]
             bank = test_banks[shift]
@@ -218,6 +235,13 @@ def main() -> None:
             for i in range(0, idx.numel(), args.batch):
                 j = idx[i : i + args.batch]
                 pop.add(f"w{w}k{k}", 3600.0 * w + 1, bank["feats"][j], bank["cls"][j], bank["exits"][j])
+                window_step.observe("window", test_images[shift][j], bank["probs"][j], bank["exits"][j])
+                tally = sent_steps.setdefault(f"w{w}k{k}", [0, 0])
+                tally[0] += j.numel()
+                tally[1] += int(window_step.last_steps.sum())
+        if window_step.verdict("window").flagged:
+            step_windows += 1
+            step_keys += sum(steps > window_step.threshold * sent for sent, steps in sent_steps.values())
     for w in range(windows):
         keys = [f"w{w}k{k}" for k in range(10)]
         hit = sum(pop.flagged(k) for k in keys)
@@ -229,12 +253,16 @@ def main() -> None:
         "flagged_windows": flagged_windows,
         "flagged_keys": flagged_keys,
         "key_rate_upper95": upper95(flagged_keys, windows * 10),
+        "step_flagged_windows": step_windows,
+        "step_flagged_keys": step_keys,
+        "step_key_rate_upper95": upper95(step_keys, windows * 10),
     }
     print(json.dumps(benign_pop), flush=True)
     result = {
         "model": str(args.model_dir),
         "dadd_calibration": {"threshold": dcal.threshold, "m_ref": dcal.m_ref, "per_scenario": dcal.per_scenario},
         "exit_sprt_threshold": ecal.threshold,
+        "step_calibration": {"threshold": scal.threshold, "per_scenario": scal.per_scenario},
         "id_early_share": early,
         "calibration_s": t_cal,
         "benign": rows,
@@ -246,6 +274,7 @@ def main() -> None:
     (args.out / "monitor_fpr.json").write_text(json.dumps(result, indent=1))
     dcal.save(args.out / "dadd-cal.json")
     ecal.save(args.out / "exit-cal.json")
+    scal.save(args.out / "step-cal.json")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from fortress.defenses import load_defense
 from fortress.monitor import calibrate_from_defense, create_monitor
 from fortress.monitor.calibrate import dadd_from_defense
 from fortress.monitor.service import Watch
+from fortress.monitor.step import calibrate_step
 from fortress.monitor.tap import PenultimateTap
 
 
@@ -49,10 +50,10 @@ def main() -> None:
         cal = calibrate_from_defense(defense, data.val.x, alpha=0.01, horizon=10_000, simulations=500, seed=0)
         cal.save(Path(tmp) / "exit.json")
         dadd_from_defense(defense, data.train.x, data.val.x, streams=20).save(Path(tmp) / "dadd.json")
+        calibrate_step(lambda q: defense.respond(q).probs, data.val.x, streams=20).save(Path(tmp) / "step.json")
         cal_path = Path(tmp) / "cal.json"
-        cal_path.write_text(
-            json.dumps({"monitor": "bundle", "members": {"exit-sprt": "exit.json", "dadd": "dadd.json"}})
-        )
+        members = {"exit-sprt": "exit.json", "dadd": "dadd.json", "step": "step.json"}
+        cal_path.write_text(json.dumps({"monitor": "bundle", "members": members}))
         setups = {
             "profiles only": None,
             "exit-sprt": "exit-sprt",
@@ -60,6 +61,8 @@ def main() -> None:
             "exit-sprt+prada": "exit-sprt+prada",
             "dadd": "dadd",
             "exit-sprt+dadd": "exit-sprt+dadd",
+            "step": "step",
+            "exit-sprt+dadd+step": "exit-sprt+dadd+step",
         }
         watches = {
             name: Watch(
@@ -71,7 +74,7 @@ def main() -> None:
             )
             for i, (name, mon) in enumerate(setups.items())
         }
-        print(f"{'traffic':<9} {'monitoring':<16} {'answer ms':>10} {'monitor ms':>11} {'ratio':>7}")
+        print(f"{'traffic':<9} {'monitoring':<20} {'answer ms':>10} {'monitor ms':>11} {'ratio':>7}")
         for label, pool in traffic.items():
             answer_ms: list[float] = []
             monitor_ms: dict[str, list[float]] = {name: [] for name in watches}
@@ -89,7 +92,7 @@ def main() -> None:
             base = statistics.median(answer_ms)
             for name, times in monitor_ms.items():
                 med = statistics.median(times)
-                print(f"{label:<9} {name:<16} {base:>10.3f} {med:>11.3f} {med / base:>7.3f}")
+                print(f"{label:<9} {name:<20} {base:>10.3f} {med:>11.3f} {med / base:>7.3f}")
         for watch in watches.values():
             watch.close()
 

@@ -354,3 +354,18 @@ def test_monitor_calibrate_dadd_writes_a_bundle_the_union_loads(dnf_dir: Path, t
     mon = create_monitor("exit-sprt+dadd", calibration=out, features=dnf.victim.penultimate)
     assert isinstance(mon, AnyOf) and [type(m) for m in mon.members] == [ExitSPRT, DADD]
     assert "dadd calibration: threshold" in res.output
+
+
+def test_monitor_calibrate_step_joins_the_bundle_and_the_served_union_loads_it(dnf_dir: Path, tmp_path: Path) -> None:
+    from fortress.monitor import AnyOf, ExitSPRT, Step, StepCalibration, create_monitor
+
+    out = tmp_path / "cal.json"
+    args = ["monitor", "calibrate", str(dnf_dir), "--out", str(out), "--views", "1", "--step"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "step calibration: threshold" in res.output
+    assert json.loads(out.read_text())["members"] == {"exit-sprt": "cal.exit-sprt.json", "step": "cal.step.json"}
+    cal = StepCalibration.load(tmp_path / "cal.step.json")
+    assert cal.threshold >= cal.floor and len(cal.per_scenario) == 15
+    mon = create_monitor("exit-sprt+step", calibration=out)
+    assert isinstance(mon, AnyOf) and [type(m) for m in mon.members] == [ExitSPRT, Step]

@@ -118,7 +118,7 @@ def test_exit_sprt_state_roundtrip_and_errors(calibration: ExitCalibration, tmp_
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ArtifactError, match="calibrate"):
         ExitCalibration.load(tmp_path / "bad.json")
-    assert MONITORS.names() == ["dadd", "exit-sprt", "prada"]
+    assert MONITORS.names() == ["dadd", "exit-sprt", "prada", "step"]
 
 
 def test_calibration_is_seeded() -> None:

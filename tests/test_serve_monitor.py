@@ -4,6 +4,7 @@ re-creation, and a degrade response that really changes a flagged key's answers.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -224,4 +225,91 @@ def test_admin_creates_keys_and_a_sybil_attacker_is_caught_across_keys(tmp_path:
     assert torch.allclose(answers[:180], plain[:180], atol=1e-6)
     assert torch.allclose(answers[180:], exit0[180:], atol=1e-6)
     assert torch.allclose(clean, to_positive_probs(dnf(benign)), atol=1e-6)  # another window's key: untouched
+    store.close()
+
+
+def test_served_step_monitor_degrades_a_key_that_queries_steps_of_its_own_images(tmp_path: Path) -> None:
+    from fortress.monitor import StepCalibration
+
+    dnf = sharp_random_dnf()
+    dnf.set_thresholds([1.0, 1.0, 1.0])
+    StepCalibration(threshold=0.1, min_queries=50, min_change=0.0).save(tmp_path / "s.json")
+    settings = ServeSettings(
+        tmp_path / "dnf",
+        tmp_path / "keys.db",
+        monitor="step",
+        monitor_calibration=tmp_path / "s.json",
+        monitor_response="degrade-label",
+    )
+    store = KeyStore(settings.keys_path, create=True)
+    _, user = store.add("user")
+    _, jbda = store.add("jbda")
+    g = torch.Generator().manual_seed(0)
+    seeds = torch.rand(100, 1, 28, 28, generator=g)
+    steps = (seeds + 0.1 * (torch.randint(0, 2, seeds.shape, generator=g) * 2 - 1)).clamp(0, 1)
+    with TestClient(create_app(settings, defense=dnf)) as client:
+
+        def ask(key: str, x: torch.Tensor) -> list[dict[str, Any]]:
+            return [
+                client.post("/v1/predict", json=_npy_body(x[i : i + 50]), headers={"X-API-Key": key}).json()
+                for i in range(0, x.shape[0], 50)
+            ]
+
+        benign = ask(user, torch.rand(200, 1, 28, 28, generator=g))
+        attack = ask(jbda, torch.cat([seeds, steps]))
+    assert all(r["probabilities"] is not None for r in benign)
+    assert attack[1]["probabilities"] is not None  # the seeds: no step yet
+    assert attack[-1]["probabilities"] is None and attack[-1]["output_mode"] == "hard"  # flagged: labels only
+    store.close()
+
+
+def test_served_steps_spread_over_keys_of_one_window_are_caught_across_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+
+    from fortress.monitor import StepCalibration
+    from fortress.monitor.calibrate import dadd_from_defense
+
+    dnf = sharp_random_dnf()
+    dnf.set_thresholds([1.0, 1.0, 1.0])
+    dadd_from_defense(dnf, blob_images(600, 0), blob_images(200, 1), variants=2, horizon=200, streams=20).save(
+        tmp_path / "d.json"
+    )
+    StepCalibration(threshold=0.1, min_queries=50, min_change=0.0).save(tmp_path / "s.json")
+    bundle = tmp_path / "cal.json"
+    bundle.write_text(json.dumps({"monitor": "bundle", "members": {"dadd": "d.json", "step": "s.json"}}))
+    settings = ServeSettings(
+        tmp_path / "dnf",
+        tmp_path / "keys.db",
+        monitor="dadd+step",
+        monitor_calibration=bundle,
+        monitor_response="degrade-label",
+        population_window_s=3600.0,
+        population_min_queries=100_000,  # the feature-drift part never tests: only the steps can flag
+    )
+    store = KeyStore(settings.keys_path, create=True)
+    keys = [store.add(f"sybil-{i}")[1] for i in range(10)]
+    _, user = store.add("user")  # created in the same window
+    g = torch.Generator().manual_seed(0)
+    seeds = [blob_images(10, 10 + i) for i in range(10)]
+    caplog.set_level(logging.WARNING)
+    with TestClient(create_app(settings, defense=dnf)) as client:
+
+        def ask(key: str, x: torch.Tensor) -> dict[str, Any]:
+            return client.post("/v1/predict", json=_npy_body(x), headers={"X-API-Key": key}).json()
+
+        for i, key in enumerate(keys):  # round 0: each key its own 10 seeds
+            ask(key, seeds[i])
+        for _ in range(2):  # rounds 1, 2: each key queries steps of the next key's images (JBDA over keys)
+            seeds = [
+                (seeds[(i + 1) % 10] + 0.1 * (torch.randint(0, 2, seeds[0].shape, generator=g) * 2 - 1)).clamp(0, 1)
+                for i in range(10)
+            ]
+            last = [ask(key, seeds[i]) for i, key in enumerate(keys)]
+        benign = ask(user, torch.rand(30, 1, 28, 28, generator=g))  # images of its own, far from the others
+    assert all(r["probabilities"] is None and r["output_mode"] == "hard" for r in last)  # every sybil: labels only
+    assert benign["probabilities"] is not None
+    assert "flagged by population-step" in caplog.text and "flagged by dadd" not in caplog.text
     store.close()

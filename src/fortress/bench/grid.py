@@ -106,12 +106,31 @@ class DefenseSpec:
         train_seeds: training seeds of the defense's build, one build (and one set of cells) each
             (:func:`fortress.bench.build.seeded_params` says what a seed sets); ``None``: one build
             with the seeds ``params`` hold.
+        monitor: DNF only: serve it through per-key monitoring, a response and (with many keys) the
+            detector across keys, attacked with one key or many — the closed loop as a defense row;
+            a :class:`~fortress.monitor.closed_loop.LoopConfig` table. The DNF build is the one a
+            plain ``dnf`` row with equal ``params`` uses (one artifact); ``None``: no monitoring.
     """
 
     name: str
     label: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     train_seeds: tuple[int, ...] | None = None
+    monitor: dict[str, Any] | None = None
+
+    def loop(self) -> Any:
+        """The ``monitor`` table read into a :class:`~fortress.monitor.closed_loop.LoopConfig` (``None``: none).
+
+        Raises:
+            ConfigError: the table is invalid, or the defense is not DNF.
+        """
+        if self.monitor is None:
+            return None
+        from fortress.monitor.closed_loop import LoopConfig
+
+        if self.name != "dnf":
+            raise ConfigError(f"defense {self.display!r}: a 'monitor' table needs a dnf defense, got {self.name!r}")
+        return from_dict(LoopConfig, self.monitor, where=f"defense {self.display!r} monitor")
 
     @property
     def display(self) -> str:
@@ -120,15 +139,18 @@ class DefenseSpec:
 
     def canonical(self) -> dict[str, Any]:
         """What defines the build and its label (``train_seeds`` is expanded into ``params`` per cell)."""
-        return {"name": self.name, "label": self.label, "params": defense_key_params(self.name, self.params)}
+        out = {"name": self.name, "label": self.label, "params": defense_key_params(self.name, self.params)}
+        if self.monitor is not None:  # absent otherwise: rows without monitoring keep their keys
+            out["monitor"] = to_dict(self.loop())
+        return out
 
     def for_seed(self, seed: int | None) -> DefenseSpec:
         """This defense built with training seed ``seed`` (``None``: as its ``params`` say), one build."""
         if seed is None:
-            return DefenseSpec(self.name, self.label, self.params)
+            return DefenseSpec(self.name, self.label, self.params, monitor=self.monitor)
         from fortress.bench.build import seeded_params
 
-        return DefenseSpec(self.name, self.label, seeded_params(self.name, self.params, seed))
+        return DefenseSpec(self.name, self.label, seeded_params(self.name, self.params, seed), monitor=self.monitor)
 
 
 @dataclass(frozen=True)
@@ -259,6 +281,7 @@ class GridConfig:
             MODELS.get(v.arch)
         for d in self.defenses:
             check_defense_params(d.name, d.params)
+            d.loop()
             for seed in d.train_seeds or ():
                 d.for_seed(seed)  # raises for a defense without a training seed
         for a in self.attacks:
@@ -374,6 +397,8 @@ class Cell:
         """Plain data (for task arguments and records); inverse of :meth:`from_dict`."""
         labels = {"strategy": self.strategy, "variant": self.variant} if self.strategy or self.variant else {}
         defense = {"name": self.defense.name, "label": self.defense.label, "params": to_dict(self.defense.params)}
+        if self.defense.monitor is not None:
+            defense["monitor"] = to_dict(self.defense.monitor)
         plain = {**self.canonical(), "defense": defense}  # the parameters as given, not as keyed
         return {"grid": self.grid, **plain, "defense_seed": self.defense_seed, **labels}
 

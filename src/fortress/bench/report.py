@@ -374,6 +374,115 @@ def _worst_variant_table(records: Sequence[ResultRecord]) -> _Table:
     return t
 
 
+def _loop_table(records: Sequence[ResultRecord]) -> _Table:
+    t = _Table(
+        "closed_loop",
+        "Closed loop: DNF + monitor + response rows (a grid defense with a `monitor` table). Per attack: the "
+        "clone accuracy (%, mean over seeds) against the row, against undefended and against the plain DNF row "
+        "with the same build where the grid has one; keys flagged of keys used; the attacker's query index of "
+        "the first flag (median over seeds; — : never); whether a benign key replaying the ID test split was "
+        "flagged",
+    )
+    t.csv_header = [
+        "dataset",
+        "victim_arch",
+        "defense",
+        "attack",
+        "output_mode",
+        "budget",
+        "clone_arch",
+        "monitor",
+        "keys",
+        "clone_acc",
+        "undefended_clone_acc",
+        "dnf_clone_acc",
+        "ratio_to_undefended",
+        "keys_flagged_mean",
+        "first_flag_median",
+        "runs_flagged",
+        "runs",
+        "benign_test_key_flagged",
+    ]
+    for (dataset, arch), recs in _by_section(records).items():
+        loops = [r for r in recs if isinstance(r.extra.get("monitor"), dict)]
+        if not loops:
+            continue
+        artifacts = {r.config.get("defense_artifact") for r in loops}
+        plain = {
+            r.defense
+            for r in recs
+            if r.config.get("defense_artifact") in artifacts and not isinstance(r.extra.get("monitor"), dict)
+        }
+        rows: list[list[str]] = []
+        for d in _ordered(r.defense for r in loops):
+            mine = [r for r in loops if r.defense == d]
+            spec = (mine[0].config.get("cell") or {}).get("defense", {}).get("monitor") or {}
+            for col in sorted({_column(r) for r in mine}):
+                runs = [r for r in mine if _column(r) == col and r.clone_acc is not None]
+                if not runs:
+                    continue
+                acc = statistics.fmean(float(r.clone_acc or 0.0) for r in runs)
+                same = [r for r in recs if _column(r) == col and r.clone_acc is not None]
+                und = [float(r.clone_acc or 0.0) for r in same if r.defense == "undefended"]
+                base = [float(r.clone_acc or 0.0) for r in same if r.defense in plain]
+                und_m = statistics.fmean(und) if und else None
+                base_m = statistics.fmean(base) if base else None
+                mons = [r.extra["monitor"] for r in runs]
+                firsts = [m["first_flag"] for m in mons if m.get("first_flag") is not None]
+                first = statistics.median(firsts) if firsts else None
+                flagged = statistics.fmean(m.get("keys_flagged", 0) for m in mons)
+                keys = int(mons[0].get("keys", 1))
+                benign = sum(1 for m in mons if (m.get("id_test") or {}).get("flagged_at") is not None)
+                ratio = None if not und_m else acc / und_m
+                rows.append(
+                    [
+                        d,
+                        _col_name(col),
+                        str(spec.get("monitor", "")),
+                        f"{flagged:.1f} / {keys}",
+                        "—" if first is None else f"{first:,.0f}",
+                        f"{100 * acc:.2f}",
+                        "—" if base_m is None else f"{100 * base_m:.2f}",
+                        "—" if und_m is None else f"{100 * und_m:.2f}",
+                        "—" if ratio is None else f"{ratio:.2f}×",
+                        f"{benign} / {len(runs)}",
+                    ]
+                )
+                t.csv_rows.append(
+                    [
+                        dataset,
+                        arch,
+                        d,
+                        *col,
+                        spec.get("monitor", ""),
+                        keys,
+                        round(100 * acc, 4),
+                        None if und_m is None else round(100 * und_m, 4),
+                        None if base_m is None else round(100 * base_m, 4),
+                        None if ratio is None else round(ratio, 4),
+                        round(flagged, 4),
+                        first,
+                        len(firsts),
+                        len(runs),
+                        benign,
+                    ]
+                )
+        header = [
+            "defense",
+            "attack",
+            "monitor",
+            "keys flagged",
+            "first flag (query)",
+            "clone acc %",
+            "plain DNF %",
+            "undefended %",
+            "÷ undefended",
+            "benign test key flagged",
+        ]
+        t.md += [f"### {dataset}, victim {arch}", "", *_md_table(header, rows), ""]
+    return t
+
+
 def _paper_budget_rows_with_a_matched_twin(recs: Sequence[ResultRecord]) -> set[str]:
     """Defenses at the paper's ℓ1 budget whose registry name also runs at a matched utility in ``recs``.
 
@@ -671,6 +780,7 @@ def write_report(records: Sequence[ResultRecord], out: Path, *, title: str = "fo
         _clone_table(records),
         _protection_table(records),
         _worst_variant_table(records),
+        _loop_table(records),
         _utility_table(records),
         _timing_table(records),
         _exit_table(records),

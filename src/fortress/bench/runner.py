@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from fortress.bench.build import BuildContext, build_defense, read_utility_match, training_seed
-from fortress.bench.grid import Cell, GridConfig, defense_artifact_key, expand_grid, victim_artifact_key
+from fortress.bench.grid import Cell, GridConfig, config_hash, defense_artifact_key, expand_grid, victim_artifact_key
 from fortress.bench.records import ResultRecord, append_record, read_records
 from fortress.config import VictimConfig, dump_toml, to_dict
 from fortress.defenses import Defense, load_defense
@@ -202,7 +202,9 @@ def run_cell(
         ``config`` holds the full cell and ``cell_key``, its ``extra`` the defense's time per 1,000 ID
         queries, its build's training seed (``defense_seed``; ``None`` for a defense that draws none) and
         the torch threads and version (results are bit-identical across processes at the same
-        thread count).
+        thread count). A closed-loop row (a ``monitor`` table) adds ``extra["monitor"]``: the flags
+        (key, detector, the attacker's query index), keys flagged, degraded answers, the first flag,
+        and ``id_test`` (whether a benign key replaying the ID test split was flagged, and when).
     """
     from fortress.bench.pipeline import id_data, run_attack
 
@@ -211,11 +213,22 @@ def run_cell(
         torch.set_num_threads(threads)
     out = Path(out)
     defense = load_cell_defense(cell, out, device, amp)
-    id_s = _id_seconds_per_1k(defense, id_data(cell.victim.spec).test.x)
+    test_x = id_data(cell.victim.spec).test.x
+    loop = cell.defense.loop()
+    id_test: dict[str, Any] = {}
+    reference = guarded = None
+    if loop is None:
+        id_s = _id_seconds_per_1k(defense, test_x)
+    else:
+        make, id_test = _closed_loop(cell, out, defense, loop, test_x)
+        id_s = _id_seconds_per_1k(make(), test_x)  # the answer and the monitoring, timed together
+        reference = defense  # the evaluation (off-budget) runs on the DNF itself, never through a key
+        defense = guarded = make()  # the attacker meets every key unflagged
     attack_args, knowledge = _defense_knowledge(cell, out)
     rec = run_attack(
         defense,
         cell.attack,
+        reference=reference,
         data=cell.victim.spec,
         eval_every=cell.eval_every,
         device=defense.device,
@@ -231,10 +244,38 @@ def run_cell(
         attack_args=attack_args,
     )
     seed = training_seed(cell.defense.name, cell.defense.params)
-    facts = {"id_s_per_1k_queries": id_s, "defense_seed": seed}
+    facts: dict[str, Any] = {"id_s_per_1k_queries": id_s, "defense_seed": seed}
+    if guarded is not None:
+        facts["monitor"] = {**guarded.records(), "first_flag": guarded.first_flag(), "id_test": id_test}
     rec = replace(rec, defense=cell.defense.display, attack=cell.attack_display, extra={**rec.extra, **facts})
     data: dict[str, Any] = json.loads(rec.to_json())
     return data
+
+
+def _closed_loop(
+    cell: Cell, out: Path, dnf: Defense, loop: Any, test_x: torch.Tensor
+) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """A maker of the cell's DNF behind fresh monitors, and how a benign key replaying the test split fares.
+
+    The calibration is made on the defender's own data once per build and saved beside the DNF
+    (``artifacts/<dnf>/monitor-<hash>/``). The benign key sends the ID test images in one stream
+    (batches of 256) through a fresh loop: whether it is flagged, and at which query, is recorded
+    (``id_test``); the attack meets another fresh loop.
+    """
+    from fortress.bench.pipeline import data_for
+    from fortress.defenses import DNF
+    from fortress.monitor.closed_loop import closed_loop, loop_calibration
+
+    assert isinstance(dnf, DNF)  # DefenseSpec.loop() refuses a monitor table on anything else
+    data = data_for(dnf.victim, cell.victim.spec)
+    cal_dir = Path(out) / ARTIFACTS / cell.defense_key / f"monitor-{config_hash(loop.calibration_fields(), length=8)}"
+    cal_dir.mkdir(parents=True, exist_ok=True)
+    cals = loop_calibration(dnf, data.train.x, data.val.x, loop, cal_dir)
+    guarded = closed_loop(dnf, replace(loop, keys=1, population=False), cals, budget=int(test_x.shape[0]))
+    for i in range(0, test_x.shape[0], 256):
+        guarded.respond(test_x[i : i + 256])
+    benign = {"queries": int(test_x.shape[0]), "flagged_at": guarded.first_flag()}
+    return (lambda: closed_loop(dnf, loop, cals, budget=cell.attack.budget)), benign
 
 
 #: Added to the seed of an attack that simulates the defense, for what the attacker draws itself

@@ -90,13 +90,15 @@ class Attacked:
 class Calibrated:
     """An exit-sprt calibration saved to ``out``, made from ``queries`` held-out ID queries.
 
-    With ``dadd``, ``out`` is a bundle naming both calibration files (``dadd_threshold``: its ``h``).
+    With ``dadd`` or ``step``, ``out`` is a bundle naming every calibration file (``dadd_threshold``,
+    ``step_threshold``: their ``h``).
     """
 
     calibration: ExitCalibration
     out: Path
     queries: int
     dadd_threshold: float | None = None
+    step_threshold: float | None = None
 
 
 def is_url(target: str) -> bool:
@@ -257,13 +259,16 @@ def calibrate_saved(
     dadd: bool = False,
     dadd_horizon: int = 1000,
     dadd_streams: int = 200,
+    step: bool = False,
 ) -> Calibrated:
     """Calibrate the exit-sprt monitor for the DNF saved in ``model_dir`` on held-out ID data; save to ``out``.
 
     With ``dadd``, also calibrate ``dadd`` (reference: the training split; threshold: the validation
     split under every benign shift and class mix, ``alpha`` within ``dadd_horizon`` queries) and write
     ``out`` as a bundle naming ``<out stem>.exit-sprt.json`` and ``<out stem>.dadd.json`` next to it, so
-    ``--monitor exit-sprt+dadd --monitor-calibration OUT`` reads both.
+    ``--monitor exit-sprt+dadd --monitor-calibration OUT`` reads both. With ``step``, also calibrate
+    ``step`` (validation split under every benign shift and class mix, ``alpha`` within 1,000
+    queries) into ``<out stem>.step.json``, named in the same bundle.
 
     The held-out queries are the ID validation split plus ``views`` shifted, noisy copies of it
     (:func:`fortress.monitor.exit_sprt.light_views`); ``alpha`` is the share of ID keys flagged within
@@ -279,20 +284,37 @@ def calibrate_saved(
     resolved = data_for(defense.victim, data)
     x = light_views(resolved.val.x, views, seed=seed)
     cal = calibrate_from_defense(defense, x, alpha=alpha, horizon=horizon, seed=seed)
-    if not dadd:
+    if not (dadd or step):
         cal.save(out)
         return Calibrated(cal, out, len(x))
-    from fortress.monitor.calibrate import dadd_from_defense
-
     out = Path(out)
-    dcal = dadd_from_defense(
-        defense, resolved.train.x, resolved.val.x, alpha=alpha, horizon=dadd_horizon, streams=dadd_streams, seed=seed
-    )
-    members = {"exit-sprt": f"{out.stem}.exit-sprt.json", "dadd": f"{out.stem}.dadd.json"}
+    members = {"exit-sprt": f"{out.stem}.exit-sprt.json"}
     cal.save(out.parent / members["exit-sprt"])
-    dcal.save(out.parent / members["dadd"])
+    dadd_h = step_h = None
+    if dadd:
+        from fortress.monitor.calibrate import dadd_from_defense
+
+        dcal = dadd_from_defense(
+            defense,
+            resolved.train.x,
+            resolved.val.x,
+            alpha=alpha,
+            horizon=dadd_horizon,
+            streams=dadd_streams,
+            seed=seed,
+        )
+        members["dadd"] = f"{out.stem}.dadd.json"
+        dcal.save(out.parent / members["dadd"])
+        dadd_h = dcal.threshold
+    if step:
+        from fortress.monitor.step import calibrate_step
+
+        scal = calibrate_step(lambda q: defense.respond(q).probs, resolved.val.x, alpha=alpha, seed=seed)
+        members["step"] = f"{out.stem}.step.json"
+        scal.save(out.parent / members["step"])
+        step_h = scal.threshold
     out.write_text(json.dumps({"monitor": "bundle", "members": members}, indent=2))
-    return Calibrated(cal, out, len(x), dcal.threshold)
+    return Calibrated(cal, out, len(x), dadd_h, step_h)
 
 
 def _emit(event: EventFn | None, stage: str, completed: float, total: float) -> None:

@@ -45,7 +45,9 @@ def serve_cmd(
     threads: Annotated[int, typer.Option(help="Torch intra-op threads per batch.")] = 1,
     monitor: Annotated[
         str | None,
-        typer.Option(help="Extraction monitor: exit-sprt, prada, dadd, or several joined by + (exit-sprt+dadd)."),
+        typer.Option(
+            help="Extraction monitor: exit-sprt, prada, dadd, step, or several joined by + (exit-sprt+dadd+step)."
+        ),
     ] = None,
     monitor_calibration: Annotated[
         Path | None,
@@ -243,10 +245,13 @@ def monitor_calibrate_cmd(
     ] = False,
     dadd_horizon: Annotated[int, typer.Option(help="Queries per benign key dadd's rate refers to.")] = 1000,
     dadd_streams: Annotated[int, typer.Option(help="Simulated benign keys per dadd scenario.")] = 200,
+    step: Annotated[
+        bool, typer.Option("--step", help="Also calibrate step (JBDA-style small steps); OUT becomes a bundle.")
+    ] = False,
     data: DataOption = None,
     data_option: DataOptions = None,
 ) -> None:
-    """Calibrate the exit-sprt monitor (and with --dadd the dadd monitor) on held-out ID data."""
+    """Calibrate the exit-sprt monitor (with --dadd and --step also those monitors) on held-out ID data."""
     from fortress.bench.steps import calibrate_saved
 
     spec = data_spec(data, data_option)
@@ -261,6 +266,7 @@ def monitor_calibrate_cmd(
         dadd=dadd,
         dadd_horizon=dadd_horizon,
         dadd_streams=dadd_streams,
+        step=step,
     )
     cal = made.calibration
     console.print(
@@ -272,5 +278,11 @@ def monitor_calibrate_cmd(
         console.print(
             f"dadd calibration: threshold {made.dadd_threshold:.3f} for alpha {alpha:g} within {dadd_horizon:,} "
             f"queries in every benign scenario -> {out} (bundle)",
+            highlight=False,
+        )
+    if made.step_threshold is not None:
+        console.print(
+            f"step calibration: threshold {made.step_threshold:.3f} (share of step queries) for alpha {alpha:g} "
+            f"within 1,000 queries in every benign scenario -> {out} (bundle)",
             highlight=False,
         )

@@ -3,7 +3,8 @@
 ``exit-sprt`` tests a key's DNF exit histogram against the ID profile measured at protect time
 (paper Table 12: attack traffic leaves early far more often); ``prada`` is PRADA (Juuti et al.
 2019), the distance-normality baseline; ``dadd`` tests the distribution of a key's queries per
-predicted class in the victim's feature space (after D-ADD, AAAI 2025); :class:`PopulationDrift`
+predicted class in the victim's feature space (after D-ADD, AAAI 2025); ``step`` counts a key's
+queries that are small, answer-moving steps from its own earlier queries (JBDA's augmentation); :class:`PopulationDrift`
 pools all keys created in a window (the Sybil case). The server (``fortress serve --monitor``) keeps a
 :class:`KeyProfile` per key in the key ledger and applies a :class:`Response` to flagged keys.
 """
@@ -24,6 +25,7 @@ from fortress.monitor.exit_sprt import ExitCalibration, ExitSPRT, calibrate_exit
 from fortress.monitor.population import PopulationDrift, PopulationFlag
 from fortress.monitor.prada import Prada
 from fortress.monitor.profile import KeyProfile, RunningMoments
+from fortress.monitor.step import Step, StepCalibration, WindowSteps, calibrate_step
 from fortress.monitor.store import ProfileStore
 from fortress.monitor.union import AnyOf
 from fortress.registry import Registry
@@ -44,10 +46,14 @@ __all__ = [
     "ProfileStore",
     "Response",
     "RunningMoments",
+    "Step",
+    "StepCalibration",
     "Verdict",
+    "WindowSteps",
     "calibrate_dadd",
     "calibrate_exit_sprt",
     "calibrate_from_defense",
+    "calibrate_step",
     "create_monitor",
     "fit_reference",
     "member_calibration",
@@ -57,9 +63,14 @@ MONITORS: Registry[type[Monitor]] = Registry("monitor")
 MONITORS.add("exit-sprt", ExitSPRT)
 MONITORS.add("prada", Prada)
 MONITORS.add("dadd", DADD)
+MONITORS.add("step", Step)
 
 #: Monitors that read a calibration file.
-CALIBRATED = {"exit-sprt": "fortress monitor calibrate MODEL_DIR --out FILE", "dadd": "calibrate_dadd"}
+CALIBRATED = {
+    "exit-sprt": "fortress monitor calibrate MODEL_DIR --out FILE",
+    "dadd": "fortress monitor calibrate MODEL_DIR --out FILE --dadd",
+    "step": "fortress monitor calibrate MODEL_DIR --out FILE --step",
+}
 
 
 def member_calibration(calibration: Path, name: str) -> Path:
@@ -123,4 +134,7 @@ def create_monitor(
     if cls is DADD:
         assert calibration is not None
         return DADD(DADDCalibration.load(member_calibration(calibration, name)), features=features, **params)
+    if cls is Step:
+        assert calibration is not None
+        return Step(StepCalibration.load(member_calibration(calibration, name)), **params)
     return cls(**params)

@@ -12,7 +12,10 @@ caught when.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -22,10 +25,21 @@ from fortress.defenses import DNF, Defense
 from fortress.defenses.base import DefenseOutput
 from fortress.errors import ConfigError
 from fortress.monitor.base import Monitor, Response
-from fortress.monitor.dadd import DADD
+from fortress.monitor.dadd import DADD, DADDCalibration
+from fortress.monitor.exit_sprt import ExitCalibration
 from fortress.monitor.population import PopulationDrift
+from fortress.monitor.step import Step, StepCalibration, WindowSteps, calibrate_step
 
-__all__ = ["KeyPlan", "Monitored", "find_dadd"]
+__all__ = [
+    "LOOP_MONITORS",
+    "KeyPlan",
+    "LoopCalibration",
+    "LoopConfig",
+    "Monitored",
+    "closed_loop",
+    "find_dadd",
+    "loop_calibration",
+]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +106,10 @@ class Monitored(Defense):
         monitor: per-key detector (``None``: none).
         population: detector across keys created in a window (``None``: none); it is fed the
             ``dadd`` features of ``monitor`` (a :class:`DADD` or a union holding one).
+        population_step: ``step`` over all keys of the window as one stream
+            (:class:`~fortress.monitor.step.WindowSteps`; ``None``: none): JBDA spread over keys
+            sends a parent on one key and its step on another. Its contributing keys are flagged
+            (``population-step``).
         response: what flagged keys get: ``degrade-exit0`` (DNF's first exit), ``degrade-label``
             (top-1 one-hot rows) or ``log`` (answers unchanged, flags recorded).
         plan: which key sends each batch.
@@ -110,6 +128,7 @@ class Monitored(Defense):
         population: PopulationDrift | None = None,
         response: Response = Response.DEGRADE_EXIT0,
         plan: KeyPlan | None = None,
+        population_step: WindowSteps | None = None,
     ) -> None:
         super().__init__(defense.victim)
         if response not in (Response.DEGRADE_EXIT0, Response.DEGRADE_LABEL, Response.LOG):
@@ -119,6 +138,7 @@ class Monitored(Defense):
         self.defense = defense
         self.monitor = monitor
         self.population = population
+        self.population_step = population_step
         self.response = response
         self.plan = plan or KeyPlan()
         self.dadd = find_dadd(monitor)
@@ -138,6 +158,7 @@ class Monitored(Defense):
             "defense": self.defense.hparams(),
             "monitor": None if self.monitor is None else self.monitor.name,
             "population": self.population is not None,
+            "population_step": self.population_step is not None,
             "response": self.response.value,
             "plan": {"keys": self.plan.keys, "mode": self.plan.mode, "per_key": self.plan.per_key},
         }
@@ -151,6 +172,18 @@ class Monitored(Defense):
             "queries": self.log.queries,
             "degraded_answers": self.log.degraded,
         }
+
+    def _who(self, key: str) -> str:
+        """The detector that flagged ``key``: the monitor's name, or its flagging members' (``exit-sprt+dadd``)."""
+        assert self.monitor is not None
+        members = getattr(self.monitor, "members", None)
+        if not members:
+            return self.monitor.name
+        return "+".join(m.name for m in members if m.verdict(key).flagged) or self.monitor.name
+
+    def first_flag(self) -> int | None:
+        """The attacker's query index at which the first key was flagged (``None``: none was)."""
+        return min((int(f["query"]) for f in self.log.flags), default=None)
 
     def _flag(self, key: str, by: str, at: int) -> None:
         if key not in self.log.flagged:
@@ -177,13 +210,15 @@ class Monitored(Defense):
             v = self.monitor.observe(key, x, probs, exits)
             if v.flagged and v.flagged_at is not None:
                 # the key's own query index → the attacker's (the key's count before this piece is v.queries - n)
-                self._flag(key, self.monitor.name, before + v.flagged_at - (v.queries - n))
+                self._flag(key, self._who(key), before + v.flagged_at - (v.queries - n))
         if self.population is not None and self.dadd is not None:
             feats = self.dadd.featurize(x, probs)
             flag = self.population.add(key, self.plan.created_at, feats, probs.argmax(1), exits)
             if flag is not None:
                 for k in flag.contributing:
                     self._flag(k, "population", self.log.queries)
+        if self.population_step is not None:
+            self._window_steps(key, x, probs)
         if key not in self.log.flagged or self.response is Response.LOG:
             return probs
         self.log.degraded += n
@@ -194,6 +229,13 @@ class Monitored(Defense):
             return torch.softmax(self.defense.net.forward_all(x).mean_logits[0], dim=1)
 
 
+    def _window_steps(self, key: str, x: Tensor, probs: Tensor) -> None:
+        """Feed the piece to the window-wide ``step``; flag its contributing keys."""
+        assert self.population_step is not None
+        for k in self.population_step.add(key, self.plan.created_at, x, probs):
+            self._flag(k, "population-step", self.log.queries)
+
+
 def find_dadd(monitor: Monitor | None) -> DADD | None:
     """``monitor`` itself when it is ``dadd``, its ``dadd`` member when it is a union, else ``None``."""
     if isinstance(monitor, DADD):
@@ -202,3 +244,178 @@ def find_dadd(monitor: Monitor | None) -> DADD | None:
         if isinstance(member, DADD):
             return member
     return None
+
+
+#: Per-key monitors a closed loop may combine (``+``-joined in :attr:`LoopConfig.monitor`).
+LOOP_MONITORS = ("exit-sprt", "dadd", "step", "prada")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """DNF + monitor + response as a grid defense row: the ``monitor`` table of a ``[[defenses]]`` entry.
+
+    The DNF is built as the row's ``params`` say (the same build, and the same cached artifact, as a
+    plain ``dnf`` row with equal ``params``); the monitors are calibrated on the defender's own data
+    once per build (:func:`loop_calibration`) and each cell attacks a fresh :class:`Monitored` with
+    every key unflagged.
+
+    Attributes:
+        monitor: per-key monitors, ``+``-joined from :data:`LOOP_MONITORS` (``exit-sprt``, ``dadd``
+            and ``step`` are calibrated on held-out ID images; ``prada`` has its fixed δ = 0.9).
+        response: what a flagged key gets (``degrade-exit0``, ``degrade-label`` or ``log``).
+        keys: keys the attacker spreads its budget over (the budget split evenly: ``ceil(budget / keys)``
+            per key); ``1``: a single account.
+        mode: ``round-robin`` (each batch from the next key) or ``bursts`` (one key after the other).
+        population: also run the detector across keys created in one window (``None``: when ``keys > 1``).
+        alpha: target false-positive rate of the calibrated monitors (share of benign keys flagged
+            within the calibration horizon).
+        seed: seeds the calibration's simulated benign streams.
+
+    Example:
+        >>> LoopConfig(monitor="exit-sprt+dadd", keys=100).with_population
+        True
+    """
+
+    monitor: str = "exit-sprt+dadd"
+    response: str = "degrade-exit0"
+    keys: int = 1
+    mode: Literal["round-robin", "bursts"] = "round-robin"
+    population: bool | None = None
+    alpha: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        members = self.members
+        bad = [m for m in members if m not in LOOP_MONITORS]
+        if not members or bad or len(set(members)) != len(members):
+            raise ConfigError(
+                f"monitor {self.monitor!r}: name distinct monitors from {', '.join(LOOP_MONITORS)} joined by '+'"
+            )
+        valid = (Response.DEGRADE_EXIT0.value, Response.DEGRADE_LABEL.value, Response.LOG.value)
+        if self.response not in valid:
+            raise ConfigError(f"response must be one of {', '.join(valid)}, got {self.response!r}")
+        if self.keys < 1 or self.mode not in ("round-robin", "bursts"):
+            raise ConfigError(f"need keys >= 1 and mode round-robin|bursts; got keys={self.keys}, mode={self.mode!r}")
+        if self.with_population and "dadd" not in members:
+            raise ConfigError("the population detector pools dadd features: the monitor must include 'dadd'")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"alpha must lie in (0, 1), got {self.alpha}")
+
+    @property
+    def members(self) -> list[str]:
+        """The per-key monitors' names."""
+        return [m.strip() for m in self.monitor.split("+") if m.strip()]
+
+    @property
+    def with_population(self) -> bool:
+        """Whether the detector across keys runs."""
+        return self.keys > 1 if self.population is None else self.population
+
+    def calibration_fields(self) -> dict[str, Any]:
+        """What the calibration depends on (its cache key)."""
+        return {"alpha": self.alpha, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class LoopCalibration:
+    """The calibrations a closed loop reads: ``exit-sprt``'s and ``dadd``'s always (the population
+    detector uses both), ``step``'s when the monitor includes it."""
+
+    exit_sprt: ExitCalibration
+    dadd: DADDCalibration
+    step: StepCalibration | None = None
+
+
+def loop_calibration(
+    dnf: DNF, x_train: Tensor, x_val: Tensor, cfg: LoopConfig, directory: Path | None = None
+) -> LoopCalibration:
+    """The monitors of ``cfg`` calibrated on the defender's data, read from ``directory`` when saved there.
+
+    ``exit-sprt``: on ``x_val``'s exits (10,000-query horizon, 1,000 simulations); ``dadd``: its
+    reference on ``x_train``, its threshold on 100 simulated benign streams per shift and class mix
+    of ``x_val`` (:func:`fortress.monitor.calibrate.dadd_from_defense`); ``step`` (when ``cfg``
+    names it): 100 simulated benign streams per shift and class mix of ``x_val``
+    (:func:`fortress.monitor.step.calibrate_step`). All at ``cfg.alpha``. Written to ``directory``
+    (``cal.exit-sprt.json``, ``cal.dadd.json``, ``cal.step.json``) when given, each as soon as it
+    is computed; a later call with the same directory reads them back.
+    """
+    from fortress.monitor.calibrate import dadd_from_defense
+    from fortress.monitor.exit_sprt import calibrate_from_defense
+
+    def cached(name: str, load: Callable[[Path], Any], make: Callable[[], Any]) -> Any:
+        path = None if directory is None else Path(directory) / f"cal.{name}.json"
+        if path is not None and path.is_file():
+            return load(path)
+        made = make()
+        if path is not None:
+            _save_atomic(made, path)
+        return made
+
+    ecal = cached(
+        "exit-sprt",
+        ExitCalibration.load,
+        lambda: calibrate_from_defense(dnf, x_val, alpha=cfg.alpha, horizon=10_000, simulations=1000, seed=cfg.seed),
+    )
+    dcal = cached(
+        "dadd",
+        DADDCalibration.load,
+        lambda: dadd_from_defense(dnf, x_train, x_val, streams=100, alpha=cfg.alpha, seed=cfg.seed),
+    )
+    scal = None
+    if "step" in cfg.members:
+        scal = cached(
+            "step",
+            StepCalibration.load,
+            lambda: calibrate_step(lambda x: dnf.respond(x).probs, x_val, alpha=cfg.alpha, seed=cfg.seed),
+        )
+    return LoopCalibration(ecal, dcal, scal)
+
+
+def _save_atomic(cal: ExitCalibration | DADDCalibration | StepCalibration, path: Path) -> None:
+    """Save a calibration so a concurrent reader sees the whole file or none."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    cal.save(tmp)
+    os.replace(tmp, path)
+
+
+def closed_loop(dnf: DNF, cfg: LoopConfig, calibrations: LoopCalibration, budget: int) -> Monitored:
+    """A fresh :class:`Monitored` (every key unflagged) for an attacker spending ``budget`` queries as ``cfg`` says.
+
+    Raises:
+        ConfigError: ``budget < 1``, or ``step`` in the monitor without its calibration.
+    """
+    from fortress.monitor.exit_sprt import ExitSPRT
+    from fortress.monitor.prada import Prada
+    from fortress.monitor.tap import PenultimateTap
+    from fortress.monitor.union import AnyOf
+
+    if budget < 1:
+        raise ConfigError(f"budget must be >= 1, got {budget}")
+    ecal, dcal, scal = calibrations.exit_sprt, calibrations.dadd, calibrations.step
+    if "step" in cfg.members and scal is None:
+        raise ConfigError("the monitor includes 'step' but the calibrations hold none")
+
+    def step() -> Monitor:
+        assert scal is not None  # checked above
+        return Step(scal)
+
+    make: dict[str, Callable[[], Monitor]] = {
+        "exit-sprt": lambda: ExitSPRT(ecal),
+        "dadd": lambda: DADD(dcal, features=PenultimateTap(dnf)),
+        "step": step,
+        "prada": Prada,
+    }
+    members = [make[m]() for m in cfg.members]
+    monitor = members[0] if len(members) == 1 else AnyOf(members)
+    population = None
+    if cfg.with_population:
+        early = 1 - ecal.id_counts[-1] / sum(ecal.id_counts)
+        population = PopulationDrift(dcal, id_early_share=early, num_exits=dnf.num_exits, min_queries=500)
+    return Monitored(
+        dnf,
+        monitor=monitor,
+        population=population,
+        population_step=WindowSteps(scal) if cfg.with_population and scal is not None else None,
+        response=Response(cfg.response),
+        plan=KeyPlan(keys=cfg.keys, mode=cfg.mode, per_key=-(-budget // cfg.keys)),
+    )

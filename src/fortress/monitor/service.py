@@ -27,6 +27,7 @@ from fortress.monitor.closed_loop import find_dadd
 from fortress.monitor.exit_sprt import ExitSPRT
 from fortress.monitor.population import PopulationDrift
 from fortress.monitor.profile import KeyProfile
+from fortress.monitor.step import WindowSteps
 from fortress.monitor.store import ProfileRecord, ProfileStore
 
 __all__ = ["ALERT_LOGGER", "Answer", "Watch", "first_exit_probs"]
@@ -94,6 +95,9 @@ class Watch:
             features of ``monitor``'s ``dadd`` member, and a key that contributed to a flagged window
             is flagged like one the monitor flagged (``None``: per-key monitoring only).
         created_at: a key's creation time in epoch seconds (needed with ``population``).
+        window_steps: ``step`` over all keys created in one window as one stream
+            (:class:`~fortress.monitor.step.WindowSteps`; JBDA spread over keys); its contributing
+            keys are flagged like the population detector's (``None``: none).
     """
 
     def __init__(
@@ -108,9 +112,12 @@ class Watch:
         throttle_s_per_query: float = 0.01,
         population: PopulationDrift | None = None,
         created_at: Callable[[str], float] | None = None,
+        window_steps: WindowSteps | None = None,
     ) -> None:
         if population is not None and (find_dadd(monitor) is None or created_at is None):
             raise ConfigError("the population detector needs a monitor with dadd and the keys' creation times")
+        if window_steps is not None and (monitor is None or created_at is None):
+            raise ConfigError("the window-wide step detector needs a monitor and the keys' creation times")
         if response is Response.DEGRADE_EXIT0 and exit0 is None:
             raise ConfigError("the degrade-exit0 response needs the defense's first exit (a DNF)")
         if throttle_s_per_query < 0:
@@ -123,6 +130,7 @@ class Watch:
         self.webhook = webhook
         self.throttle_s_per_query = throttle_s_per_query
         self.population = population
+        self.window_steps = window_steps
         self.created_at = created_at
         self._population_flagged: set[str] = set()
         self._announced: set[str] = set()
@@ -172,6 +180,7 @@ class Watch:
                 if now.flagged and not was:
                     newly = now
                 newly = self._population(key_id, images, probs, exits, now, was or stored_flag is not None, newly)
+                newly = self._window_steps(key_id, images, probs, now, was or stored_flag is not None, newly)
             verdict = self._verdict(key_id, stored_flag)
         record = ProfileRecord(
             key_id,
@@ -218,19 +227,42 @@ class Watch:
         # keys of the window that contributed but send nothing more: their flag is stored now
         for other in flag.contributing:
             if other != key_id and other not in self._population_flagged:
-                self._population_flagged.add(other)
-                at = self.population.queries(other)
-                _, epoch = self.store.flag(other)
-                rec = ProfileRecord(
-                    other, KeyProfile(num_exits=self.num_exits), monitor=self.monitor_name, flagged_at=at, epoch=epoch
-                )
-                self.store.save(rec)
-                self._announce(Verdict(other, True, at, at, flag.score, threshold), by="population")
+                self._flag_other(other, self.population.queries(other), flag.score, threshold, "population")
         if already or newly is not None or not self.population.flagged(key_id) or key_id in self._population_flagged:
             return newly
         self._population_flagged.add(key_id)
         verdict = Verdict(key_id, True, now.queries, now.queries, flag.score, threshold)
         self._announce(verdict, by="population")
+        self._announced.add(key_id)
+        return verdict
+
+    def _flag_other(self, other: str, at: int, score: float, threshold: float, by: str) -> None:
+        """Store and announce the flag of a key found by a detector across keys (while another key's batch ran)."""
+        self._population_flagged.add(other)
+        _, epoch = self.store.flag(other)
+        rec = ProfileRecord(
+            other, KeyProfile(num_exits=self.num_exits), monitor=self.monitor_name, flagged_at=at, epoch=epoch
+        )
+        self.store.save(rec)
+        self._announce(Verdict(other, True, at, at, score, threshold), by=by)
+
+    def _window_steps(
+        self, key_id: str, images: Tensor, probs: Tensor, now: Verdict, already: bool, newly: Verdict | None
+    ) -> Verdict | None:
+        """Feed the batch to the window-wide ``step``; flag its contributing keys (this one: returned)."""
+        if self.window_steps is None or self.created_at is None:
+            return newly
+        ws = self.window_steps
+        contributing = ws.add(key_id, self.created_at(key_id), images, probs)
+        threshold = ws.calibration.threshold
+        for other in contributing:
+            if other != key_id and other not in self._population_flagged:
+                self._flag_other(other, ws.queries(other), ws.share(other), threshold, "population-step")
+        if already or newly is not None or key_id not in contributing or key_id in self._population_flagged:
+            return newly
+        self._population_flagged.add(key_id)
+        verdict = Verdict(key_id, True, now.queries, now.queries, ws.share(key_id), threshold)
+        self._announce(verdict, by="population-step")
         self._announced.add(key_id)
         return verdict
 

@@ -32,9 +32,10 @@ from torch import Tensor
 from fortress.defenses import DNF, Defense, load_defense
 from fortress.device import resolve_device
 from fortress.errors import ArtifactError, BudgetExceeded, ConfigError, FortressError, InvalidInput
-from fortress.monitor import ExitSPRT, Monitor, PopulationDrift, Response, create_monitor
+from fortress.monitor import ExitSPRT, Monitor, PopulationDrift, Response, Step, create_monitor
 from fortress.monitor.closed_loop import find_dadd
 from fortress.monitor.service import Watch, first_exit_probs
+from fortress.monitor.step import WindowSteps
 from fortress.monitor.tap import PenultimateTap
 from fortress.serve.answer import Job, Service, Unavailable, answer_tail, profile_commit
 from fortress.serve.body import (
@@ -356,8 +357,12 @@ def _watch(settings: ServeSettings, defense: Defense, store: KeyStore | None = N
     if settings.monitor is not None:
         features = PenultimateTap(defense) if isinstance(defense, DNF) else None
         monitor = create_monitor(settings.monitor, calibration=settings.monitor_calibration, features=features)
+    window_steps = None
     if settings.population_window_s is not None and monitor is not None and store is not None:
         population = _population(settings, defense, monitor)
+        step = next((m for m in getattr(monitor, "members", [monitor]) if isinstance(m, Step)), None)
+        if step is not None:  # JBDA spread over keys: step over each window's keys as one stream
+            window_steps = WindowSteps(step.calibration, window_s=settings.population_window_s)
     return Watch(
         settings.keys_path,
         num_exits=defense.num_exits or 0,
@@ -368,6 +373,7 @@ def _watch(settings: ServeSettings, defense: Defense, store: KeyStore | None = N
         throttle_s_per_query=settings.throttle_s_per_query,
         population=population,
         created_at=None if store is None else _creation_times(store),
+        window_steps=window_steps,
     )
 
 

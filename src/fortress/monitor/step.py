@@ -1,0 +1,419 @@
+"""``step``: a key that keeps querying small steps away from its own earlier queries (JBDA's augmentation).
+
+Jacobian-based augmentation (JBDA, Papernot et al. 2017; JBDA-TR, Juuti et al. 2019) grows its
+transfer set by querying, round after round, each earlier query moved a small step (ℓ∞ radius λ,
+0.1 in their papers) along the sign of a clone's input gradient: every synthetic query lies within
+λ of one of the key's earlier queries, differs from it by more than a change of brightness or
+contrast, and moves the answer. Its queries are the attacker's own ID images and small steps around
+them, so they exit DNF like ID data and their features look like ID features: neither ``exit-sprt``
+nor ``dadd`` sees them. This detector looks at pairs instead. A query is a *step* when one of the
+key's earlier queries (among its ``neighbours`` nearest in ℓ2, on images average-pooled to at most
+14×14 for speed) is
+
+* near: ``tol < ℓ∞ ≤ radius`` (not a resend of the same image, not another image);
+* not photometric: after the best fit of the difference by an affine function of the earlier
+  image's pixels (a brightness / contrast change), more than ``min_residual`` of its energy is left;
+* answered differently: the ℓ1 distance of the two answers exceeds ``min_change``.
+
+A key is flagged once it has at least ``min_queries`` queries and its share of steps passes the
+threshold ``h``. The threshold is calibrated (:func:`calibrate_step`) like ``dadd``'s: simulated
+benign keys replay held-out ID images under every realistic shift and class mix of
+:mod:`fortress.monitor.benign` (so one user resending a photo with other noise, brightness or
+framing is part of the benign model); ``h`` is the largest over the scenarios of the ``1 − alpha``
+quantile of the keys' largest share, and at least ``floor``. The calibration counts a step against
+every earlier query of a simulated key, the monitor only against the ``neighbours`` nearest: the
+monitor finds at most the steps the calibration counted, so its benign rate is at most the
+calibrated one.
+
+What it does not catch: an attacker who spaces its steps beyond ``radius``, hides them under a
+photometric change, or spreads parents and children over different keys (the steps are per key).
+A key's memory holds its last ``memory`` queries (images as float16, answers), so a parent older
+than that is forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fortress.errors import ArtifactError, ConfigError, InvalidInput
+from fortress.monitor.base import Monitor, Verdict
+from fortress.monitor.benign import IMAGE_SHIFTS, STREAM_MIXES, benign_streams, shifted
+
+__all__ = ["Step", "StepCalibration", "WindowSteps", "calibrate_step", "step_pairs"]
+
+
+@dataclass(frozen=True)
+class StepCalibration:
+    """What ``step`` needs: the pair rule and the calibrated threshold (saved as JSON).
+
+    Attributes:
+        threshold: ``h``, the share of steps among a key's queries that flags it.
+        radius: largest ℓ∞ distance (pixel units in [0, 1]) of a step to its earlier query.
+        tol: smallest ℓ∞ distance of a step (below: a resend of the same image).
+        min_residual: share of the difference's energy an affine brightness/contrast fit must leave.
+        min_change: ℓ1 distance of the two answers a step must exceed.
+        min_queries: queries of a key before its first check.
+        alpha, horizon, streams, seed: the calibration's target rate, queries per simulated key,
+            keys per scenario and seed.
+        per_scenario: each scenario's ``1 − alpha`` quantile of the keys' largest share.
+        floor: the smallest threshold used, whatever the calibration found.
+    """
+
+    threshold: float
+    radius: float = 0.25
+    tol: float = 1e-3
+    min_residual: float = 0.5
+    min_change: float = 0.2
+    min_queries: int = 50
+    alpha: float = 0.01
+    horizon: int = 1000
+    streams: int = 100
+    seed: int = 0
+    per_scenario: dict[str, float] = field(default_factory=dict)
+    floor: float = 0.1
+
+    def save(self, path: Path) -> Path:
+        """Write the calibration as JSON; return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"monitor": "step", **asdict(self)}, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> StepCalibration:
+        """Read a calibration written by :meth:`save`.
+
+        Raises:
+            ArtifactError: missing, unreadable or not a ``step`` calibration.
+        """
+        try:
+            data = json.loads(Path(path).read_text())
+            if data.pop("monitor", None) != "step":
+                raise ValueError("not a step calibration")
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ArtifactError(f"cannot read step calibration {path}: {exc}") from exc
+
+
+def _affine_residual(new: Tensor, old: Tensor) -> Tensor:
+    """Share of ``new - old``'s energy left after its least-squares fit by ``a * old + b``; rows ``(N, D)``."""
+    d = new - old
+    xm, dm = old.mean(1, keepdim=True), d.mean(1, keepdim=True)
+    xc = old - xm
+    slope = (xc * (d - dm)).sum(1, keepdim=True) / (xc * xc).sum(1, keepdim=True).clamp_min(1e-12)
+    r = d - dm - slope * xc
+    return r.pow(2).sum(1) / d.pow(2).sum(1).clamp_min(1e-12)
+
+
+def step_pairs(new: Tensor, old: Tensor, p_new: Tensor, p_old: Tensor, cal: StepCalibration) -> Tensor:
+    """Whether each row of ``new`` is a step from the same row of ``old`` (module docstring); ``(N,)`` bool.
+
+    Shape:
+        ``new``, ``old``: ``(N, D)`` flattened images in [0, 1]; ``p_new``, ``p_old``: ``(N, K)`` answers.
+    """
+    new, old = new.float(), old.float()
+    linf = (new - old).abs().amax(1)
+    near = (linf > cal.tol) & (linf <= cal.radius)
+    moved = (p_new.float() - p_old.float()).abs().sum(1) > cal.min_change
+    return near & moved & (_affine_residual(new, old) > cal.min_residual)
+
+
+def _small(x: Tensor) -> Tensor:
+    """Images ``(B, C, H, W)`` average-pooled to at most 14×14, flattened: the neighbour search's space."""
+    h = x.shape[-1]
+    k = max(1, h // 14)
+    return (F.avg_pool2d(x, k) if k > 1 else x).flatten(1)
+
+
+@dataclass
+class _KeyState:
+    images: Tensor  # (M, D) float16, the key's last `memory` queries
+    small: Tensor  # (M, d) float32, pooled
+    probs: Tensor  # (M, K)
+    n: int = 0
+    steps: int = 0
+    flagged_at: int | None = None
+
+
+class Step(Monitor):
+    """Flag a key whose share of small-step queries passes the calibrated threshold (module docstring).
+
+    Args:
+        calibration: from :func:`calibrate_step`.
+        neighbours: earlier queries (nearest in ℓ2 on pooled images) each query is compared with.
+        memory: earlier queries kept per key.
+        threshold: override the calibrated ``h``.
+
+    Example:
+        >>> cal = StepCalibration(threshold=0.1, min_queries=10)
+        >>> x = torch.rand(20, 1, 8, 8)
+        >>> probs = torch.eye(4)[torch.arange(40) // 20]  # each step moves its answer (class 0 -> 1)
+        >>> mon = Step(cal)
+        >>> steps = (x + 0.2 * torch.randn(x.shape).sign()).clamp(0, 1)  # every image a step of 0.2
+        >>> mon.observe("k", torch.cat([x, steps]), probs, None).flagged
+        True
+    """
+
+    name: ClassVar[str] = "step"
+
+    def __init__(
+        self,
+        calibration: StepCalibration,
+        *,
+        neighbours: int = 8,
+        memory: int = 4096,
+        threshold: float | None = None,
+    ) -> None:
+        if neighbours < 1 or memory < 1:
+            raise ConfigError(f"need neighbours >= 1 and memory >= 1, got {neighbours} and {memory}")
+        self.calibration = calibration
+        self.neighbours = neighbours
+        self.memory = memory
+        self.threshold = calibration.threshold if threshold is None else float(threshold)
+        self._keys: dict[str, _KeyState] = {}
+        #: which queries of the last observed batch were steps, ``(B,)`` bool
+        self.last_steps = torch.zeros(0, dtype=torch.bool)
+
+    @torch.no_grad()
+    def observe(self, key_id: str, images: Tensor, probs: Tensor, exits: Tensor | None) -> Verdict:
+        if images.dim() != 4 or probs.dim() != 2 or probs.shape[0] != images.shape[0]:
+            raise InvalidInput(
+                f"step expects (B, C, H, W) images and (B, K) answers, got {tuple(images.shape)}, {tuple(probs.shape)}"
+            )
+        b = images.shape[0]
+        if b == 0:
+            self.last_steps = torch.zeros(0, dtype=torch.bool)
+            return self.verdict(key_id)
+        flat = images.detach().float().cpu().flatten(1)
+        small = _small(images.detach().float().cpu())
+        p = probs.detach().float().cpu()
+        st = self._keys.get(key_id)
+        if st is None:
+            st = _KeyState(flat[:0].half(), small[:0], p[:0])
+            self._keys[key_id] = st
+        elif st.images.shape[1] != flat.shape[1] or st.probs.shape[1] != p.shape[1]:  # restored: counts only
+            st.images, st.small, st.probs = flat[:0].half(), small[:0], p[:0]
+        # candidates: the key's memory, then the batch's own earlier rows (a strictly lower triangle)
+        pool_small = torch.cat([st.small, small])
+        m = st.small.shape[0]
+        dist = torch.cdist(small, pool_small)
+        later = torch.arange(m + b)[None, :] >= (m + torch.arange(b))[:, None]
+        dist[later] = float("inf")
+        k = min(self.neighbours, m + b - 1)
+        is_step = torch.zeros(b, dtype=torch.bool)
+        if k > 0:
+            near, idx = dist.topk(k, dim=1, largest=False)
+            pool_img = torch.cat([st.images.float(), flat])
+            pool_p = torch.cat([st.probs, p])
+            rows = torch.arange(b).repeat_interleave(k)
+            cand = idx.flatten()
+            ok = step_pairs(flat[rows], pool_img[cand], p[rows], pool_p[cand], self.calibration)
+            ok &= torch.isfinite(near.flatten())
+            is_step = ok.view(b, k).any(1)
+        self.last_steps = is_step
+        cum = st.steps + is_step.cumsum(0)
+        n = st.n + torch.arange(1, b + 1)
+        if st.flagged_at is None:
+            hit = torch.nonzero((n >= self.calibration.min_queries) & (cum > self.threshold * n))
+            if hit.numel():
+                st.flagged_at = int(n[int(hit[0])])
+        st.n += b
+        st.steps += int(is_step.sum())
+        keep = self.memory
+        st.images = torch.cat([st.images, flat.half()])[-keep:]
+        st.small = torch.cat([st.small, small])[-keep:]
+        st.probs = torch.cat([st.probs, p])[-keep:]
+        return self.verdict(key_id)
+
+    def verdict(self, key_id: str) -> Verdict:
+        st = self._keys.get(key_id)
+        if st is None:
+            return Verdict(key_id, False, 0, None, 0.0, self.threshold)
+        share = st.steps / st.n if st.n else 0.0
+        return Verdict(key_id, st.flagged_at is not None, st.n, st.flagged_at, share, self.threshold)
+
+    def state(self, key_id: str) -> dict[str, Any] | None:
+        """Counts and flag only: the remembered images are not persisted (a restart forgets them)."""
+        st = self._keys.get(key_id)
+        return None if st is None else {"n": st.n, "steps": st.steps, "flagged_at": st.flagged_at}
+
+    def restore(self, key_id: str, state: dict[str, Any]) -> None:
+        fa = state.get("flagged_at")
+        st = _KeyState(torch.zeros(0, 0).half(), torch.zeros(0, 0), torch.zeros(0, 0))
+        st.n, st.steps, st.flagged_at = int(state["n"]), int(state["steps"]), None if fa is None else int(fa)
+        self._keys[key_id] = st
+
+    def reset(self, key_id: str) -> None:
+        self._keys.pop(key_id, None)
+
+
+@torch.no_grad()
+def calibrate_step(
+    answer: Any,
+    x_val: Tensor,
+    *,
+    shifts: Sequence[str] = IMAGE_SHIFTS,
+    mixes: Sequence[str] = STREAM_MIXES,
+    variants: int = 10,
+    alpha: float = 0.01,
+    horizon: int = 1000,
+    streams: int = 100,
+    min_queries: int = 50,
+    floor: float = 0.1,
+    seed: int = 0,
+    chunk: int = 2048,
+    max_images: int = 2000,
+    **rule: float,
+) -> StepCalibration:
+    """Pick ``step``'s threshold so that at most ``alpha`` of benign keys are flagged within ``horizon`` queries.
+
+    For every shift a bank of ``variants`` shifted copies of each held-out image is answered by
+    ``answer``; the step pairs of the bank are found once (copies of one image against each other;
+    distinct images too, where their pooled ℓ2 distance allows an ℓ∞ distance within ``radius``);
+    each simulated key replays ``horizon`` rows under each class mix
+    (:func:`~fortress.monitor.benign.benign_streams`) and counts a step whenever an earlier row of the
+    key forms a step pair with it.
+
+    Args:
+        answer: images ``(B, C, H, W)`` → answers ``(B, K)`` (the served defense's probability rows).
+        x_val: ``(N, C, H, W)`` held-out ID images (never the training images); at most
+            ``max_images`` of them (a seeded random subset) make the banks. Fewer images make a
+            simulated key resend each image more often, which only adds benign steps: the
+            threshold can only rise.
+        rule: overrides of the pair rule (``radius``, ``tol``, ``min_residual``, ``min_change``).
+
+    Raises:
+        ConfigError: bad settings.
+    """
+    if not 0 < alpha < 1 or horizon < min_queries or min_queries < 2 or streams < 10 or variants < 2 or max_images < 2:
+        raise ConfigError(
+            f"need 0 < alpha < 1, 2 <= min_queries <= horizon, streams >= 10, variants >= 2, max_images >= 2; got "
+            f"alpha={alpha}, min_queries={min_queries}, horizon={horizon}, streams={streams}, variants={variants}, "
+            f"max_images={max_images}"
+        )
+    bad = sorted(set(rule) - {"radius", "tol", "min_residual", "min_change"})
+    if bad:
+        raise ConfigError(f"unknown step rule options {bad}; valid: radius, tol, min_residual, min_change")
+    proto = StepCalibration(threshold=0.0, min_queries=min_queries, **rule)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(seed)
+    if x_val.shape[0] > max_images:
+        x_val = x_val[torch.randperm(x_val.shape[0], generator=gen)[:max_images]]
+    n = x_val.shape[0]
+    base_small = _small(x_val.float())
+    # distinct images that could lie within radius of each other: pooling never widens ℓ∞, so a pair
+    # whose pooled images are farther apart than radius (plus a margin for their shifted copies) is not one
+    close = torch.cat(
+        [
+            torch.nonzero(torch.cdist(base_small[i : i + 512], base_small, p=float("inf")) <= proto.radius + 0.2)
+            + torch.tensor([i, 0])
+            for i in range(0, n, 512)
+        ]
+    )
+    close = close[close[:, 0] != close[:, 1]]
+    v = torch.arange(variants)
+    va, vb = (g.flatten() for g in torch.meshgrid(v, v, indexing="ij"))
+    same = torch.arange(n)
+    # every (new, old) row pair to test: copies of one image, and copies of close distinct images
+    new_rows = torch.cat([(va[None, :] * n + same[:, None]).flatten(), (va[None, :] * n + close[:, :1]).flatten()])
+    old_rows = torch.cat([(vb[None, :] * n + same[:, None]).flatten(), (vb[None, :] * n + close[:, 1:]).flatten()])
+    per: dict[str, float] = {}
+    for shift in shifts:
+        bank = torch.cat([shifted(x_val, shift, gen) for _ in range(variants)])  # row v * n + i
+        probs = torch.cat([answer(bank[i : i + chunk]).float().cpu() for i in range(0, bank.shape[0], chunk)])
+        labels = probs.argmax(1)
+        flat = bank.flatten(1).float()
+        found = []
+        for i in range(0, new_rows.numel(), 8192):
+            a, b = new_rows[i : i + 8192], old_rows[i : i + 8192]
+            ok = step_pairs(flat[a], flat[b], probs[a], probs[b], proto)
+            found.append(torch.stack([a[ok], b[ok]], 1))
+        pairs = torch.cat(found)
+        partners: dict[int, set[int]] = {}
+        for a_row, b_row in pairs.tolist():
+            partners.setdefault(a_row, set()).add(b_row)
+        checks = torch.arange(1, horizon + 1)
+        for mix in mixes:
+            idx = benign_streams(labels, streams, horizon, mix, gen, num_classes=probs.shape[1], variants=variants)
+            maxima = []
+            for row in idx.tolist():
+                seen: set[int] = set()
+                steps = torch.zeros(horizon)
+                for t, r in enumerate(row):
+                    mine = partners.get(r)
+                    if mine and not mine.isdisjoint(seen):
+                        steps[t] = 1
+                    seen.add(r)
+                share = steps.cumsum(0) / checks
+                maxima.append(float(share[min_queries - 1 :].max()))
+            per[f"{shift}/{mix}"] = float(torch.tensor(maxima).quantile(1 - alpha))
+    h = max(max(per.values()), floor)
+    return StepCalibration(
+        threshold=h,
+        min_queries=min_queries,
+        alpha=alpha,
+        horizon=horizon,
+        streams=streams,
+        seed=seed,
+        per_scenario=per,
+        floor=floor,
+        **rule,
+    )
+
+
+class WindowSteps:
+    """``step`` over all keys created in one window, as one stream: JBDA spread over keys (the Sybil case).
+
+    JBDA whose budget is split round-robin over many fresh keys sends a parent on one key and its
+    step on another, so no key's own stream shows the steps. Here every window (keys created within
+    the same ``window_s`` seconds) has one :class:`Step` fed all its keys' queries; once the window's
+    share of steps passes the threshold, the keys whose own share of the steps found passes it too
+    are *contributing* (a benign key of the same window, whose queries are no steps, is not).
+
+    Args:
+        calibration: the ``step`` calibration (its threshold, pair rule and ``min_queries``).
+        window_s: window length in seconds.
+
+    Example:
+        >>> ws = WindowSteps(StepCalibration(threshold=0.1, min_queries=10))
+        >>> x = torch.rand(20, 1, 8, 8)
+        >>> p, q = torch.eye(4)[[0] * 20], torch.eye(4)[[1] * 20]
+        >>> ws.add("a", 0.0, x, p), ws.add("b", 1.0, (x + 0.2 * torch.randn(x.shape).sign()).clamp(0, 1), q)
+        ([], ['b'])
+    """
+
+    def __init__(self, calibration: StepCalibration, *, window_s: float = 3600.0) -> None:
+        if not window_s > 0:
+            raise ConfigError(f"window_s must be > 0, got {window_s}")
+        self.calibration = calibration
+        self.window_s = window_s
+        self._windows: dict[int, Step] = {}
+        self._tally: dict[int, dict[str, tuple[int, int]]] = {}
+
+    def add(self, key_id: str, created_at: float, images: Tensor, probs: Tensor) -> list[str]:
+        """Add one answered batch of ``key_id``; return the window's contributing keys (empty: not flagged)."""
+        w = int(created_at // self.window_s)
+        det = self._windows.setdefault(w, Step(self.calibration))
+        window = det.observe(f"window-{w}", images, probs, None)
+        tally = self._tally.setdefault(w, {})
+        sent, steps = tally.get(key_id, (0, 0))
+        tally[key_id] = (sent + int(images.shape[0]), steps + int(det.last_steps.sum()))
+        if not window.flagged:
+            return []
+        return [k for k, (n, s) in tally.items() if s > det.threshold * n]
+
+    def queries(self, key_id: str) -> int:
+        """Queries of ``key_id`` seen across the windows."""
+        return sum(t.get(key_id, (0, 0))[0] for t in self._tally.values())
+
+    def share(self, key_id: str) -> float:
+        """The share of ``key_id``'s queries that were steps within its window."""
+        n = self.queries(key_id)
+        return sum(t.get(key_id, (0, 0))[1] for t in self._tally.values()) / n if n else 0.0

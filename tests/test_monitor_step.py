@@ -1,0 +1,164 @@
+"""The ``step`` monitor (JBDA's small answer-moving steps), its calibration and its place in the registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fortress.errors import ArtifactError, ConfigError, InvalidInput
+from fortress.monitor import MONITORS, AnyOf, Step, StepCalibration, calibrate_step, create_monitor
+from fortress.monitor.benign import shifted
+from fortress.monitor.step import WindowSteps, step_pairs
+from helpers import blob_images, sharp_random_dnf
+
+
+def _answer(x: torch.Tensor) -> torch.Tensor:
+    """A fixed answer: softmax of 10 seeded random projections (a sign step moves it ~45x more than noise)."""
+    w = torch.randn(x[0].numel(), 10, generator=torch.Generator().manual_seed(0))
+    return torch.softmax((x.flatten(1) - 0.5) @ w / x[0].numel() ** 0.5, dim=1)
+
+
+def _sign_steps(x: torch.Tensor, seed: int, step: float = 0.1) -> torch.Tensor:
+    """JBDA's augmentation in miniature: every image moved ±step along the sign of the answer's gradient
+    toward a seeded random class (JBDA-TR's target), which moves the answer."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, 10, (x.shape[0],), generator=g)
+    x = x.detach().clone().requires_grad_(True)
+    torch.log(_answer(x))[torch.arange(x.shape[0]), target].sum().backward()
+    assert x.grad is not None
+    return (x + step * x.grad.sign()).clamp(0, 1).detach()
+
+
+def _feed(mon: Step, key: str, x: torch.Tensor, batch: int = 32) -> None:
+    for i in range(0, x.shape[0], batch):
+        mon.observe(key, x[i : i + batch], _answer(x[i : i + batch]), None)
+
+
+def test_step_pairs_tell_sign_steps_from_resends_brightness_changes_and_other_images() -> None:
+    cal = StepCalibration(threshold=0.1)
+    x = blob_images(64, 0).flatten(1)
+    p = _answer(x.view(-1, 1, 28, 28))
+
+    def pairs(new: torch.Tensor) -> torch.Tensor:
+        return step_pairs(new, x, _answer(new.view(-1, 1, 28, 28)), p, cal)
+
+    assert pairs(_sign_steps(x, 1)).float().mean() > 0.9  # small, structured, answer-moving
+    assert not pairs(x.clone()).any()  # a resend
+    assert not pairs((x * 1.1 + 0.05).clamp(0, 1)).any()  # brightness and contrast: affine in the pixels
+    assert not pairs(blob_images(64, 5).flatten(1)).any()  # other images: far in ℓ∞
+
+
+def test_a_key_of_steps_is_flagged_and_one_of_natural_resends_is_not() -> None:
+    cal = StepCalibration(threshold=0.1, min_queries=50)
+    seeds = blob_images(100, 0)
+    attack = torch.cat([seeds, _sign_steps(seeds, 1), _sign_steps(_sign_steps(seeds, 1), 2)])  # two rounds
+    mon = Step(cal)
+    _feed(mon, "attacker", attack)
+    v = mon.verdict("attacker")
+    assert v.flagged and 100 < (v.flagged_at or 0) <= 160 and v.score > 0.5
+    g = torch.Generator().manual_seed(3)
+    benign = torch.cat([shifted(seeds, kind, g) for kind in ("replay", "noise", "brightness", "shift-rotate")])
+    _feed(mon, "user", benign[torch.randperm(400, generator=g)])
+    assert not mon.verdict("user").flagged and mon.verdict("user").score < 0.05
+    mon.reset("attacker")
+    assert mon.verdict("attacker").queries == 0
+
+
+def test_memory_bounds_what_a_key_keeps_and_state_round_trips_the_counts() -> None:
+    mon = Step(StepCalibration(threshold=0.1, min_queries=10), memory=35)
+    seeds = blob_images(40, 0)
+    late_first = torch.cat([seeds[20:], seeds[:20]])  # the last 20 seeds' steps first, then the first 20's
+    _feed(mon, "k", torch.cat([seeds, _sign_steps(late_first, 1)]), batch=10)
+    assert mon._keys["k"].images.shape[0] == 35
+    # the first 20 seeds left the memory before their steps came: only the other 20 count
+    assert 15 <= mon._keys["k"].steps <= 22
+    other = Step(StepCalibration(threshold=0.1))
+    other.restore("k", json.loads(json.dumps(mon.state("k"))))
+    assert other.verdict("k") == mon.verdict("k")
+    _feed(other, "k", _sign_steps(seeds[:10], 3), batch=10)  # a restored key keeps counting from its counts
+    assert other.verdict("k").queries == 90
+
+
+def test_bad_batches_and_settings_are_refused_by_name() -> None:
+    mon = Step(StepCalibration(threshold=0.1))
+    with pytest.raises(InvalidInput, match=r"\(B, C, H, W\)"):
+        mon.observe("k", torch.rand(4, 784), torch.rand(4, 10), None)
+    with pytest.raises(ConfigError, match="neighbours"):
+        Step(StepCalibration(threshold=0.1), neighbours=0)
+    with pytest.raises(ConfigError, match="unknown step rule"):
+        calibrate_step(_answer, blob_images(20, 0), radius=0.2, lambda_=0.1)
+    with pytest.raises(ConfigError, match="alpha"):
+        calibrate_step(_answer, blob_images(20, 0), alpha=0.0)
+
+
+def test_calibration_covers_every_scenario_respects_the_floor_and_round_trips(tmp_path: Path) -> None:
+    x = blob_images(60, 0)
+    cal = calibrate_step(_answer, x, variants=3, horizon=200, streams=20, min_queries=20, floor=0.1, seed=1)
+    assert len(cal.per_scenario) == 15 and all(0.0 <= v <= 1.0 for v in cal.per_scenario.values())
+    assert cal.threshold == max(0.1, *cal.per_scenario.values())
+    again = calibrate_step(_answer, x, variants=3, horizon=200, streams=20, min_queries=20, floor=0.1, seed=1)
+    assert again == cal  # seeded
+    path = cal.save(tmp_path / "step.json")
+    assert StepCalibration.load(path) == cal
+    (tmp_path / "bad.json").write_text(json.dumps({"monitor": "dadd"}))
+    with pytest.raises(ArtifactError, match="step calibration"):
+        StepCalibration.load(tmp_path / "bad.json")
+
+
+def test_step_is_registered_needs_its_calibration_and_joins_a_union_through_a_bundle(tmp_path: Path) -> None:
+    assert "step" in MONITORS
+    with pytest.raises(ConfigError, match="--step"):
+        create_monitor("step")
+    StepCalibration(threshold=0.2).save(tmp_path / "b.step.json")
+    bundle = tmp_path / "b.json"
+    bundle.write_text(json.dumps({"monitor": "bundle", "members": {"step": "b.step.json"}}))
+    made = create_monitor("step+prada", calibration=bundle)
+    assert isinstance(made, AnyOf) and isinstance(made.members[0], Step) and made.members[0].threshold == 0.2
+
+
+def test_the_closed_loop_with_step_degrades_a_stepping_key() -> None:
+    from fortress.monitor.calibrate import dadd_from_defense
+    from fortress.monitor.closed_loop import LoopCalibration, LoopConfig, closed_loop
+    from fortress.monitor.exit_sprt import calibrate_from_defense
+
+    dnf = sharp_random_dnf()
+    dnf.set_thresholds([1.0, 1.0, 1.0])  # every query at the last exit: only the pairs can tell
+    train, val = blob_images(300, 0), blob_images(100, 1)
+    cals = LoopCalibration(
+        calibrate_from_defense(dnf, val, simulations=50),
+        dadd_from_defense(dnf, train, val, variants=2, horizon=200, streams=20, min_queries=50),
+        StepCalibration(threshold=0.1, min_queries=50, min_change=0.0),
+    )
+    guarded = closed_loop(dnf, LoopConfig(monitor="step"), cals, budget=300)
+    g = torch.Generator().manual_seed(2)
+    seeds = torch.rand(100, 1, 28, 28, generator=g)  # far apart from each other in ℓ∞
+    for _k in range(3):  # the seeds, then two rounds of ±0.1 steps (min_change 0: any answer counts)
+        guarded.respond(seeds)
+        seeds = (seeds + 0.1 * (torch.randint(0, 2, seeds.shape, generator=g) * 2 - 1)).clamp(0, 1)
+    rec = guarded.records()
+    assert rec["keys_flagged"] == 1 and rec["flags"][0]["by"] == "step" and 100 < rec["flags"][0]["query"] <= 200
+    with pytest.raises(ConfigError, match="calibrations hold none"):
+        closed_loop(dnf, LoopConfig(monitor="step"), LoopCalibration(cals.exit_sprt, cals.dadd), budget=10)
+
+
+def test_steps_spread_over_many_keys_are_caught_across_the_window() -> None:
+    from fortress.monitor.closed_loop import KeyPlan, Monitored
+
+    dnf = sharp_random_dnf()
+    cal = StepCalibration(threshold=0.1, min_queries=50, min_change=0.0)
+    per_key = Step(cal)  # what each key alone shows: too few queries, and parents on other keys
+    guarded = Monitored(dnf, monitor=per_key, population_step=WindowSteps(cal), plan=KeyPlan(keys=10, per_key=30))
+    g = torch.Generator().manual_seed(4)
+    seeds = torch.rand(100, 1, 28, 28, generator=g)
+    for _round in range(3):  # 300 queries round-robin over 10 keys, batches of 20: a parent and its step differ in key
+        for i in range(0, 100, 20):
+            guarded.respond(seeds[i : i + 20])
+        seeds = (seeds + 0.1 * (torch.randint(0, 2, seeds.shape, generator=g) * 2 - 1)).clamp(0, 1)
+    rec = guarded.records()
+    assert all(not per_key.verdict(f"key-{k}").flagged for k in range(10))
+    assert rec["keys_flagged"] >= 8 and {f["by"] for f in rec["flags"]} == {"population-step"}
+    assert 100 < guarded.first_flag() <= 200  # after the first round of steps began
+    assert guarded.hparams()["population_step"] is True
