@@ -1,6 +1,7 @@
 """Benign false positives and attack detection of every monitor, per key and across keys (Sybil).
 
-Calibrates ``exit-sprt`` (held-out validation digits, as ``fortress monitor calibrate``),
+Calibrates ``exit-sprt`` (held-out validation digits, its threshold holding under every shift and
+for single classes, as ``fortress monitor calibrate``; ``--id-only``: the validation digits as given),
 ``dadd`` (reference: the defender's training features; threshold: validation digits under each
 realistic shift and class mix) and ``step`` (validation digits under each shift and mix), then
 replays, per benign scenario (every shift × class mix), ``--keys`` keys of ``--queries`` queries
@@ -95,6 +96,9 @@ def main() -> None:
     ap.add_argument("--sybil-keys", type=int, default=100)
     ap.add_argument("--sybil-budget", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--id-only", action="store_true", help="calibrate exit-sprt on the validation images only (no benign shifts)"
+    )
     ap.add_argument("--feature", choices=["penultimate", "logits"], default="penultimate", help="dadd's feature space")
     args = ap.parse_args()
     global FEATURE
@@ -113,7 +117,9 @@ def main() -> None:
         b = answer(defense, torch.cat([shifted(d.val.x, s, gen) for _ in range(10)]))
         cal_banks[s] = (b["feats"], b["cls"])
     dcal = calibrate_dadd(ref, cal_banks, streams=200, horizon=args.queries, seed=0, variants=10)
-    ecal = calibrate_from_defense(defense, d.val.x, alpha=0.01, horizon=10_000, simulations=1000, seed=0)
+    ecal = calibrate_from_defense(
+        defense, d.val.x, alpha=0.01, horizon=10_000, simulations=1000, seed=0, shifts=() if args.id_only else SHIFTS
+    )
     early = 1 - ecal.id_counts[-1] / sum(ecal.id_counts)
     scal = calibrate_step(lambda x: defense.respond(x).probs, d.val.x, horizon=args.queries, seed=0)
     t_cal = time.perf_counter() - t0

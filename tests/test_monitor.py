@@ -357,3 +357,41 @@ def test_union_flags_at_the_earliest_member_and_round_trips(calibration: ExitCal
         create_monitor("exit-sprt+prada", calibration=path, delta=0.5)
     with pytest.raises(UnknownComponent):
         create_monitor("prada+nope")
+
+
+def test_benign_scenarios_raise_the_exit_sprt_threshold_to_hold_the_rate_in_each() -> None:
+    id_exits = torch.full((2000,), 3)
+    id_exits[:20] = 0  # 1 % early
+    early_users = torch.full((500,), 3)
+    early_users[:50] = 0  # a benign sub-population that leaves early 10 % of the time
+    plain = calibrate_exit_sprt(id_exits, 4, horizon=1000, simulations=200, seed=0)
+    both = calibrate_exit_sprt(id_exits, 4, horizon=1000, simulations=200, seed=0, benign={"class 8": early_users})
+    assert plain.per_scenario is None and both.per_scenario is not None
+    assert set(both.per_scenario) == {"id", "class 8"}
+    assert both.threshold == pytest.approx(max(both.per_scenario.values())) and both.threshold > plain.threshold
+    assert both.per_scenario["id"] == pytest.approx(plain.threshold, rel=0.2)  # another stream of draws
+    # the early sub-population's keys: flagged under the plain threshold, not under the scenario one
+    g = torch.Generator().manual_seed(1)
+    keys = early_users[torch.randint(0, 500, (50, 1000), generator=g)]
+    flagged = [
+        sum(
+            ExitSPRT(cal).observe(f"k{i}", torch.zeros(1000, 1, 1, 1), _probs(1000), keys[i]).flagged for i in range(50)
+        )
+        for cal in (plain, both)
+    ]
+    assert flagged[0] > 25 and flagged[1] <= 2
+    with pytest.raises(InvalidInput, match="benign scenario 'bad'"):
+        calibrate_exit_sprt(id_exits, 4, simulations=20, benign={"bad": torch.tensor([5])})
+
+
+def test_calibrating_from_a_defense_over_shifts_names_every_scenario() -> None:
+    from fortress.monitor import calibrate_from_defense
+    from helpers import blob_images, sharp_random_dnf
+
+    dnf = sharp_random_dnf()
+    cal = calibrate_from_defense(
+        dnf, blob_images(200, 0), simulations=50, horizon=500, shifts=("noise", "brightness"), variants=2
+    )
+    assert cal.per_scenario is not None and "id" in cal.per_scenario
+    assert {"replay/uniform", "noise/uniform", "brightness/uniform"} <= set(cal.per_scenario)
+    assert cal.threshold == pytest.approx(max(cal.per_scenario.values()))

@@ -260,6 +260,7 @@ def calibrate_saved(
     dadd_horizon: int = 1000,
     dadd_streams: int = 200,
     step: bool = False,
+    benign_shifts: bool = True,
 ) -> Calibrated:
     """Calibrate the exit-sprt monitor for the DNF saved in ``model_dir`` on held-out ID data; save to ``out``.
 
@@ -272,18 +273,21 @@ def calibrate_saved(
 
     The held-out queries are the ID validation split plus ``views`` shifted, noisy copies of it
     (:func:`fortress.monitor.exit_sprt.light_views`); ``alpha`` is the share of ID keys flagged within
-    ``horizon`` queries (:func:`fortress.monitor.calibrate_from_defense`). ``data`` defaults to the
-    spec the model remembers.
+    ``horizon`` queries (:func:`fortress.monitor.calibrate_from_defense`), with ``benign_shifts`` in
+    every benign scenario (3 copies of those queries under each realistic shift, all classes or
+    one). ``data`` defaults to the spec the model remembers.
     """
     from fortress.bench.pipeline import data_for
     from fortress.defenses import load_defense
     from fortress.monitor import calibrate_from_defense
+    from fortress.monitor.benign import IMAGE_SHIFTS
     from fortress.monitor.exit_sprt import light_views
 
     defense = load_defense(model_dir)
     resolved = data_for(defense.victim, data)
     x = light_views(resolved.val.x, views, seed=seed)
-    cal = calibrate_from_defense(defense, x, alpha=alpha, horizon=horizon, seed=seed)
+    shifts = IMAGE_SHIFTS if benign_shifts else ()
+    cal = calibrate_from_defense(defense, x, alpha=alpha, horizon=horizon, seed=seed, shifts=shifts, variants=3)
     if not (dadd or step):
         cal.save(out)
         return Calibrated(cal, out, len(x))

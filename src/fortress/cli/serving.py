@@ -248,6 +248,13 @@ def monitor_calibrate_cmd(
     step: Annotated[
         bool, typer.Option("--step", help="Also calibrate step (JBDA-style small steps); OUT becomes a bundle.")
     ] = False,
+    benign_shifts: Annotated[
+        bool,
+        typer.Option(
+            "--benign-shifts/--no-benign-shifts",
+            help="Hold exit-sprt's rate under every realistic shift and for single classes too.",
+        ),
+    ] = True,
     data: DataOption = None,
     data_option: DataOptions = None,
 ) -> None:
@@ -267,6 +274,7 @@ def monitor_calibrate_cmd(
         dadd_horizon=dadd_horizon,
         dadd_streams=dadd_streams,
         step=step,
+        benign_shifts=benign_shifts,
     )
     cal = made.calibration
     console.print(
@@ -274,6 +282,13 @@ def monitor_calibrate_cmd(
         f"threshold {cal.threshold:.3f} for alpha {alpha:g} within {horizon:,} queries -> {out}",
         highlight=False,
     )
+    if cal.per_scenario:
+        worst = max(cal.per_scenario, key=cal.per_scenario.__getitem__)
+        console.print(
+            f"exit-sprt: {len(cal.per_scenario)} benign scenarios; the threshold is set by {worst!r} "
+            f"(held-out data alone: {cal.per_scenario['id']:.3f})",
+            highlight=False,
+        )
     if made.dadd_threshold is not None:
         console.print(
             f"dadd calibration: threshold {made.dadd_threshold:.3f} for alpha {alpha:g} within {dadd_horizon:,} "

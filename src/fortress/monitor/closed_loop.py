@@ -25,6 +25,7 @@ from fortress.defenses import DNF, Defense
 from fortress.defenses.base import DefenseOutput
 from fortress.errors import ConfigError
 from fortress.monitor.base import Monitor, Response
+from fortress.monitor.benign import IMAGE_SHIFTS
 from fortress.monitor.dadd import DADD, DADDCalibration
 from fortress.monitor.exit_sprt import ExitCalibration
 from fortress.monitor.population import PopulationDrift
@@ -228,7 +229,6 @@ class Monitored(Defense):
         with torch.inference_mode():
             return torch.softmax(self.defense.net.forward_all(x).mean_logits[0], dim=1)
 
-
     def _window_steps(self, key: str, x: Tensor, probs: Tensor) -> None:
         """Feed the piece to the window-wide ``step``; flag its contributing keys."""
         assert self.population_step is not None
@@ -331,7 +331,8 @@ def loop_calibration(
 ) -> LoopCalibration:
     """The monitors of ``cfg`` calibrated on the defender's data, read from ``directory`` when saved there.
 
-    ``exit-sprt``: on ``x_val``'s exits (10,000-query horizon, 1,000 simulations); ``dadd``: its
+    ``exit-sprt``: on ``x_val``'s exits, its threshold holding in every benign scenario (each
+    realistic shift × all classes or one; 10,000-query horizon, 1,000 simulations each); ``dadd``: its
     reference on ``x_train``, its threshold on 100 simulated benign streams per shift and class mix
     of ``x_val`` (:func:`fortress.monitor.calibrate.dadd_from_defense`); ``step`` (when ``cfg``
     names it): 100 simulated benign streams per shift and class mix of ``x_val``
@@ -354,7 +355,9 @@ def loop_calibration(
     ecal = cached(
         "exit-sprt",
         ExitCalibration.load,
-        lambda: calibrate_from_defense(dnf, x_val, alpha=cfg.alpha, horizon=10_000, simulations=1000, seed=cfg.seed),
+        lambda: calibrate_from_defense(
+            dnf, x_val, alpha=cfg.alpha, horizon=10_000, simulations=1000, seed=cfg.seed, shifts=IMAGE_SHIFTS
+        ),
     )
     dcal = cached(
         "dadd",

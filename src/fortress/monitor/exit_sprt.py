@@ -27,6 +27,7 @@ the rate grows (any CUSUM eventually fires); calibrate for the longest benign ke
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -110,6 +111,8 @@ class ExitCalibration:
         simulations: simulated ID streams.
         seed: seed of the simulation.
         id_profile: the held-out data's :class:`KeyProfile` (for display next to a key's).
+        per_scenario: with benign scenarios, each one's ``1 - alpha`` quantile (``"id"``: the
+            held-out data as given); ``threshold`` is the largest (``None``: the held-out data only).
     """
 
     num_exits: int
@@ -122,6 +125,7 @@ class ExitCalibration:
     simulations: int
     seed: int
     id_profile: dict[str, Any] | None = None
+    per_scenario: dict[str, float] | None = None
 
     def save(self, path: Path) -> Path:
         """Write the calibration as JSON; return the path."""
@@ -160,8 +164,15 @@ def calibrate_exit_sprt(
     simulations: int = 2000,
     seed: int = 0,
     id_profile: dict[str, Any] | None = None,
+    benign: Mapping[str, Tensor] | None = None,
 ) -> ExitCalibration:
     """Pick the CUSUM threshold for a target false-positive rate (module docstring).
+
+    With ``benign`` (exits of held-out ID images under realistic shifts and of single classes:
+    traffic real users send that exits otherwise than the held-out data), H0 stays the held-out
+    exit profile, streams are simulated from each scenario's own conservative exit distribution
+    as well, and ``h`` is the largest of the quantiles: the rate holds in every scenario, as
+    ``dadd``'s and ``step``'s calibrations do.
 
     Args:
         id_exits: ``(N,)`` exits of held-out ID queries (not the data the heads were trained on).
@@ -173,6 +184,7 @@ def calibrate_exit_sprt(
         simulations: simulated ID streams (``alpha * simulations`` of them lie above ``h``).
         seed: simulation seed.
         id_profile: stored alongside for display.
+        benign: per scenario name, ``(N,)`` exits of that benign traffic (each non-empty).
 
     Example:
         >>> cal = calibrate_exit_sprt(torch.full((1000,), 3), 4, simulations=200)
@@ -195,17 +207,23 @@ def calibrate_exit_sprt(
         raise InvalidInput(
             f"id_exits must lie in [0, {num_exits}), got range [{int(id_exits.min())}, {int(id_exits.max())}]"
         )
+    scenarios = {"id": id_exits, **(benign or {})}
+    for name, ex in scenarios.items():
+        if ex.dim() != 1 or ex.numel() == 0 or int(ex.min()) < 0 or int(ex.max()) >= num_exits:
+            raise InvalidInput(f"benign scenario {name!r}: exits must be a non-empty (N,) tensor in [0, {num_exits})")
     counts = torch.bincount(id_exits.to(torch.long), minlength=num_exits)
     llr = exit_llr(counts, mix)
-    p_sim = conservative_exit_probs(counts, llr, confidence)
     gen = torch.Generator().manual_seed(seed)
-    peaks = []
-    for lo in range(0, simulations, _SIM_CHUNK):
-        m = min(_SIM_CHUNK, simulations - lo)
-        draws = torch.multinomial(p_sim, m * horizon, replacement=True, generator=gen).view(m, horizon)
-        peaks.append(cusum(llr[draws]).amax(dim=1))
-    peak = torch.cat(peaks)
-    h = float(torch.quantile(peak, 1.0 - alpha))
+    per: dict[str, float] = {}
+    for name, ex in scenarios.items():
+        p_sim = conservative_exit_probs(torch.bincount(ex.to(torch.long), minlength=num_exits), llr, confidence)
+        peaks = []
+        for lo in range(0, simulations, _SIM_CHUNK):
+            m = min(_SIM_CHUNK, simulations - lo)
+            draws = torch.multinomial(p_sim, m * horizon, replacement=True, generator=gen).view(m, horizon)
+            peaks.append(cusum(llr[draws]).amax(dim=1))
+        per[name] = float(torch.quantile(torch.cat(peaks), 1.0 - alpha))
+    h = max(per.values())
     # flags are ``S >= h``: sit just above the quantile so at most the top alpha share reaches it
     h = max(h, 1e-6) + 1e-9
     return ExitCalibration(
@@ -219,6 +237,7 @@ def calibrate_exit_sprt(
         simulations=simulations,
         seed=seed,
         id_profile=id_profile,
+        per_scenario=per if benign else None,
     )
 
 
@@ -249,29 +268,67 @@ def light_views(x: Tensor, views: int, *, seed: int = 0, max_shift: int = 2, noi
 
 
 @torch.no_grad()
-def calibrate_from_defense(defense: Defense, x_heldout: Tensor, *, chunk: int = 1024, **kw: Any) -> ExitCalibration:
+def calibrate_from_defense(
+    defense: Defense,
+    x_heldout: Tensor,
+    *,
+    chunk: int = 1024,
+    shifts: Sequence[str] = (),
+    variants: int = 10,
+    **kw: Any,
+) -> ExitCalibration:
     """Answer held-out ID images with ``defense`` and calibrate ``exit-sprt`` on their exits.
+
+    With ``shifts`` (names of :data:`fortress.monitor.benign.IMAGE_SHIFTS`), the threshold also
+    holds for benign traffic under each realistic shift and for users who send one predicted
+    class only: ``variants`` shifted copies of ``x_heldout`` per shift are answered, and every
+    shift × (all classes, each single class) is a benign scenario of :func:`calibrate_exit_sprt`
+    (as are the held-out images' single classes). A class with fewer than 100 rows in a bank is
+    left out of the per-class scenarios.
 
     Args:
         defense: a defense with exits (DNF).
         x_heldout: ``(N, C, H, W)`` held-out ID images.
         chunk: rows per forward pass.
-        **kw: passed to :func:`calibrate_exit_sprt` (``alpha``, ``horizon``, ``mix``, ...).
+        shifts: realistic shifts to calibrate for (empty: the held-out images as given only).
+        variants: shifted copies per image and shift.
+        **kw: passed to :func:`calibrate_exit_sprt` (``alpha``, ``horizon``, ``mix``, ``seed``, ...).
 
     Raises:
-        ConfigError: the defense reports no exits.
+        ConfigError: the defense reports no exits, or an unknown shift.
     """
+    from fortress.monitor.benign import shifted
+
     if not defense.num_exits:
         raise ConfigError(f"exit-sprt needs a defense that reports exits; {defense.name!r} reports none")
+
+    def answer(x: Tensor, profile: KeyProfile | None = None) -> tuple[Tensor, Tensor]:
+        exits, cls = [], []
+        for i in range(0, x.shape[0], chunk):
+            out = defense.respond(x[i : i + chunk])
+            if out.exits is None:
+                raise ConfigError(f"defense {defense.name!r} answered without exits")
+            if profile is not None:
+                profile.update(out.probs, out.exits)
+            exits.append(out.exits)
+            cls.append(out.probs.argmax(1))
+        return torch.cat(exits), torch.cat(cls)
+
     prof = KeyProfile(num_exits=defense.num_exits)
-    exits = []
-    for i in range(0, x_heldout.shape[0], chunk):
-        out = defense.respond(x_heldout[i : i + chunk])
-        if out.exits is None:
-            raise ConfigError(f"defense {defense.name!r} answered without exits")
-        prof.update(out.probs, out.exits)
-        exits.append(out.exits)
-    return calibrate_exit_sprt(torch.cat(exits), defense.num_exits, id_profile=prof.as_dict(), **kw)
+    id_exits, id_cls = answer(x_heldout, prof)
+    benign: dict[str, Tensor] = {}
+    if shifts:
+        gen = torch.Generator().manual_seed(int(kw.get("seed", 0)))
+        banks = {"replay": (id_exits, id_cls)}
+        for shift in shifts:
+            if shift != "replay":
+                banks[shift] = answer(torch.cat([shifted(x_heldout, shift, gen) for _ in range(variants)]))
+        for shift, (ex, cls) in banks.items():
+            benign[f"{shift}/uniform"] = ex
+            for c in cls.unique().tolist():
+                if int((cls == c).sum()) >= 100:
+                    benign[f"{shift}/class {c}"] = ex[cls == c]
+    return calibrate_exit_sprt(id_exits, defense.num_exits, id_profile=prof.as_dict(), benign=benign or None, **kw)
 
 
 @dataclass
