@@ -120,7 +120,7 @@ def main() -> None:
     ecal = calibrate_from_defense(
         defense, d.val.x, alpha=0.01, horizon=10_000, simulations=1000, seed=0, shifts=() if args.id_only else SHIFTS
     )
-    early = 1 - ecal.id_counts[-1] / sum(ecal.id_counts)
+    early = ecal.early_share
     scal = calibrate_step(lambda x: defense.respond(x).probs, d.val.x, horizon=args.queries, seed=0)
     t_cal = time.perf_counter() - t0
 

@@ -395,3 +395,14 @@ def test_calibrating_from_a_defense_over_shifts_names_every_scenario() -> None:
     assert cal.per_scenario is not None and "id" in cal.per_scenario
     assert {"replay/uniform", "noise/uniform", "brightness/uniform"} <= set(cal.per_scenario)
     assert cal.threshold == pytest.approx(max(cal.per_scenario.values()))
+
+
+def test_the_population_early_share_is_the_largest_benign_one_when_scenarios_are_calibrated() -> None:
+    id_exits = torch.full((1000,), 3)
+    id_exits[:10] = 0
+    darker = torch.full((500,), 3)
+    darker[:40] = 1  # benign users whose darker images leave early 8 % of the time
+    plain = calibrate_exit_sprt(id_exits, 4, simulations=20, horizon=100)
+    both = calibrate_exit_sprt(id_exits, 4, simulations=20, horizon=100, benign={"brightness": darker})
+    assert plain.benign_early_share is None and plain.early_share == pytest.approx(0.01)
+    assert both.early_share == both.benign_early_share == pytest.approx(0.08)

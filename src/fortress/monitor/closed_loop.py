@@ -412,8 +412,7 @@ def closed_loop(dnf: DNF, cfg: LoopConfig, calibrations: LoopCalibration, budget
     monitor = members[0] if len(members) == 1 else AnyOf(members)
     population = None
     if cfg.with_population:
-        early = 1 - ecal.id_counts[-1] / sum(ecal.id_counts)
-        population = PopulationDrift(dcal, id_early_share=early, num_exits=dnf.num_exits, min_queries=500)
+        population = PopulationDrift(dcal, id_early_share=ecal.early_share, num_exits=dnf.num_exits, min_queries=500)
     return Monitored(
         dnf,
         monitor=monitor,

@@ -113,6 +113,8 @@ class ExitCalibration:
         id_profile: the held-out data's :class:`KeyProfile` (for display next to a key's).
         per_scenario: with benign scenarios, each one's ``1 - alpha`` quantile (``"id"``: the
             held-out data as given); ``threshold`` is the largest (``None``: the held-out data only).
+        benign_early_share: with benign scenarios, the largest share of queries leaving before the
+            last exit among them (the held-out data included).
     """
 
     num_exits: int
@@ -126,6 +128,15 @@ class ExitCalibration:
     seed: int
     id_profile: dict[str, Any] | None = None
     per_scenario: dict[str, float] | None = None
+    benign_early_share: float | None = None
+
+    @property
+    def early_share(self) -> float:
+        """The share of benign queries that may leave before the last exit: over the benign scenarios
+        where the calibration has them (:attr:`benign_early_share`), else the held-out data's."""
+        if self.benign_early_share is not None:
+            return self.benign_early_share
+        return 1 - self.id_counts[-1] / sum(self.id_counts)
 
     def save(self, path: Path) -> Path:
         """Write the calibration as JSON; return the path."""
@@ -215,7 +226,9 @@ def calibrate_exit_sprt(
     llr = exit_llr(counts, mix)
     gen = torch.Generator().manual_seed(seed)
     per: dict[str, float] = {}
+    early = 0.0
     for name, ex in scenarios.items():
+        early = max(early, float((ex != num_exits - 1).float().mean()))
         p_sim = conservative_exit_probs(torch.bincount(ex.to(torch.long), minlength=num_exits), llr, confidence)
         peaks = []
         for lo in range(0, simulations, _SIM_CHUNK):
@@ -238,6 +251,7 @@ def calibrate_exit_sprt(
         seed=seed,
         id_profile=id_profile,
         per_scenario=per if benign else None,
+        benign_early_share=early if benign else None,
     )
 
 

@@ -384,7 +384,7 @@ def _population(settings: ServeSettings, defense: Defense, monitor: Monitor) -> 
         raise ConfigError(f"the population detector needs dadd among the monitors, got {settings.monitor!r}")
     members = getattr(monitor, "members", [monitor])
     sprt = next((m for m in members if isinstance(m, ExitSPRT)), None)
-    early = None if sprt is None else 1 - sprt.calibration.id_counts[-1] / sum(sprt.calibration.id_counts)
+    early = None if sprt is None else sprt.calibration.early_share
     assert settings.population_window_s is not None
     return PopulationDrift(
         dadd.calibration,
