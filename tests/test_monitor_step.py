@@ -72,7 +72,7 @@ def test_memory_bounds_what_a_key_keeps_and_state_round_trips_the_counts() -> No
     seeds = blob_images(40, 0)
     late_first = torch.cat([seeds[20:], seeds[:20]])  # the last 20 seeds' steps first, then the first 20's
     _feed(mon, "k", torch.cat([seeds, _sign_steps(late_first, 1)]), batch=10)
-    assert mon._keys["k"].images.shape[0] == 35
+    assert mon._keys["k"].filled == 35
     # the first 20 seeds left the memory before their steps came: only the other 20 count
     assert 15 <= mon._keys["k"].steps <= 22
     other = Step(StepCalibration(threshold=0.1))

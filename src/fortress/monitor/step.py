@@ -121,9 +121,10 @@ def step_pairs(new: Tensor, old: Tensor, p_new: Tensor, p_old: Tensor, cal: Step
     """
     new, old = new.float(), old.float()
     linf = (new - old).abs().amax(1)
-    near = (linf > cal.tol) & (linf <= cal.radius)
-    moved = (p_new.float() - p_old.float()).abs().sum(1) > cal.min_change
-    return near & moved & (_affine_residual(new, old) > cal.min_residual)
+    ok = (linf > cal.tol) & (linf <= cal.radius) & ((p_new.float() - p_old.float()).abs().sum(1) > cal.min_change)
+    if bool(ok.any()):  # the affine fit only for the pairs that pass the cheap tests (few, for benign traffic)
+        ok[ok.clone()] = _affine_residual(new[ok], old[ok]) > cal.min_residual
+    return ok
 
 
 def _small(x: Tensor) -> Tensor:
@@ -135,12 +136,15 @@ def _small(x: Tensor) -> Tensor:
 
 @dataclass
 class _KeyState:
-    images: Tensor  # (M, D) float16, the key's last `memory` queries
-    small: Tensor  # (M, d) float32, pooled
-    probs: Tensor  # (M, K)
     n: int = 0
     steps: int = 0
     flagged_at: int | None = None
+    # the key's last `memory` queries, a ring buffer (allocated at the key's first batch)
+    images: Tensor | None = None  # (memory, D) float16
+    small: Tensor | None = None  # (memory, d) float32, pooled
+    probs: Tensor | None = None  # (memory, K)
+    filled: int = 0
+    pos: int = 0
 
 
 class Step(Monitor):
@@ -195,28 +199,38 @@ class Step(Monitor):
         flat = images.detach().float().cpu().flatten(1)
         small = _small(images.detach().float().cpu())
         p = probs.detach().float().cpu()
-        st = self._keys.get(key_id)
-        if st is None:
-            st = _KeyState(flat[:0].half(), small[:0], p[:0])
-            self._keys[key_id] = st
-        elif st.images.shape[1] != flat.shape[1] or st.probs.shape[1] != p.shape[1]:  # restored: counts only
-            st.images, st.small, st.probs = flat[:0].half(), small[:0], p[:0]
+        st = self._keys.setdefault(key_id, _KeyState())
+        if (
+            st.images is None
+            or st.probs is None
+            or st.images.shape[1] != flat.shape[1]
+            or st.probs.shape[1] != p.shape[1]
+        ):
+            # a new key, or one restored with its counts only
+            st.images = torch.zeros(self.memory, flat.shape[1], dtype=torch.float16)
+            st.small = torch.zeros(self.memory, small.shape[1])
+            st.probs = torch.zeros(self.memory, p.shape[1])
+            st.filled = st.pos = 0
+        assert st.small is not None and st.probs is not None
+        m = st.filled
         # candidates: the key's memory, then the batch's own earlier rows (a strictly lower triangle)
-        pool_small = torch.cat([st.small, small])
-        m = st.small.shape[0]
-        dist = torch.cdist(small, pool_small)
-        later = torch.arange(m + b)[None, :] >= (m + torch.arange(b))[:, None]
-        dist[later] = float("inf")
+        own = torch.cdist(small, small)
+        own[torch.ones(b, b, dtype=torch.bool).triu()] = float("inf")
+        dist = torch.cat([torch.cdist(small, st.small[:m]), own], dim=1)
         k = min(self.neighbours, m + b - 1)
         is_step = torch.zeros(b, dtype=torch.bool)
         if k > 0:
             near, idx = dist.topk(k, dim=1, largest=False)
-            pool_img = torch.cat([st.images.float(), flat])
-            pool_p = torch.cat([st.probs, p])
             rows = torch.arange(b).repeat_interleave(k)
             cand = idx.flatten()
-            ok = step_pairs(flat[rows], pool_img[cand], p[rows], pool_p[cand], self.calibration)
-            ok &= torch.isfinite(near.flatten())
+            mem = cand < m
+            old = torch.empty(cand.numel(), flat.shape[1])
+            old_p = torch.empty(cand.numel(), p.shape[1])
+            old[mem] = st.images[cand[mem]].float()
+            old_p[mem] = st.probs[cand[mem]]
+            old[~mem] = flat[cand[~mem] - m]
+            old_p[~mem] = p[cand[~mem] - m]
+            ok = step_pairs(flat[rows], old, p[rows], old_p, self.calibration) & torch.isfinite(near.flatten())
             is_step = ok.view(b, k).any(1)
         self.last_steps = is_step
         cum = st.steps + is_step.cumsum(0)
@@ -227,10 +241,13 @@ class Step(Monitor):
                 st.flagged_at = int(n[int(hit[0])])
         st.n += b
         st.steps += int(is_step.sum())
-        keep = self.memory
-        st.images = torch.cat([st.images, flat.half()])[-keep:]
-        st.small = torch.cat([st.small, small])[-keep:]
-        st.probs = torch.cat([st.probs, p])[-keep:]
+        keep = min(b, self.memory)  # the batch's last rows replace the oldest in the ring
+        at = (st.pos + torch.arange(keep)) % self.memory
+        st.images[at] = flat[-keep:].half()
+        st.small[at] = small[-keep:]
+        st.probs[at] = p[-keep:]
+        st.pos = (st.pos + keep) % self.memory
+        st.filled = min(self.memory, st.filled + keep)
         return self.verdict(key_id)
 
     def verdict(self, key_id: str) -> Verdict:
@@ -247,9 +264,7 @@ class Step(Monitor):
 
     def restore(self, key_id: str, state: dict[str, Any]) -> None:
         fa = state.get("flagged_at")
-        st = _KeyState(torch.zeros(0, 0).half(), torch.zeros(0, 0), torch.zeros(0, 0))
-        st.n, st.steps, st.flagged_at = int(state["n"]), int(state["steps"]), None if fa is None else int(fa)
-        self._keys[key_id] = st
+        self._keys[key_id] = _KeyState(int(state["n"]), int(state["steps"]), None if fa is None else int(fa))
 
     def reset(self, key_id: str) -> None:
         self._keys.pop(key_id, None)
