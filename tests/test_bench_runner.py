@@ -123,7 +123,8 @@ def test_torn_last_line_is_cut_and_missing_cells_rerun(tiny: Any, tmp_path: Path
 
 def test_ctrl_c_then_resume_completes_without_duplicates_or_losses(tiny: Any, tmp_path: Path) -> None:
     _, out, _, _ = tiny
-    grid_file = _write(tmp_path / "g.toml", TINY.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"))
+    # 32 cells of about 0.2 s each after the first record: room for the interrupt on a busy machine
+    grid_file = _write(tmp_path / "g.toml", TINY.replace("seeds = [0, 1]", "seeds = [0, 1, 2, 3, 4, 5, 6, 7]"))
     expected = {c.key for c in expand_grid(load_grid(grid_file))}
     shutil.copytree(out / "artifacts", tmp_path / "run" / "artifacts")  # same victim and defenses: cached
     results = tmp_path / "run" / "results.jsonl"
