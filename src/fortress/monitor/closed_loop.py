@@ -246,6 +246,11 @@ def find_dadd(monitor: Monitor | None) -> DADD | None:
     return None
 
 
+#: Bumped when :func:`loop_calibration` computes something else, so calibrations cached by an
+#: earlier procedure (``artifacts/<dnf>/monitor-<hash>/``) are not read back. 2: exit-sprt over the
+#: benign scenarios, with the benign early share.
+CALIBRATION_VERSION = 2
+
 #: Per-key monitors a closed loop may combine (``+``-joined in :attr:`LoopConfig.monitor`).
 LOOP_MONITORS = ("exit-sprt", "dadd", "step", "prada")
 
@@ -312,8 +317,8 @@ class LoopConfig:
         return self.keys > 1 if self.population is None else self.population
 
     def calibration_fields(self) -> dict[str, Any]:
-        """What the calibration depends on (its cache key)."""
-        return {"alpha": self.alpha, "seed": self.seed}
+        """What the calibration depends on (its cache key; ``version`` changes with the calibration procedure)."""
+        return {"alpha": self.alpha, "seed": self.seed, "version": CALIBRATION_VERSION}
 
 
 @dataclass(frozen=True)
