@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -39,6 +39,7 @@ __all__ = [
     "Monitored",
     "closed_loop",
     "find_dadd",
+    "find_member",
     "loop_calibration",
 ]
 
@@ -236,14 +237,19 @@ class Monitored(Defense):
             self._flag(k, "population-step", self.log.queries)
 
 
+M = TypeVar("M", bound=Monitor)
+
+
+def find_member(monitor: Monitor | None, cls: type[M]) -> M | None:
+    """``monitor`` itself when it is a ``cls``, its first ``cls`` member when it is a union, else ``None``."""
+    if isinstance(monitor, cls):
+        return monitor
+    return next((m for m in getattr(monitor, "members", []) if isinstance(m, cls)), None)
+
+
 def find_dadd(monitor: Monitor | None) -> DADD | None:
     """``monitor`` itself when it is ``dadd``, its ``dadd`` member when it is a union, else ``None``."""
-    if isinstance(monitor, DADD):
-        return monitor
-    for member in getattr(monitor, "members", []):
-        if isinstance(member, DADD):
-            return member
-    return None
+    return find_member(monitor, DADD)
 
 
 #: Bumped when :func:`loop_calibration` computes something else, so calibrations cached by an

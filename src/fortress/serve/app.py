@@ -33,7 +33,7 @@ from fortress.defenses import DNF, Defense, load_defense
 from fortress.device import resolve_device
 from fortress.errors import ArtifactError, BudgetExceeded, ConfigError, FortressError, InvalidInput
 from fortress.monitor import ExitSPRT, Monitor, PopulationDrift, Response, Step, create_monitor
-from fortress.monitor.closed_loop import find_dadd
+from fortress.monitor.closed_loop import find_dadd, find_member
 from fortress.monitor.service import Watch, first_exit_probs
 from fortress.monitor.step import WindowSteps
 from fortress.monitor.tap import PenultimateTap
@@ -360,7 +360,7 @@ def _watch(settings: ServeSettings, defense: Defense, store: KeyStore | None = N
     window_steps = None
     if settings.population_window_s is not None and monitor is not None and store is not None:
         population = _population(settings, defense, monitor)
-        step = next((m for m in getattr(monitor, "members", [monitor]) if isinstance(m, Step)), None)
+        step = find_member(monitor, Step)
         if step is not None:  # JBDA spread over keys: step over each window's keys as one stream
             window_steps = WindowSteps(step.calibration, window_s=settings.population_window_s)
     return Watch(
@@ -382,8 +382,7 @@ def _population(settings: ServeSettings, defense: Defense, monitor: Monitor) -> 
     dadd = find_dadd(monitor)
     if dadd is None:
         raise ConfigError(f"the population detector needs dadd among the monitors, got {settings.monitor!r}")
-    members = getattr(monitor, "members", [monitor])
-    sprt = next((m for m in members if isinstance(m, ExitSPRT)), None)
+    sprt = find_member(monitor, ExitSPRT)
     early = None if sprt is None else sprt.calibration.early_share
     assert settings.population_window_s is not None
     return PopulationDrift(
