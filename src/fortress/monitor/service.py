@@ -230,9 +230,13 @@ class Watch:
                 self._flag_other(other, self.population.queries(other), flag.score, threshold, "population")
         if already or newly is not None or not self.population.flagged(key_id) or key_id in self._population_flagged:
             return newly
+        return self._flag_this(key_id, now, flag.score, threshold, "population")
+
+    def _flag_this(self, key_id: str, now: Verdict, score: float, threshold: float, by: str) -> Verdict:
+        """Flag the key whose batch is being judged, found by a detector across keys, at its last query."""
         self._population_flagged.add(key_id)
-        verdict = Verdict(key_id, True, now.queries, now.queries, flag.score, threshold)
-        self._announce(verdict, by="population")
+        verdict = Verdict(key_id, True, now.queries, now.queries, score, threshold)
+        self._announce(verdict, by=by)
         self._announced.add(key_id)
         return verdict
 
@@ -260,11 +264,7 @@ class Watch:
                 self._flag_other(other, ws.queries(other), ws.share(other), threshold, "population-step")
         if already or newly is not None or key_id not in contributing or key_id in self._population_flagged:
             return newly
-        self._population_flagged.add(key_id)
-        verdict = Verdict(key_id, True, now.queries, now.queries, ws.share(key_id), threshold)
-        self._announce(verdict, by="population-step")
-        self._announced.add(key_id)
-        return verdict
+        return self._flag_this(key_id, now, ws.share(key_id), threshold, "population-step")
 
     def observe(self, key_id: str, images: Tensor, probs: Tensor, exits: Tensor | None) -> Answer:
         """:meth:`assess` one answered batch and store its record at once; return the answer to send."""
