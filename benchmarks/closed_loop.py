@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -85,7 +86,12 @@ def main() -> None:
         help="NAME:POOL:BUDGET (empty POOL: the attack's default)",
     )
     ap.add_argument("--sybil-keys", type=int, nargs="+", default=[1, 100])
-    ap.add_argument("--response", default="degrade-exit0")
+    ap.add_argument(
+        "--response",
+        nargs="+",
+        default=["degrade-exit0"],
+        help="responses to flagged keys, each run side by side (degrade-exit0, degrade-label, misinform, log)",
+    )
     ap.add_argument("--monitor", default="exit-sprt+dadd+step", help="per-key monitors joined by + (LoopConfig)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--served", action="store_true", help="attack a real fortress serve process over HTTP")
@@ -97,7 +103,9 @@ def main() -> None:
         raise SystemExit(f"{args.model_dir} holds {dnf.name!r}; the closed loop needs a saved DNF")
     data = data_for(dnf.victim)
     t0 = time.perf_counter()
-    base = LoopConfig(monitor=args.monitor, response=args.response)
+    base = LoopConfig(monitor=args.monitor, response=args.response[0])
+    for response in args.response:  # every response checked before any work
+        replace(base, response=response)
     cals = loop_calibration(dnf, data.train.x, data.val.x, base, args.out / "calibration")
     t_cal = time.perf_counter() - t0
     ecal, dcal = cals.exit_sprt, cals.dadd
@@ -106,45 +114,47 @@ def main() -> None:
         members.setdefault("dadd", "calibration/cal.dadd.json")  # the population detector reads it
         bundle = {"monitor": "bundle", "members": members}
         (args.out / "cal.json").write_text(json.dumps(bundle))
-        for spec in args.attacks:
+        for spec, response, keys in itertools.product(args.attacks, args.response, args.sybil_keys):
             name, pool, budget = spec.split(":")
-            for keys in args.sybil_keys:
-                # a fresh server (and ledger) per run: one run's keys never share a window with another's
-                with served(args.model_dir, args.out / "cal.json", args.out, args.response, args.monitor) as (
-                    url,
-                    admin,
-                ):
-                    t = time.perf_counter()
-                    sybil = SybilOracle(url, admin, keys=keys, budget=int(budget), name=f"{name}-{keys}")
-                    cfg = AttackConfig(name=name, budget=int(budget), pool=pool or None, seed=0)
-                    oracle = sybil if keys > 1 else sybil.oracles[0]
-                    rec = run_attack(oracle, cfg, reference=dnf)
-                    flags = sybil.flags()
-                row = {
-                    "served": True,
-                    "attack": name,
-                    "pool": rec.config.get("pool"),
-                    "budget": int(budget),
-                    "keys": keys,
-                    "response": args.response,
-                    "clone_acc": rec.clone_acc,
-                    "clone_fidelity": rec.clone_fidelity,
-                    "defended_acc": rec.defended_acc,
-                    "keys_flagged": sum(f["flagged"] for f in flags),
-                    "first_flag": min(
-                        (f["flagged_at_attacker_query"] for f in flags if f["flagged_at_attacker_query"]), default=None
-                    ),
-                    "flags": flags,
-                    "wall_s": time.perf_counter() - t,
-                }
-                with (args.out / "closed_loop_served.jsonl").open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                print(
-                    json.dumps(
-                        {k: row[k] for k in ("attack", "pool", "keys", "clone_acc", "keys_flagged", "first_flag")}
-                    ),
-                    flush=True,
-                )
+            # a fresh server (and ledger) per run: one run's keys never share a window with another's
+            with served(args.model_dir, args.out / "cal.json", args.out, response, args.monitor) as (
+                url,
+                admin,
+            ):
+                t = time.perf_counter()
+                sybil = SybilOracle(url, admin, keys=keys, budget=int(budget), name=f"{name}-{keys}")
+                cfg = AttackConfig(name=name, budget=int(budget), pool=pool or None, seed=0)
+                oracle = sybil if keys > 1 else sybil.oracles[0]
+                rec = run_attack(oracle, cfg, reference=dnf)
+                flags = sybil.flags()
+            row = {
+                "served": True,
+                "attack": name,
+                "pool": rec.config.get("pool"),
+                "budget": int(budget),
+                "keys": keys,
+                "response": response,
+                "clone_acc": rec.clone_acc,
+                "clone_fidelity": rec.clone_fidelity,
+                "defended_acc": rec.defended_acc,
+                "keys_flagged": sum(f["flagged"] for f in flags),
+                "first_flag": min(
+                    (f["flagged_at_attacker_query"] for f in flags if f["flagged_at_attacker_query"]), default=None
+                ),
+                "flags": flags,
+                "wall_s": time.perf_counter() - t,
+            }
+            with (args.out / "closed_loop_served.jsonl").open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(
+                json.dumps(
+                    {
+                        k: row[k]
+                        for k in ("attack", "pool", "keys", "response", "clone_acc", "keys_flagged", "first_flag")
+                    }
+                ),
+                flush=True,
+            )
         return
     for spec in args.attacks:
         name, pool, budget = spec.split(":")
@@ -154,8 +164,8 @@ def main() -> None:
             "undefended": run_attack(Undefended(dnf.victim), cfg).clone_acc,
             "dnf": run_attack(dnf, cfg).clone_acc,
         }
-        for keys in args.sybil_keys:
-            guarded = closed_loop(dnf, replace(base, keys=keys), cals, budget=int(budget))
+        for response, keys in itertools.product(args.response, args.sybil_keys):
+            guarded = closed_loop(dnf, replace(base, keys=keys, response=response), cals, budget=int(budget))
             t = time.perf_counter()
             rec = run_attack(guarded, cfg, reference=dnf)
             row = {
@@ -163,7 +173,7 @@ def main() -> None:
                 "pool": rec.config.get("pool"),
                 "budget": int(budget),
                 "keys": keys,
-                "response": args.response,
+                "response": response,
                 "monitor_members": base.members,
                 "clone_acc": rec.clone_acc,
                 "undefended_clone_acc": alone["undefended"],
@@ -191,7 +201,16 @@ def main() -> None:
                 json.dumps(
                     {
                         k: row[k]
-                        for k in ("attack", "pool", "budget", "keys", "clone_acc", "undefended_clone_acc", "first_flag")
+                        for k in (
+                            "attack",
+                            "pool",
+                            "budget",
+                            "keys",
+                            "response",
+                            "clone_acc",
+                            "undefended_clone_acc",
+                            "first_flag",
+                        )
                     }
                 ),
                 flush=True,

@@ -188,7 +188,9 @@ def test_population_exit_test_sees_early_exits() -> None:
         PopulationDrift(cal, id_early_share=0.01)
 
 
-def test_closed_loop_flags_the_attack_key_degrades_only_it_and_records_the_query() -> None:
+@pytest.mark.parametrize("response", ["degrade-exit0", "misinform"])
+def test_closed_loop_flags_the_attack_key_degrades_only_it_and_records_the_query(response: str) -> None:
+    from fortress.monitor import Response, misinformation
     from fortress.monitor.calibrate import dadd_from_defense
     from fortress.monitor.closed_loop import Monitored
     from fortress.oracle import LocalOracle
@@ -198,7 +200,7 @@ def test_closed_loop_flags_the_attack_key_degrades_only_it_and_records_the_query
     dnf.set_thresholds([1.0, 1.0, 1.0])  # every query answered at the last exit: only features can tell
     train, val = blob_images(600, 0), blob_images(200, 1)
     cal = dadd_from_defense(dnf, train, val, variants=2, horizon=200, streams=20, min_queries=50)
-    guarded = Monitored(dnf, monitor=DADD(cal, features=dnf.victim.penultimate))
+    guarded = Monitored(dnf, monitor=DADD(cal, features=dnf.victim.penultimate), response=Response(response))
     oracle = LocalOracle(guarded, budget=10_000)
     benign = blob_images(200, 2)
     assert torch.allclose(oracle.query(benign), dnf(benign))  # unflagged: the defense's own answers
@@ -207,8 +209,25 @@ def test_closed_loop_flags_the_attack_key_degrades_only_it_and_records_the_query
     got = torch.cat([oracle.query(attack[i : i + 50]) for i in range(0, 300, 50)])
     rec = guarded.records()
     assert rec["keys_flagged"] == 1 and 200 < rec["flags"][0]["query"] <= 300  # after the attack began
-    exit0 = torch.softmax(dnf.net.forward_all(attack).mean_logits[0], dim=1)
-    assert torch.allclose(got[-50:], exit0[-50:], atol=1e-6)  # degraded after the flag
+    if response == "degrade-exit0":
+        exit0 = torch.softmax(dnf.net.forward_all(attack).mean_logits[0], dim=1)
+        assert torch.allclose(got[-50:], exit0[-50:], atol=1e-6)  # degraded after the flag
+    else:
+        served = dnf(attack[-50:])
+        assert torch.allclose(got[-50:], misinformation(served), atol=1e-6)
+        assert (got[-50:].argmax(1) != served.argmax(1)).all()  # every label moved off the served one
+
+
+def test_misinformation_moves_the_mass_to_the_classes_the_answer_rules_out() -> None:
+    from fortress.monitor import misinformation
+
+    p = torch.softmax(torch.randn(64, 10, generator=torch.Generator().manual_seed(0)) * 3, dim=1)
+    m = misinformation(p)
+    assert m.shape == p.shape and torch.allclose(m.sum(1), torch.ones(64))
+    assert (m.argmax(1) == p.argmin(1)).all()  # top-1 is the class the answer finds least likely
+    assert (m.argmin(1) == p.argmax(1)).all()  # the answer's own top-1 gets the least mass
+    two = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    assert torch.allclose(misinformation(two), two.flip(1))  # two classes: the answer swapped
 
 
 def test_sybil_keys_are_caught_by_the_population_detector() -> None:

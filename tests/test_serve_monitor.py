@@ -99,6 +99,24 @@ def test_degrade_exit0_answers_from_first_exit(dnf: DNF, tmp_path: Path) -> None
     store.close()
 
 
+def test_misinform_answers_put_the_mass_off_the_served_classes(dnf: DNF, tmp_path: Path) -> None:
+    from fortress.monitor import misinformation
+
+    settings = _settings(tmp_path, monitor_response="misinform")
+    store = KeyStore(settings.keys_path, create=True)
+    _, secret = store.add("user")
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with TestClient(create_app(settings, defense=dnf)) as client:
+        r = client.post("/v1/predict", json=_npy_body(x), headers={"X-API-Key": secret}).json()
+    with torch.inference_mode():
+        served = dnf.respond(x).probs
+    wrong = misinformation(served)
+    assert r["labels"] == wrong.argmax(1).tolist()
+    assert all(a != b for a, b in zip(r["labels"], served.argmax(1).tolist(), strict=True))
+    assert torch.allclose(torch.tensor(r["probabilities"]), to_positive_probs(wrong), atol=1e-6)
+    store.close()
+
+
 def test_monitor_settings_validation(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="monitor response"):
         ServeSettings(tmp_path, tmp_path / "k.db", monitor_response="shout")

@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from fortress.errors import ArtifactError, ConfigError
-from fortress.monitor.base import Monitor, Response, Verdict
+from fortress.monitor.base import Monitor, Response, Verdict, misinformation
 from fortress.monitor.dadd import DADD, DADDCalibration, DADDReference, calibrate_dadd, fit_reference
 from fortress.monitor.exit_sprt import ExitCalibration, ExitSPRT, calibrate_exit_sprt, calibrate_from_defense
 from fortress.monitor.population import PopulationDrift, PopulationFlag
@@ -57,6 +57,7 @@ __all__ = [
     "create_monitor",
     "fit_reference",
     "member_calibration",
+    "misinformation",
 ]
 
 MONITORS: Registry[type[Monitor]] = Registry("monitor")

@@ -24,7 +24,7 @@ from torch import Tensor
 from fortress.defenses import DNF, Defense
 from fortress.defenses.base import DefenseOutput
 from fortress.errors import ConfigError
-from fortress.monitor.base import Monitor, Response
+from fortress.monitor.base import Monitor, Response, misinformation
 from fortress.monitor.benign import IMAGE_SHIFTS
 from fortress.monitor.dadd import DADD, DADDCalibration
 from fortress.monitor.exit_sprt import ExitCalibration
@@ -33,6 +33,7 @@ from fortress.monitor.step import Step, StepCalibration, WindowSteps, calibrate_
 
 __all__ = [
     "LOOP_MONITORS",
+    "LOOP_RESPONSES",
     "KeyPlan",
     "LoopCalibration",
     "LoopConfig",
@@ -113,7 +114,8 @@ class Monitored(Defense):
             sends a parent on one key and its step on another. Its contributing keys are flagged
             (``population-step``).
         response: what flagged keys get: ``degrade-exit0`` (DNF's first exit), ``degrade-label``
-            (top-1 one-hot rows) or ``log`` (answers unchanged, flags recorded).
+            (top-1 one-hot rows), ``misinform`` (:func:`~fortress.monitor.base.misinformation`) or
+            ``log`` (answers unchanged, flags recorded).
         plan: which key sends each batch.
 
     Raises:
@@ -133,8 +135,8 @@ class Monitored(Defense):
         population_step: WindowSteps | None = None,
     ) -> None:
         super().__init__(defense.victim)
-        if response not in (Response.DEGRADE_EXIT0, Response.DEGRADE_LABEL, Response.LOG):
-            raise ConfigError(f"the closed loop supports degrade-exit0, degrade-label and log, got {response.value!r}")
+        if response.value not in LOOP_RESPONSES:
+            raise ConfigError(f"the closed loop supports {', '.join(LOOP_RESPONSES)}, got {response.value!r}")
         if response is Response.DEGRADE_EXIT0 and not isinstance(defense, DNF):
             raise ConfigError(f"degrade-exit0 needs a DNF defense, got {defense.name!r}")
         self.defense = defense
@@ -226,6 +228,8 @@ class Monitored(Defense):
         self.log.degraded += n
         if self.response is Response.DEGRADE_LABEL:
             return torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
+        if self.response is Response.MISINFORM:
+            return misinformation(probs)
         assert isinstance(self.defense, DNF)
         with torch.inference_mode():
             return torch.softmax(self.defense.net.forward_all(x).mean_logits[0], dim=1)
@@ -260,6 +264,10 @@ CALIBRATION_VERSION = 2
 #: Per-key monitors a closed loop may combine (``+``-joined in :attr:`LoopConfig.monitor`).
 LOOP_MONITORS = ("exit-sprt", "dadd", "step", "prada")
 
+#: Responses a closed loop applies to flagged keys (the server's others, ``alert`` and
+#: ``throttle``, change nothing an in-process attacker's clone could learn from).
+LOOP_RESPONSES = ("degrade-exit0", "degrade-label", "misinform", "log")
+
 
 @dataclass(frozen=True)
 class LoopConfig:
@@ -273,7 +281,7 @@ class LoopConfig:
     Attributes:
         monitor: per-key monitors, ``+``-joined from :data:`LOOP_MONITORS` (``exit-sprt``, ``dadd``
             and ``step`` are calibrated on held-out ID images; ``prada`` has its fixed δ = 0.9).
-        response: what a flagged key gets (``degrade-exit0``, ``degrade-label`` or ``log``).
+        response: what a flagged key gets (``degrade-exit0``, ``degrade-label``, ``misinform`` or ``log``).
         keys: keys the attacker spreads its budget over (the budget split evenly: ``ceil(budget / keys)``
             per key); ``1``: a single account.
         mode: ``round-robin`` (each batch from the next key) or ``bursts`` (one key after the other).
@@ -302,9 +310,8 @@ class LoopConfig:
             raise ConfigError(
                 f"monitor {self.monitor!r}: name distinct monitors from {', '.join(LOOP_MONITORS)} joined by '+'"
             )
-        valid = (Response.DEGRADE_EXIT0.value, Response.DEGRADE_LABEL.value, Response.LOG.value)
-        if self.response not in valid:
-            raise ConfigError(f"response must be one of {', '.join(valid)}, got {self.response!r}")
+        if self.response not in LOOP_RESPONSES:
+            raise ConfigError(f"response must be one of {', '.join(LOOP_RESPONSES)}, got {self.response!r}")
         if self.keys < 1 or self.mode not in ("round-robin", "bursts"):
             raise ConfigError(f"need keys >= 1 and mode round-robin|bursts; got keys={self.keys}, mode={self.mode!r}")
         if self.with_population and "dadd" not in members:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fortress.defenses import DNF, Defense
 from fortress.errors import ConfigError
-from fortress.monitor.base import Monitor, Response, Verdict
+from fortress.monitor.base import Monitor, Response, Verdict, misinformation
 from fortress.monitor.closed_loop import find_dadd
 from fortress.monitor.exit_sprt import ExitSPRT
 from fortress.monitor.population import PopulationDrift
@@ -57,7 +57,8 @@ class Answer:
     """What the server sends for one batch after monitoring, and what the batch adds to the ledger.
 
     Attributes:
-        probs: ``(B, K)`` rows to answer with (degraded for a flagged key under ``degrade-exit0``).
+        probs: ``(B, K)`` rows to answer with (for a flagged key: replaced under ``degrade-exit0``
+            and ``misinform``).
         labels_only: answer with labels only (``degrade-label`` for a flagged key).
         delay_s: seconds to hold the answer back (``throttle`` for a flagged key).
         verdict: the monitor's verdict, flagged also when another process flagged the key
@@ -200,6 +201,8 @@ class Watch:
         if self.response is Response.DEGRADE_EXIT0:
             assert self.exit0 is not None
             return Answer(self.exit0(images), False, 0.0, verdict, record, True)
+        if self.response is Response.MISINFORM:
+            return Answer(misinformation(probs), False, 0.0, verdict, record, True)
         if self.response is Response.THROTTLE:
             return Answer(probs, False, n * self.throttle_s_per_query, verdict, record, True)
         return Answer(probs, False, 0.0, verdict, record, True)
