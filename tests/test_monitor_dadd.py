@@ -190,7 +190,7 @@ def test_population_exit_test_sees_early_exits() -> None:
 
 @pytest.mark.parametrize("response", ["degrade-exit0", "misinform"])
 def test_closed_loop_flags_the_attack_key_degrades_only_it_and_records_the_query(response: str) -> None:
-    from fortress.monitor import Response, misinformation
+    from fortress.monitor import Misinformation, Response
     from fortress.monitor.calibrate import dadd_from_defense
     from fortress.monitor.closed_loop import Monitored
     from fortress.oracle import LocalOracle
@@ -214,20 +214,33 @@ def test_closed_loop_flags_the_attack_key_degrades_only_it_and_records_the_query
         assert torch.allclose(got[-50:], exit0[-50:], atol=1e-6)  # degraded after the flag
     else:
         served = dnf(attack[-50:])
-        assert torch.allclose(got[-50:], misinformation(served), atol=1e-6)
+        assert torch.allclose(got[-50:], Misinformation.for_defense(dnf)(served), atol=1e-6)
         assert (got[-50:].argmax(1) != served.argmax(1)).all()  # every label moved off the served one
 
 
-def test_misinformation_moves_the_mass_to_the_classes_the_answer_rules_out() -> None:
-    from fortress.monitor import misinformation
+def test_misinformation_relabels_by_a_seeded_derangement_keyed_to_the_weights() -> None:
+    from fortress.monitor import Misinformation
+    from fortress.monitor.misinform import derangement, weights_seed
+    from helpers import sharp_random_dnf
 
     p = torch.softmax(torch.randn(64, 10, generator=torch.Generator().manual_seed(0)) * 3, dim=1)
-    m = misinformation(p)
-    assert m.shape == p.shape and torch.allclose(m.sum(1), torch.ones(64))
-    assert (m.argmax(1) == p.argmin(1)).all()  # top-1 is the class the answer finds least likely
-    assert (m.argmin(1) == p.argmax(1)).all()  # the answer's own top-1 gets the least mass
-    two = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
-    assert torch.allclose(misinformation(two), two.flip(1))  # two classes: the answer swapped
+    mis = Misinformation(10, seed=7)
+    m = mis(p)
+    assert torch.equal(m.sort(1).values, p.sort(1).values)  # the same values, moved
+    assert torch.equal(m.argmax(1), mis.perm[p.argmax(1)]) and (m.argmax(1) != p.argmax(1)).all()
+    for seed in range(50):  # never a fixed point; same seed, same permutation
+        perm = derangement(10, seed)
+        assert not (perm == torch.arange(10)).any() and torch.equal(perm, derangement(10, seed))
+    assert torch.equal(Misinformation(2, seed=3)(torch.tensor([[0.9, 0.1]])), torch.tensor([[0.1, 0.9]]))
+    a, b = sharp_random_dnf(), sharp_random_dnf()
+    assert weights_seed(a) == weights_seed(b)  # the same weights: every server process agrees
+    with torch.no_grad():
+        next(b.victim.parameters()).view(-1)[0] += 1e-3  # other weights: another (secret) seed
+    assert weights_seed(a) != weights_seed(b)
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        Misinformation(1, seed=0)
+    with pytest.raises(ConfigError, match=r"\(B, 10\)"):
+        mis(torch.rand(3, 4))
 
 
 def test_sybil_keys_are_caught_by_the_population_detector() -> None:

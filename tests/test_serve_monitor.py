@@ -99,8 +99,8 @@ def test_degrade_exit0_answers_from_first_exit(dnf: DNF, tmp_path: Path) -> None
     store.close()
 
 
-def test_misinform_answers_put_the_mass_off_the_served_classes(dnf: DNF, tmp_path: Path) -> None:
-    from fortress.monitor import misinformation
+def test_misinform_answers_are_relabelled_by_the_models_derangement(dnf: DNF, tmp_path: Path) -> None:
+    from fortress.monitor import Misinformation
 
     settings = _settings(tmp_path, monitor_response="misinform")
     store = KeyStore(settings.keys_path, create=True)
@@ -110,7 +110,7 @@ def test_misinform_answers_put_the_mass_off_the_served_classes(dnf: DNF, tmp_pat
         r = client.post("/v1/predict", json=_npy_body(x), headers={"X-API-Key": secret}).json()
     with torch.inference_mode():
         served = dnf.respond(x).probs
-    wrong = misinformation(served)
+    wrong = Misinformation.for_defense(dnf)(served)
     assert r["labels"] == wrong.argmax(1).tolist()
     assert all(a != b for a, b in zip(r["labels"], served.argmax(1).tolist(), strict=True))
     assert torch.allclose(torch.tensor(r["probabilities"]), to_positive_probs(wrong), atol=1e-6)

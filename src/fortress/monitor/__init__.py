@@ -19,9 +19,10 @@ from typing import Any
 from torch import Tensor
 
 from fortress.errors import ArtifactError, ConfigError
-from fortress.monitor.base import Monitor, Response, Verdict, misinformation
+from fortress.monitor.base import Monitor, Response, Verdict
 from fortress.monitor.dadd import DADD, DADDCalibration, DADDReference, calibrate_dadd, fit_reference
 from fortress.monitor.exit_sprt import ExitCalibration, ExitSPRT, calibrate_exit_sprt, calibrate_from_defense
+from fortress.monitor.misinform import Misinformation
 from fortress.monitor.population import PopulationDrift, PopulationFlag
 from fortress.monitor.prada import Prada
 from fortress.monitor.profile import KeyProfile, RunningMoments
@@ -39,6 +40,7 @@ __all__ = [
     "ExitCalibration",
     "ExitSPRT",
     "KeyProfile",
+    "Misinformation",
     "Monitor",
     "PopulationDrift",
     "PopulationFlag",
@@ -57,7 +59,6 @@ __all__ = [
     "create_monitor",
     "fit_reference",
     "member_calibration",
-    "misinformation",
 ]
 
 MONITORS: Registry[type[Monitor]] = Registry("monitor")

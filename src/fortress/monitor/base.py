@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-__all__ = ["Monitor", "Response", "Verdict", "misinformation"]
+__all__ = ["Monitor", "Response", "Verdict"]
 
 
 class Response(str, Enum):
@@ -24,9 +24,9 @@ class Response(str, Enum):
     ``fortress.monitor.alert`` logger plus a POST to the configured webhook; ``throttle``: every
     later request of the key is delayed in proportion to its images; ``degrade-label``: answers
     carry the top-1 label only; ``degrade-exit0``: answers come from DNF's first exit (trained to
-    mislead out-of-distribution queries, paper Eq. 7); ``misinform``: answers put the served
-    answer's mass on the classes it rules out (:func:`misinformation`), so a clone trained on them
-    learns the opposite of the victim.
+    mislead out-of-distribution queries, paper Eq. 7); ``misinform``: answers relabelled by a
+    secret derangement of the classes (:class:`fortress.monitor.misinform.Misinformation`), so a
+    clone trained on them learns a consistent wrong function.
     """
 
     LOG = "log"
@@ -35,23 +35,6 @@ class Response(str, Enum):
     DEGRADE_LABEL = "degrade-label"
     DEGRADE_EXIT0 = "degrade-exit0"
     MISINFORM = "misinform"
-
-
-def misinformation(probs: Tensor) -> Tensor:
-    """The ``misinform`` response: ``(1 − p) / (K − 1)`` for each served probability row ``p``.
-
-    Every class gets the mass the answer denies it, so the top-1 label becomes the class the answer
-    finds least likely and the true class (as far as the answer knows it) gets the least mass. It is
-    Adaptive Misinformation's answer for a query it is sure of (Kariyappa & Qureshi, CVPR 2020:
-    ``ŷ = ŷ_mis`` at ``α = 1``) with the misinformation function in closed form: no second network
-    to train, and defined on any input (a trained one is only trained to be wrong on ID images, and
-    answers a related-domain query arbitrarily — which still teaches the clone something).
-
-    Shape:
-        ``probs (B, K)`` with ``K >= 2`` → ``(B, K)``, rows summing to 1.
-    """
-    k = probs.shape[-1]
-    return (1.0 - probs).clamp_min(0.0) / (k - 1)
 
 
 @dataclass(frozen=True)

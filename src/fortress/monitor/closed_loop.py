@@ -24,10 +24,11 @@ from torch import Tensor
 from fortress.defenses import DNF, Defense
 from fortress.defenses.base import DefenseOutput
 from fortress.errors import ConfigError
-from fortress.monitor.base import Monitor, Response, misinformation
+from fortress.monitor.base import Monitor, Response
 from fortress.monitor.benign import IMAGE_SHIFTS
 from fortress.monitor.dadd import DADD, DADDCalibration
 from fortress.monitor.exit_sprt import ExitCalibration
+from fortress.monitor.misinform import Misinformation
 from fortress.monitor.population import PopulationDrift
 from fortress.monitor.step import Step, StepCalibration, WindowSteps, calibrate_step
 
@@ -114,8 +115,9 @@ class Monitored(Defense):
             sends a parent on one key and its step on another. Its contributing keys are flagged
             (``population-step``).
         response: what flagged keys get: ``degrade-exit0`` (DNF's first exit), ``degrade-label``
-            (top-1 one-hot rows), ``misinform`` (:func:`~fortress.monitor.base.misinformation`) or
-            ``log`` (answers unchanged, flags recorded).
+            (top-1 one-hot rows), ``misinform`` (relabelled by the derangement the server would use,
+            :meth:`Misinformation.for_defense <fortress.monitor.misinform.Misinformation.for_defense>`)
+            or ``log`` (answers unchanged, flags recorded).
         plan: which key sends each batch.
 
     Raises:
@@ -144,6 +146,7 @@ class Monitored(Defense):
         self.population = population
         self.population_step = population_step
         self.response = response
+        self.misinform = Misinformation.for_defense(defense) if response is Response.MISINFORM else None
         self.plan = plan or KeyPlan()
         self.dadd = find_dadd(monitor)
         if population is not None and self.dadd is None:
@@ -228,8 +231,8 @@ class Monitored(Defense):
         self.log.degraded += n
         if self.response is Response.DEGRADE_LABEL:
             return torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
-        if self.response is Response.MISINFORM:
-            return misinformation(probs)
+        if self.misinform is not None:
+            return self.misinform(probs)
         assert isinstance(self.defense, DNF)
         with torch.inference_mode():
             return torch.softmax(self.defense.net.forward_all(x).mean_logits[0], dim=1)

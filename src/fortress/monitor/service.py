@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fortress.defenses import DNF, Defense
 from fortress.errors import ConfigError
-from fortress.monitor.base import Monitor, Response, Verdict, misinformation
+from fortress.monitor.base import Monitor, Response, Verdict
 from fortress.monitor.closed_loop import find_dadd
 from fortress.monitor.exit_sprt import ExitSPRT
 from fortress.monitor.population import PopulationDrift
@@ -90,6 +90,8 @@ class Watch:
         monitor: the detector, or ``None`` to keep profiles only.
         response: what a flagged key gets.
         exit0: first-exit answers (needed by ``degrade-exit0``; see :func:`first_exit_probs`).
+        misinform: the relabelling of a flagged key's answers (needed by ``misinform``; see
+            :class:`~fortress.monitor.misinform.Misinformation`).
         webhook: URL the ``alert`` response POSTs a JSON event to (``None``: log line only).
         throttle_s_per_query: ``throttle`` delay per image of a flagged key's requests.
         population: drift test over all keys created in a window (the Sybil case); it pools the
@@ -114,6 +116,7 @@ class Watch:
         population: PopulationDrift | None = None,
         created_at: Callable[[str], float] | None = None,
         window_steps: WindowSteps | None = None,
+        misinform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if population is not None and (find_dadd(monitor) is None or created_at is None):
             raise ConfigError("the population detector needs a monitor with dadd and the keys' creation times")
@@ -121,6 +124,8 @@ class Watch:
             raise ConfigError("the window-wide step detector needs a monitor and the keys' creation times")
         if response is Response.DEGRADE_EXIT0 and exit0 is None:
             raise ConfigError("the degrade-exit0 response needs the defense's first exit (a DNF)")
+        if response is Response.MISINFORM and misinform is None:
+            raise ConfigError("the misinform response needs its relabelling (fortress.monitor.Misinformation)")
         if throttle_s_per_query < 0:
             raise ConfigError(f"throttle_s_per_query must be >= 0, got {throttle_s_per_query}")
         self.store = ProfileStore(path)
@@ -128,6 +133,7 @@ class Watch:
         self.monitor = monitor
         self.response = response
         self.exit0 = exit0
+        self.misinform = misinform
         self.webhook = webhook
         self.throttle_s_per_query = throttle_s_per_query
         self.population = population
@@ -202,7 +208,8 @@ class Watch:
             assert self.exit0 is not None
             return Answer(self.exit0(images), False, 0.0, verdict, record, True)
         if self.response is Response.MISINFORM:
-            return Answer(misinformation(probs), False, 0.0, verdict, record, True)
+            assert self.misinform is not None
+            return Answer(self.misinform(probs), False, 0.0, verdict, record, True)
         if self.response is Response.THROTTLE:
             return Answer(probs, False, n * self.throttle_s_per_query, verdict, record, True)
         return Answer(probs, False, 0.0, verdict, record, True)

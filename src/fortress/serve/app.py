@@ -32,7 +32,7 @@ from torch import Tensor
 from fortress.defenses import DNF, Defense, load_defense
 from fortress.device import resolve_device
 from fortress.errors import ArtifactError, BudgetExceeded, ConfigError, FortressError, InvalidInput
-from fortress.monitor import ExitSPRT, Monitor, PopulationDrift, Response, Step, create_monitor
+from fortress.monitor import ExitSPRT, Misinformation, Monitor, PopulationDrift, Response, Step, create_monitor
 from fortress.monitor.closed_loop import find_dadd, find_member
 from fortress.monitor.service import Watch, first_exit_probs
 from fortress.monitor.step import WindowSteps
@@ -369,6 +369,7 @@ def _watch(settings: ServeSettings, defense: Defense, store: KeyStore | None = N
         monitor=monitor,
         response=response,
         exit0=first_exit_probs(defense) if response is Response.DEGRADE_EXIT0 else None,
+        misinform=Misinformation.for_defense(defense) if response is Response.MISINFORM else None,
         webhook=settings.monitor_webhook,
         throttle_s_per_query=settings.throttle_s_per_query,
         population=population,
