@@ -162,3 +162,22 @@ def test_steps_spread_over_many_keys_are_caught_across_the_window() -> None:
     assert rec["keys_flagged"] >= 8 and {f["by"] for f in rec["flags"]} == {"population-step"}
     assert 100 < guarded.first_flag() <= 200  # after the first round of steps began
     assert guarded.hparams()["population_step"] is True
+
+
+def test_the_window_credits_the_keys_others_step_from_and_never_a_benign_key() -> None:
+    cal = StepCalibration(threshold=0.1, min_queries=10, min_change=0.0)
+    ws = WindowSteps(cal)
+    g = torch.Generator().manual_seed(5)
+    parents, benign = torch.rand(40, 1, 8, 8, generator=g), torch.rand(40, 1, 8, 8, generator=g)
+    zero, one = torch.eye(4)[[0] * 40], torch.eye(4)[[1] * 40]
+    assert ws.add("seeds", 0.0, parents, zero) == []
+    assert ws.add("benign", 0.0, benign, zero) == []  # other images: no step of anything
+    sign = torch.randint(0, 2, parents.shape, generator=g) * 2 - 1
+    steps = (parents + 0.1 * sign).clamp(0, 1)
+    # the stepping key sent the steps, the seeds' key their parents: both contribute; the benign key does not
+    assert sorted(ws.add("stepper", 0.0, steps, one)) == ["seeds", "stepper"]
+    assert ws.share("seeds") == 1.0 and ws.share("stepper") == 1.0 and ws.share("benign") == 0.0
+    # steps between a key's own queries count once (the key sent both)
+    solo = WindowSteps(cal)
+    solo.add("k", 0.0, torch.cat([parents, steps]), torch.cat([zero, one]))
+    assert solo.share("k") == 0.5

@@ -185,6 +185,11 @@ class Step(Monitor):
         self._keys: dict[str, _KeyState] = {}
         #: which queries of the last observed batch were steps, ``(B,)`` bool
         self.last_steps = torch.zeros(0, dtype=torch.bool)
+        #: for each step of the last batch, the memory slot of the earlier query it steps from
+        #: (``-1``: no step, or a step from the batch's own rows), ``(B,)`` long
+        self.last_parents = torch.zeros(0, dtype=torch.long)
+        #: the memory slot each row of the last batch was stored in (``-1``: not kept), ``(B,)`` long
+        self.last_slots = torch.zeros(0, dtype=torch.long)
 
     @torch.no_grad()
     def observe(self, key_id: str, images: Tensor, probs: Tensor, exits: Tensor | None) -> Verdict:
@@ -195,6 +200,7 @@ class Step(Monitor):
         b = images.shape[0]
         if b == 0:
             self.last_steps = torch.zeros(0, dtype=torch.bool)
+            self.last_parents = self.last_slots = torch.zeros(0, dtype=torch.long)
             return self.verdict(key_id)
         flat = images.detach().float().cpu().flatten(1)
         small = _small(images.detach().float().cpu())
@@ -219,6 +225,7 @@ class Step(Monitor):
         dist = torch.cat([torch.cdist(small, st.small[:m]), own], dim=1)
         k = min(self.neighbours, m + b - 1)
         is_step = torch.zeros(b, dtype=torch.bool)
+        parents = torch.full((b,), -1, dtype=torch.long)
         if k > 0:
             near, idx = dist.topk(k, dim=1, largest=False)
             rows = torch.arange(b).repeat_interleave(k)
@@ -231,8 +238,13 @@ class Step(Monitor):
             old[~mem] = flat[cand[~mem] - m]
             old_p[~mem] = p[cand[~mem] - m]
             ok = step_pairs(flat[rows], old, p[rows], old_p, self.calibration) & torch.isfinite(near.flatten())
-            is_step = ok.view(b, k).any(1)
+            okm = ok.view(b, k)
+            is_step = okm.any(1)
+            # the nearest earlier query each step qualifies against; a memory slot, or -1 for the batch's own rows
+            first = idx.gather(1, okm.to(torch.uint8).argmax(1, keepdim=True)).squeeze(1)
+            parents = torch.where(is_step & (first < m), first, parents)
         self.last_steps = is_step
+        self.last_parents = parents
         cum = st.steps + is_step.cumsum(0)
         n = st.n + torch.arange(1, b + 1)
         if st.flagged_at is None:
@@ -243,6 +255,7 @@ class Step(Monitor):
         st.steps += int(is_step.sum())
         keep = min(b, self.memory)  # the batch's last rows replace the oldest in the ring
         at = (st.pos + torch.arange(keep)) % self.memory
+        self.last_slots = torch.cat([torch.full((b - keep,), -1, dtype=torch.long), at])
         st.images[at] = flat[-keep:].half()
         st.small[at] = small[-keep:]
         st.probs[at] = p[-keep:]
@@ -389,8 +402,11 @@ class WindowSteps:
     JBDA whose budget is split round-robin over many fresh keys sends a parent on one key and its
     step on another, so no key's own stream shows the steps. Here every window (keys created within
     the same ``window_s`` seconds) has one :class:`Step` fed all its keys' queries; once the window's
-    share of steps passes the threshold, the keys whose own share of the steps found passes it too
-    are *contributing* (a benign key of the same window, whose queries are no steps, is not).
+    share of steps passes the threshold, the keys whose own evidence passes it too are
+    *contributing*. A key's evidence is the steps it sent plus the steps other keys took from its
+    queries (it sent the parent: JBDA's seed and its augmented images spread over accomplices), as a
+    share of its queries. A benign key of the same window is neither: its queries are no steps, and
+    no attacker steps from images it never saw. Steps between a key's own queries count once.
 
     Args:
         calibration: the ``step`` calibration (its threshold, pair rule and ``min_queries``).
@@ -401,7 +417,7 @@ class WindowSteps:
         >>> x = torch.rand(20, 1, 8, 8)
         >>> p, q = torch.eye(4)[[0] * 20], torch.eye(4)[[1] * 20]
         >>> ws.add("a", 0.0, x, p), ws.add("b", 1.0, (x + 0.2 * torch.randn(x.shape).sign()).clamp(0, 1), q)
-        ([], ['b'])
+        ([], ['a', 'b'])
     """
 
     def __init__(self, calibration: StepCalibration, *, window_s: float = 3600.0) -> None:
@@ -411,6 +427,7 @@ class WindowSteps:
         self.window_s = window_s
         self._windows: dict[int, Step] = {}
         self._tally: dict[int, dict[str, tuple[int, int]]] = {}
+        self._owners: dict[int, list[str | None]] = {}
 
     def add(self, key_id: str, created_at: float, images: Tensor, probs: Tensor) -> list[str]:
         """Add one answered batch of ``key_id``; return the window's contributing keys (empty: not flagged)."""
@@ -418,8 +435,16 @@ class WindowSteps:
         det = self._windows.setdefault(w, Step(self.calibration))
         window = det.observe(f"window-{w}", images, probs, None)
         tally = self._tally.setdefault(w, {})
+        owners = self._owners.setdefault(w, [None] * det.memory)
         sent, steps = tally.get(key_id, (0, 0))
         tally[key_id] = (sent + int(images.shape[0]), steps + int(det.last_steps.sum()))
+        for slot in det.last_parents[det.last_parents >= 0].tolist():  # credit the parents' senders
+            owner = owners[slot]
+            if owner is not None and owner != key_id:
+                n, s = tally.get(owner, (0, 0))
+                tally[owner] = (n, s + 1)
+        for slot in det.last_slots[det.last_slots >= 0].tolist():
+            owners[slot] = key_id
         if not window.flagged:
             return []
         return [k for k, (n, s) in tally.items() if s > det.threshold * n]
@@ -429,6 +454,6 @@ class WindowSteps:
         return sum(t.get(key_id, (0, 0))[0] for t in self._tally.values())
 
     def share(self, key_id: str) -> float:
-        """The share of ``key_id``'s queries that were steps within its window."""
+        """``key_id``'s evidence within its window (steps it sent or was the parent of) over its queries."""
         n = self.queries(key_id)
         return sum(t.get(key_id, (0, 0))[1] for t in self._tally.values()) / n if n else 0.0
