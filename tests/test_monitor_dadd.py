@@ -188,7 +188,7 @@ def test_population_exit_test_sees_early_exits() -> None:
         PopulationDrift(cal, id_early_share=0.01)
 
 
-@pytest.mark.parametrize("response", ["degrade-exit0", "misinform"])
+@pytest.mark.parametrize("response", ["degrade-exit0", "misinform", "misinform-exit0"])
 def test_closed_loop_flags_the_attack_key_degrades_only_it_and_records_the_query(response: str) -> None:
     from fortress.monitor import Misinformation, Response
     from fortress.monitor.calibrate import dadd_from_defense
@@ -209,9 +209,11 @@ def test_closed_loop_flags_the_attack_key_degrades_only_it_and_records_the_query
     got = torch.cat([oracle.query(attack[i : i + 50]) for i in range(0, 300, 50)])
     rec = guarded.records()
     assert rec["keys_flagged"] == 1 and 200 < rec["flags"][0]["query"] <= 300  # after the attack began
+    exit0 = torch.softmax(dnf.net.forward_all(attack).mean_logits[0], dim=1)
     if response == "degrade-exit0":
-        exit0 = torch.softmax(dnf.net.forward_all(attack).mean_logits[0], dim=1)
         assert torch.allclose(got[-50:], exit0[-50:], atol=1e-6)  # degraded after the flag
+    elif response == "misinform-exit0":
+        assert torch.allclose(got[-50:], Misinformation.for_defense(dnf)(exit0[-50:]), atol=1e-6)
     else:
         served = dnf(attack[-50:])
         assert torch.allclose(got[-50:], Misinformation.for_defense(dnf)(served), atol=1e-6)

@@ -99,10 +99,11 @@ def test_degrade_exit0_answers_from_first_exit(dnf: DNF, tmp_path: Path) -> None
     store.close()
 
 
-def test_misinform_answers_are_relabelled_by_the_models_derangement(dnf: DNF, tmp_path: Path) -> None:
+@pytest.mark.parametrize("response", ["misinform", "misinform-exit0"])
+def test_misinform_answers_are_relabelled_by_the_models_derangement(dnf: DNF, tmp_path: Path, response: str) -> None:
     from fortress.monitor import Misinformation
 
-    settings = _settings(tmp_path, monitor_response="misinform")
+    settings = _settings(tmp_path, monitor_response=response)
     store = KeyStore(settings.keys_path, create=True)
     _, secret = store.add("user")
     x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
@@ -110,6 +111,8 @@ def test_misinform_answers_are_relabelled_by_the_models_derangement(dnf: DNF, tm
         r = client.post("/v1/predict", json=_npy_body(x), headers={"X-API-Key": secret}).json()
     with torch.inference_mode():
         served = dnf.respond(x).probs
+        if response == "misinform-exit0":
+            served = torch.softmax(dnf.net.forward_all(x).mean_logits[0], dim=1)
     wrong = Misinformation.for_defense(dnf)(served)
     assert r["labels"] == wrong.argmax(1).tolist()
     assert all(a != b for a, b in zip(r["labels"], served.argmax(1).tolist(), strict=True))

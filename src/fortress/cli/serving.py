@@ -54,7 +54,10 @@ def serve_cmd(
         typer.Option(help="exit-sprt calibration, or a bundle with dadd's (fortress monitor calibrate --dadd)."),
     ] = None,
     monitor_response: Annotated[
-        str, typer.Option(help="For flagged keys: log, alert, throttle, degrade-label, degrade-exit0, misinform.")
+        str,
+        typer.Option(
+            help="For flagged keys: log, alert, throttle, degrade-label, degrade-exit0, misinform, misinform-exit0."
+        ),
     ] = "log",
     monitor_webhook: Annotated[str | None, typer.Option(help="URL the alert response POSTs to.")] = None,
     profiles: Annotated[bool, typer.Option(help="Keep per-key query profiles in the key ledger.")] = True,

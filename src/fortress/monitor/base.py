@@ -26,7 +26,8 @@ class Response(str, Enum):
     carry the top-1 label only; ``degrade-exit0``: answers come from DNF's first exit (trained to
     mislead out-of-distribution queries, paper Eq. 7); ``misinform``: answers relabelled by a
     secret derangement of the classes (:class:`fortress.monitor.misinform.Misinformation`), so a
-    clone trained on them learns a consistent wrong function.
+    clone trained on them learns a consistent wrong function; ``misinform-exit0``: DNF's first-exit
+    answers, relabelled the same way (what little they tell, they tell wrong).
     """
 
     LOG = "log"
@@ -35,6 +36,17 @@ class Response(str, Enum):
     DEGRADE_LABEL = "degrade-label"
     DEGRADE_EXIT0 = "degrade-exit0"
     MISINFORM = "misinform"
+    MISINFORM_EXIT0 = "misinform-exit0"
+
+    @property
+    def needs_exit0(self) -> bool:
+        """Whether the response answers from DNF's first exit."""
+        return self in (Response.DEGRADE_EXIT0, Response.MISINFORM_EXIT0)
+
+    @property
+    def relabels(self) -> bool:
+        """Whether the response relabels answers by the secret derangement."""
+        return self in (Response.MISINFORM, Response.MISINFORM_EXIT0)
 
 
 @dataclass(frozen=True)

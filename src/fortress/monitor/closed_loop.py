@@ -116,8 +116,9 @@ class Monitored(Defense):
             (``population-step``).
         response: what flagged keys get: ``degrade-exit0`` (DNF's first exit), ``degrade-label``
             (top-1 one-hot rows), ``misinform`` (relabelled by the derangement the server would use,
-            :meth:`Misinformation.for_defense <fortress.monitor.misinform.Misinformation.for_defense>`)
-            or ``log`` (answers unchanged, flags recorded).
+            :meth:`Misinformation.for_defense <fortress.monitor.misinform.Misinformation.for_defense>`),
+            ``misinform-exit0`` (DNF's first exit, relabelled so) or ``log`` (answers unchanged, flags
+            recorded).
         plan: which key sends each batch.
 
     Raises:
@@ -139,14 +140,14 @@ class Monitored(Defense):
         super().__init__(defense.victim)
         if response.value not in LOOP_RESPONSES:
             raise ConfigError(f"the closed loop supports {', '.join(LOOP_RESPONSES)}, got {response.value!r}")
-        if response is Response.DEGRADE_EXIT0 and not isinstance(defense, DNF):
-            raise ConfigError(f"degrade-exit0 needs a DNF defense, got {defense.name!r}")
+        if response.needs_exit0 and not isinstance(defense, DNF):
+            raise ConfigError(f"{response.value} needs a DNF defense, got {defense.name!r}")
         self.defense = defense
         self.monitor = monitor
         self.population = population
         self.population_step = population_step
         self.response = response
-        self.misinform = Misinformation.for_defense(defense) if response is Response.MISINFORM else None
+        self.misinform = Misinformation.for_defense(defense) if response.relabels else None
         self.plan = plan or KeyPlan()
         self.dadd = find_dadd(monitor)
         if population is not None and self.dadd is None:
@@ -231,11 +232,11 @@ class Monitored(Defense):
         self.log.degraded += n
         if self.response is Response.DEGRADE_LABEL:
             return torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
-        if self.misinform is not None:
-            return self.misinform(probs)
-        assert isinstance(self.defense, DNF)
-        with torch.inference_mode():
-            return torch.softmax(self.defense.net.forward_all(x).mean_logits[0], dim=1)
+        if self.response.needs_exit0:
+            assert isinstance(self.defense, DNF)
+            with torch.inference_mode():
+                probs = torch.softmax(self.defense.net.forward_all(x).mean_logits[0], dim=1)
+        return probs if self.misinform is None else self.misinform(probs)
 
     def _window_steps(self, key: str, x: Tensor, probs: Tensor) -> None:
         """Feed the piece to the window-wide ``step``; flag its contributing keys."""
@@ -269,7 +270,7 @@ LOOP_MONITORS = ("exit-sprt", "dadd", "step", "prada")
 
 #: Responses a closed loop applies to flagged keys (the server's others, ``alert`` and
 #: ``throttle``, change nothing an in-process attacker's clone could learn from).
-LOOP_RESPONSES = ("degrade-exit0", "degrade-label", "misinform", "log")
+LOOP_RESPONSES = ("degrade-exit0", "degrade-label", "misinform", "misinform-exit0", "log")
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,7 @@ class LoopConfig:
     Attributes:
         monitor: per-key monitors, ``+``-joined from :data:`LOOP_MONITORS` (``exit-sprt``, ``dadd``
             and ``step`` are calibrated on held-out ID images; ``prada`` has its fixed δ = 0.9).
-        response: what a flagged key gets (``degrade-exit0``, ``degrade-label``, ``misinform`` or ``log``).
+        response: what a flagged key gets (one of :data:`LOOP_RESPONSES`).
         keys: keys the attacker spreads its budget over (the budget split evenly: ``ceil(budget / keys)``
             per key); ``1``: a single account.
         mode: ``round-robin`` (each batch from the next key) or ``bursts`` (one key after the other).
