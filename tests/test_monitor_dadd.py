@@ -188,7 +188,7 @@ def test_population_exit_test_sees_early_exits() -> None:
         PopulationDrift(cal, id_early_share=0.01)
 
 
-@pytest.mark.parametrize("response", ["degrade-exit0", "misinform", "misinform-exit0"])
+@pytest.mark.parametrize("response", ["degrade-exit0", "misinform", "misinform-id"])
 def test_closed_loop_flags_the_attack_key_degrades_only_it_and_records_the_query(response: str) -> None:
     from fortress.monitor import Misinformation, Response
     from fortress.monitor.calibrate import dadd_from_defense
@@ -212,8 +212,12 @@ def test_closed_loop_flags_the_attack_key_degrades_only_it_and_records_the_query
     exit0 = torch.softmax(dnf.net.forward_all(attack).mean_logits[0], dim=1)
     if response == "degrade-exit0":
         assert torch.allclose(got[-50:], exit0[-50:], atol=1e-6)  # degraded after the flag
-    elif response == "misinform-exit0":
-        assert torch.allclose(got[-50:], Misinformation.for_defense(dnf)(exit0[-50:]), atol=1e-6)
+    elif response == "misinform-id":  # relabelled where DNF answered after its first exit, else as served
+        out = dnf.respond(attack[-50:])  # every query at the last exit here: all relabelled (the mix: serve test)
+        assert out.exits is not None
+        late = (out.exits > 0)[:, None]
+        want = torch.where(late, Misinformation.for_defense(dnf)(out.probs), out.probs)
+        assert torch.allclose(got[-50:], want, atol=1e-6)
     else:
         served = dnf(attack[-50:])
         assert torch.allclose(got[-50:], Misinformation.for_defense(dnf)(served), atol=1e-6)

@@ -99,7 +99,7 @@ def test_degrade_exit0_answers_from_first_exit(dnf: DNF, tmp_path: Path) -> None
     store.close()
 
 
-@pytest.mark.parametrize("response", ["misinform", "misinform-exit0"])
+@pytest.mark.parametrize("response", ["misinform", "misinform-id"])
 def test_misinform_answers_are_relabelled_by_the_models_derangement(dnf: DNF, tmp_path: Path, response: str) -> None:
     from fortress.monitor import Misinformation
 
@@ -107,15 +107,22 @@ def test_misinform_answers_are_relabelled_by_the_models_derangement(dnf: DNF, tm
     store = KeyStore(settings.keys_path, create=True)
     _, secret = store.add("user")
     x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    dnf = sharp_random_dnf()
+    with torch.inference_mode():  # half the queries leave at exit 0, the rest at exit 1
+        conf0 = torch.softmax(dnf.net.forward_all(x).mean_logits[0], dim=1).amax(1)
+    dnf.set_thresholds([float(conf0.median()), 0.0, 0.0])
     with TestClient(create_app(settings, defense=dnf)) as client:
         r = client.post("/v1/predict", json=_npy_body(x), headers={"X-API-Key": secret}).json()
     with torch.inference_mode():
-        served = dnf.respond(x).probs
-        if response == "misinform-exit0":
-            served = torch.softmax(dnf.net.forward_all(x).mean_logits[0], dim=1)
+        out = dnf.respond(x)
+    served = out.probs
     wrong = Misinformation.for_defense(dnf)(served)
+    if response == "misinform-id":  # exit-0 answers go out as they are
+        assert out.exits is not None and bool((out.exits == 0).any()) and bool((out.exits > 0).any())
+        wrong = torch.where((out.exits > 0)[:, None], wrong, served)
     assert r["labels"] == wrong.argmax(1).tolist()
-    assert all(a != b for a, b in zip(r["labels"], served.argmax(1).tolist(), strict=True))
+    late = [True] * len(r["labels"]) if out.exits is None or response == "misinform" else (out.exits > 0).tolist()
+    assert all((a != b) == m for a, b, m in zip(r["labels"], served.argmax(1).tolist(), late, strict=True))
     assert torch.allclose(torch.tensor(r["probabilities"]), to_positive_probs(wrong), atol=1e-6)
     store.close()
 

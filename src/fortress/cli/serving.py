@@ -56,7 +56,7 @@ def serve_cmd(
     monitor_response: Annotated[
         str,
         typer.Option(
-            help="For flagged keys: log, alert, throttle, degrade-label, degrade-exit0, misinform, misinform-exit0."
+            help="For flagged keys: log, alert, throttle, degrade-label, degrade-exit0, misinform, misinform-id."
         ),
     ] = "log",
     monitor_webhook: Annotated[str | None, typer.Option(help="URL the alert response POSTs to.")] = None,

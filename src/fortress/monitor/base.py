@@ -26,8 +26,9 @@ class Response(str, Enum):
     carry the top-1 label only; ``degrade-exit0``: answers come from DNF's first exit (trained to
     mislead out-of-distribution queries, paper Eq. 7); ``misinform``: answers relabelled by a
     secret derangement of the classes (:class:`fortress.monitor.misinform.Misinformation`), so a
-    clone trained on them learns a consistent wrong function; ``misinform-exit0``: DNF's first-exit
-    answers, relabelled the same way (what little they tell, they tell wrong).
+    clone trained on them learns a consistent wrong function; ``misinform-id``: the same relabelling
+    for the answers DNF gives at a later exit than its first (queries that look in-distribution),
+    while its first exit's answers (already trained to mislead) go out as they are.
     """
 
     LOG = "log"
@@ -36,17 +37,12 @@ class Response(str, Enum):
     DEGRADE_LABEL = "degrade-label"
     DEGRADE_EXIT0 = "degrade-exit0"
     MISINFORM = "misinform"
-    MISINFORM_EXIT0 = "misinform-exit0"
-
-    @property
-    def needs_exit0(self) -> bool:
-        """Whether the response answers from DNF's first exit."""
-        return self in (Response.DEGRADE_EXIT0, Response.MISINFORM_EXIT0)
+    MISINFORM_ID = "misinform-id"
 
     @property
     def relabels(self) -> bool:
         """Whether the response relabels answers by the secret derangement."""
-        return self in (Response.MISINFORM, Response.MISINFORM_EXIT0)
+        return self in (Response.MISINFORM, Response.MISINFORM_ID)
 
 
 @dataclass(frozen=True)

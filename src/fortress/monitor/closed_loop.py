@@ -28,7 +28,7 @@ from fortress.monitor.base import Monitor, Response
 from fortress.monitor.benign import IMAGE_SHIFTS
 from fortress.monitor.dadd import DADD, DADDCalibration
 from fortress.monitor.exit_sprt import ExitCalibration
-from fortress.monitor.misinform import Misinformation
+from fortress.monitor.misinform import Misinformation, relabel
 from fortress.monitor.population import PopulationDrift
 from fortress.monitor.step import Step, StepCalibration, WindowSteps, calibrate_step
 
@@ -117,8 +117,8 @@ class Monitored(Defense):
         response: what flagged keys get: ``degrade-exit0`` (DNF's first exit), ``degrade-label``
             (top-1 one-hot rows), ``misinform`` (relabelled by the derangement the server would use,
             :meth:`Misinformation.for_defense <fortress.monitor.misinform.Misinformation.for_defense>`),
-            ``misinform-exit0`` (DNF's first exit, relabelled so) or ``log`` (answers unchanged, flags
-            recorded).
+            ``misinform-id`` (only the answers from a later exit than the first relabelled so) or
+            ``log`` (answers unchanged, flags recorded).
         plan: which key sends each batch.
 
     Raises:
@@ -140,8 +140,8 @@ class Monitored(Defense):
         super().__init__(defense.victim)
         if response.value not in LOOP_RESPONSES:
             raise ConfigError(f"the closed loop supports {', '.join(LOOP_RESPONSES)}, got {response.value!r}")
-        if response.needs_exit0 and not isinstance(defense, DNF):
-            raise ConfigError(f"{response.value} needs a DNF defense, got {defense.name!r}")
+        if response is Response.DEGRADE_EXIT0 and not isinstance(defense, DNF):
+            raise ConfigError(f"degrade-exit0 needs a DNF defense, got {defense.name!r}")
         self.defense = defense
         self.monitor = monitor
         self.population = population
@@ -232,11 +232,11 @@ class Monitored(Defense):
         self.log.degraded += n
         if self.response is Response.DEGRADE_LABEL:
             return torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
-        if self.response.needs_exit0:
-            assert isinstance(self.defense, DNF)
-            with torch.inference_mode():
-                probs = torch.softmax(self.defense.net.forward_all(x).mean_logits[0], dim=1)
-        return probs if self.misinform is None else self.misinform(probs)
+        if self.misinform is not None:
+            return relabel(self.misinform, self.response, probs, exits)
+        assert isinstance(self.defense, DNF)
+        with torch.inference_mode():
+            return torch.softmax(self.defense.net.forward_all(x).mean_logits[0], dim=1)
 
     def _window_steps(self, key: str, x: Tensor, probs: Tensor) -> None:
         """Feed the piece to the window-wide ``step``; flag its contributing keys."""
@@ -270,7 +270,7 @@ LOOP_MONITORS = ("exit-sprt", "dadd", "step", "prada")
 
 #: Responses a closed loop applies to flagged keys (the server's others, ``alert`` and
 #: ``throttle``, change nothing an in-process attacker's clone could learn from).
-LOOP_RESPONSES = ("degrade-exit0", "degrade-label", "misinform", "misinform-exit0", "log")
+LOOP_RESPONSES = ("degrade-exit0", "degrade-label", "misinform", "misinform-id", "log")
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,16 @@ is why the detectors' benign rates are calibrated and measured (docs/monitoring.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from fortress.defenses import Defense
 from fortress.errors import ConfigError
+from fortress.monitor.base import Response
 
-__all__ = ["Misinformation", "derangement", "weights_seed"]
+__all__ = ["Misinformation", "derangement", "relabel", "weights_seed"]
 
 
 def derangement(k: int, seed: int) -> Tensor:
@@ -84,3 +86,19 @@ class Misinformation:
         out = torch.empty_like(probs)
         out[:, self.perm.to(probs.device)] = probs
         return out
+
+
+def relabel(misinform: Callable[[Tensor], Tensor], response: Response, probs: Tensor, exits: Tensor | None) -> Tensor:
+    """A flagged key's answers under ``misinform`` (every row relabelled) or ``misinform-id``.
+
+    ``misinform-id`` relabels only the rows a DNF answered at a later exit than its first (``exits > 0``:
+    queries that look in-distribution, whose answers carry the victim's knowledge); rows answered at
+    exit 0 go out unchanged (that exit is trained to mislead out-of-distribution queries, paper
+    Eq. 7, and relabelling would undo it). Without exits (``None``) every row is relabelled.
+
+    Shape:
+        ``probs (B, K)``, ``exits (B,)`` or ``None`` → ``(B, K)``.
+    """
+    if response is Response.MISINFORM or exits is None:
+        return misinform(probs)
+    return torch.where((exits > 0).to(probs.device)[:, None], misinform(probs), probs)

@@ -25,6 +25,7 @@ from fortress.errors import ConfigError
 from fortress.monitor.base import Monitor, Response, Verdict
 from fortress.monitor.closed_loop import find_dadd
 from fortress.monitor.exit_sprt import ExitSPRT
+from fortress.monitor.misinform import relabel
 from fortress.monitor.population import PopulationDrift
 from fortress.monitor.profile import KeyProfile
 from fortress.monitor.step import WindowSteps
@@ -89,10 +90,9 @@ class Watch:
         num_exits: exits of the served defense (0: none).
         monitor: the detector, or ``None`` to keep profiles only.
         response: what a flagged key gets.
-        exit0: first-exit answers (needed by ``degrade-exit0`` and ``misinform-exit0``; see
-            :func:`first_exit_probs`).
+        exit0: first-exit answers (needed by ``degrade-exit0``; see :func:`first_exit_probs`).
         misinform: the relabelling of a flagged key's answers (needed by ``misinform`` and
-            ``misinform-exit0``; see :class:`~fortress.monitor.misinform.Misinformation`).
+            ``misinform-id``; see :class:`~fortress.monitor.misinform.Misinformation`).
         webhook: URL the ``alert`` response POSTs a JSON event to (``None``: log line only).
         throttle_s_per_query: ``throttle`` delay per image of a flagged key's requests.
         population: drift test over all keys created in a window (the Sybil case); it pools the
@@ -123,8 +123,8 @@ class Watch:
             raise ConfigError("the population detector needs a monitor with dadd and the keys' creation times")
         if window_steps is not None and (monitor is None or created_at is None):
             raise ConfigError("the window-wide step detector needs a monitor and the keys' creation times")
-        if response.needs_exit0 and exit0 is None:
-            raise ConfigError(f"the {response.value} response needs the defense's first exit (a DNF)")
+        if response is Response.DEGRADE_EXIT0 and exit0 is None:
+            raise ConfigError("the degrade-exit0 response needs the defense's first exit (a DNF)")
         if response.relabels and misinform is None:
             raise ConfigError(f"the {response.value} response needs its relabelling (fortress.monitor.Misinformation)")
         if throttle_s_per_query < 0:
@@ -205,14 +205,12 @@ class Watch:
         n = int(probs.shape[0])
         if self.response is Response.DEGRADE_LABEL:
             return Answer(probs, True, 0.0, verdict, record, True)
-        if self.response.needs_exit0 or self.response.relabels:
-            if self.response.needs_exit0:
-                assert self.exit0 is not None
-                probs = self.exit0(images)
-            if self.response.relabels:
-                assert self.misinform is not None
-                probs = self.misinform(probs)
-            return Answer(probs, False, 0.0, verdict, record, True)
+        if self.response is Response.DEGRADE_EXIT0:
+            assert self.exit0 is not None
+            return Answer(self.exit0(images), False, 0.0, verdict, record, True)
+        if self.response.relabels:
+            assert self.misinform is not None
+            return Answer(relabel(self.misinform, self.response, probs, exits), False, 0.0, verdict, record, True)
         if self.response is Response.THROTTLE:
             return Answer(probs, False, n * self.throttle_s_per_query, verdict, record, True)
         return Answer(probs, False, 0.0, verdict, record, True)

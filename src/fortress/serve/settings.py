@@ -44,7 +44,7 @@ class ServeSettings:
         monitor: extraction monitor (``fortress.monitor.MONITORS``: ``exit-sprt``, ``prada``) or ``None``.
         monitor_calibration: ``exit-sprt``'s calibration file (``fortress monitor calibrate``).
         monitor_response: what a flagged key gets: ``log``, ``alert``, ``throttle``, ``degrade-label``,
-            ``degrade-exit0``, ``misinform`` or ``misinform-exit0`` (see :class:`fortress.monitor.Response`).
+            ``degrade-exit0``, ``misinform`` or ``misinform-id`` (see :class:`fortress.monitor.Response`).
         monitor_webhook: URL the ``alert`` response POSTs to.
         throttle_s_per_query: the ``throttle`` response's delay per image.
         population_window_s: also test the drift of all keys created in each window of this many
