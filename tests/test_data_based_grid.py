@@ -145,16 +145,18 @@ def test_a_defense_aware_attack_against_a_defense_it_cannot_simulate_is_refused_
 @pytest.mark.parametrize("name", ["data-based-mnist.toml", "data-based-fashion.toml"])
 def test_the_committed_grids_load_with_their_cells(name: str) -> None:
     grid = load_grid(GRIDS / name)
-    assert len(grid.defenses) == 13 and grid.seeds == (0, 1, 2)
-    # 9 defenses under 6 attack specs but D-DAE against AM, MeCo and DNF; the four closed-loop rows under
+    assert len(grid.defenses) == 15 and grid.seeds == (0, 1, 2)
+    # 9 defenses under 6 attack specs but D-DAE against AM, MeCo and DNF; the six closed-loop rows under
     # the 5 specs other than D-DAE (which names the defenses it runs against)
-    assert grid.num_cells == 3 * (6 * 9 - 3 + 4 * 5)
+    assert grid.num_cells == 3 * (6 * 9 - 3 + 6 * 5)
     loops = {d.display: d.loop() for d in grid.defenses if d.monitor is not None}
     assert {k: (v.monitor, v.response, v.keys) for k, v in loops.items()} == {
         "dnf+monitor": ("exit-sprt+dadd+step", "degrade-exit0", 1),
         "dnf+monitor-100keys": ("exit-sprt+dadd+step", "degrade-exit0", 100),
         "dnf+monitor-misinform": ("exit-sprt+dadd+step", "misinform", 1),
         "dnf+monitor-misinform-100keys": ("exit-sprt+dadd+step", "misinform", 100),
+        "dnf+monitor-misinform-id": ("exit-sprt+dadd+step", "misinform-id", 1),
+        "dnf+monitor-misinform-id-100keys": ("exit-sprt+dadd+step", "misinform-id", 100),
     }
     plain = next(d for d in grid.defenses if d.display == "dnf")
     assert all(d.params == plain.params for d in grid.defenses if d.monitor is not None)  # one DNF build
