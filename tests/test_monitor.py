@@ -235,7 +235,10 @@ def test_profile_store_adds_batches_and_keeps_flags(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("response", list(Response))
 def test_watch_responses(calibration: ExitCalibration, tmp_path: Path, response: Response) -> None:
+    from fortress.monitor import Misinformation
+
     exit0 = (lambda x: torch.full((x.shape[0], 10), 0.1)) if response is Response.DEGRADE_EXIT0 else None
+    mis = Misinformation(10, seed=0) if response.relabels else None
     watch = Watch(
         tmp_path / "keys.db",
         num_exits=4,
@@ -243,6 +246,7 @@ def test_watch_responses(calibration: ExitCalibration, tmp_path: Path, response:
         response=response,
         exit0=exit0,
         throttle_s_per_query=0.5,
+        misinform=mis,
     )
     x, p = torch.zeros(4, 1, 1, 1), _probs(4)
     calm = watch.observe("k", x, p, torch.full((4,), 3))
@@ -253,11 +257,16 @@ def test_watch_responses(calibration: ExitCalibration, tmp_path: Path, response:
     assert ans.labels_only == (response is Response.DEGRADE_LABEL)
     assert ans.delay_s == (20.0 if response is Response.THROTTLE else 0.0)
     assert torch.equal(ans.probs, torch.full((40, 10), 0.1)) == (response is Response.DEGRADE_EXIT0)
+    # misinform relabels every row; misinform-id only rows answered after exit 0 (these all left at exit 0)
+    assert torch.equal(ans.probs, mis(_probs(40)) if response is Response.MISINFORM else ans.probs)
+    assert torch.equal(ans.probs, _probs(40)) == (response not in (Response.DEGRADE_EXIT0, Response.MISINFORM))
+    late = watch.observe("k", torch.zeros(8, 1, 1, 1), _probs(8), torch.full((8,), 3))
+    assert torch.equal(late.probs, mis(_probs(8)) if mis is not None else late.probs)
     watch.close()
     # a fresh Watch over the same file continues the profile and the flag
     again = Watch(tmp_path / "keys.db", num_exits=4, monitor=ExitSPRT(calibration))
     shown = again.profile("k")
-    assert shown["profile"]["queries"] == 44 and shown["verdict"]["flagged"]
+    assert shown["profile"]["queries"] == 52 and shown["verdict"]["flagged"]
     assert shown["verdict"]["flagged_at"] == ans.verdict.flagged_at
     again.close()
 

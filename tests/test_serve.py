@@ -109,16 +109,22 @@ def test_answers_equal_the_local_oracle_in_every_mode(
     body = r.json()
     assert body["output_mode"] == mode
     assert body["labels"] == expected.argmax(1).tolist()
+    # the same float32 model; a CPU may pick kernels by batch size (dynamic compute answers each exit's
+    # rows as a sub-batch), so the values agree to rounding, not always bit for bit
     if mode == "hard":
         assert body["probabilities"] is None
     else:
-        assert torch.equal(torch.tensor(body["probabilities"], dtype=torch.float32), expected)
-    # the JSON-array path carries the same float32 values exactly
+        got = torch.tensor(body["probabilities"], dtype=torch.float32)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        assert torch.equal(got == 0, expected == 0)  # the modes' zeros are exact
+    # the JSON-array path carries the same answers
     r2 = dnf_server.post(key, json={"images": x[:8].tolist()})
     assert r2.status_code == 200, r2.text
     assert r2.json()["labels"] == body["labels"][:8]
     if mode != "hard":
-        assert r2.json()["probabilities"] == body["probabilities"][:8]
+        torch.testing.assert_close(
+            torch.tensor(r2.json()["probabilities"]), torch.tensor(body["probabilities"][:8]), rtol=1e-4, atol=1e-6
+        )
 
 
 def test_png_uploads_answer_like_the_decoded_images(dnf_server: Server, model_dirs: dict[str, Path]) -> None:
