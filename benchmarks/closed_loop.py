@@ -75,6 +75,13 @@ def served(model: Path, cal: Path, out: Path, response: str, monitor: str) -> It
         log.close()
 
 
+def record(path: Path, row: dict[str, object], shown: tuple[str, ...]) -> None:
+    """Append ``row`` to the JSON-lines file ``path`` and print its ``shown`` fields as one line."""
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(json.dumps({k: row[k] for k in shown}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", type=Path)
@@ -144,16 +151,10 @@ def main() -> None:
                 "flags": flags,
                 "wall_s": time.perf_counter() - t,
             }
-            with (args.out / "closed_loop_served.jsonl").open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            print(
-                json.dumps(
-                    {
-                        k: row[k]
-                        for k in ("attack", "pool", "keys", "response", "clone_acc", "keys_flagged", "first_flag")
-                    }
-                ),
-                flush=True,
+            record(
+                args.out / "closed_loop_served.jsonl",
+                row,
+                ("attack", "pool", "keys", "response", "clone_acc", "keys_flagged", "first_flag"),
             )
         return
     for spec in args.attacks:
@@ -195,25 +196,10 @@ def main() -> None:
                 },
                 "wall_s": time.perf_counter() - t,
             }
-            with (args.out / "closed_loop.jsonl").open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            print(
-                json.dumps(
-                    {
-                        k: row[k]
-                        for k in (
-                            "attack",
-                            "pool",
-                            "budget",
-                            "keys",
-                            "response",
-                            "clone_acc",
-                            "undefended_clone_acc",
-                            "first_flag",
-                        )
-                    }
-                ),
-                flush=True,
+            record(
+                args.out / "closed_loop.jsonl",
+                row,
+                ("attack", "pool", "budget", "keys", "response", "clone_acc", "undefended_clone_acc", "first_flag"),
             )
 
 
