@@ -44,7 +44,9 @@ from fortress.serve import KeyStore
 
 
 @contextlib.contextmanager
-def served(model: Path, cal: Path, out: Path, response: str, monitor: str) -> Iterator[tuple[str, str]]:
+def served(
+    model: Path, cal: Path, out: Path, response: str, monitor: str, min_queries: int = 500
+) -> Iterator[tuple[str, str]]:
     """A ``fortress serve`` process with ``monitor`` and the population detector; yields (url, admin key)."""
     keys = out / "keys.db"
     keys.unlink(missing_ok=True)
@@ -56,7 +58,7 @@ def served(model: Path, cal: Path, out: Path, response: str, monitor: str) -> It
         port = int(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "fortress", "serve", str(model), "--keys", str(keys), "--port", str(port)]
     cmd += ["--monitor", monitor, "--monitor-calibration", str(cal), "--monitor-response", response]
-    cmd += ["--population-window", "3600", "--threads", "1"]
+    cmd += ["--population-window", "3600", "--population-min-queries", str(min_queries), "--threads", "1"]
     log = (out / "server.log").open("ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -101,6 +103,12 @@ def main() -> None:
     )
     ap.add_argument("--monitor", default="exit-sprt+dadd+step", help="per-key monitors joined by + (LoopConfig)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--population-min-queries",
+        type=int,
+        default=500,
+        help="pooled queries of a window before the detector across keys tests it",
+    )
     ap.add_argument("--served", action="store_true", help="attack a real fortress serve process over HTTP")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -124,7 +132,9 @@ def main() -> None:
         for spec, response, keys in itertools.product(args.attacks, args.response, args.sybil_keys):
             name, pool, budget = spec.split(":")
             # a fresh server (and ledger) per run: one run's keys never share a window with another's
-            with served(args.model_dir, args.out / "cal.json", args.out, response, args.monitor) as (
+            with served(
+                args.model_dir, args.out / "cal.json", args.out, response, args.monitor, args.population_min_queries
+            ) as (
                 url,
                 admin,
             ):
@@ -166,7 +176,13 @@ def main() -> None:
             "dnf": run_attack(dnf, cfg).clone_acc,
         }
         for response, keys in itertools.product(args.response, args.sybil_keys):
-            guarded = closed_loop(dnf, replace(base, keys=keys, response=response), cals, budget=int(budget))
+            guarded = closed_loop(
+                dnf,
+                replace(base, keys=keys, response=response),
+                cals,
+                budget=int(budget),
+                population_min_queries=args.population_min_queries,
+            )
             t = time.perf_counter()
             rec = run_attack(guarded, cfg, reference=dnf)
             row = {
@@ -176,6 +192,7 @@ def main() -> None:
                 "keys": keys,
                 "response": response,
                 "monitor_members": base.members,
+                "population_min_queries": args.population_min_queries,
                 "clone_acc": rec.clone_acc,
                 "undefended_clone_acc": alone["undefended"],
                 "dnf_alone_clone_acc": alone["dnf"],

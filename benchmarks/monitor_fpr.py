@@ -96,6 +96,13 @@ def main() -> None:
     ap.add_argument("--sybil-keys", type=int, default=100)
     ap.add_argument("--sybil-budget", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--windows", type=int, default=None, help="benign windows of 10 keys (default: --keys / 10)")
+    ap.add_argument(
+        "--population-min-queries",
+        type=int,
+        default=500,
+        help="pooled queries of a window before the detector across keys tests it",
+    )
     ap.add_argument(
         "--id-only", action="store_true", help="calibrate exit-sprt on the validation images only (no benign shifts)"
     )
@@ -138,7 +145,7 @@ def main() -> None:
     test_images = {s: torch.cat([shifted(d.test.x, s, gen) for _ in range(args.variants)]) for s in SHIFTS}
     test_banks = {s: answer(defense, x) for s, x in test_images.items()}
     rows = []
-    for shift, mix in SCENARIOS:
+    for shift, mix in SCENARIOS if args.keys > 0 else []:  # --keys 0: the windows only
         bank = test_banks[shift]
         idx = benign_streams(
             bank["cls"], args.keys, args.queries, mix, gen, num_classes=defense.num_classes, variants=args.variants
@@ -198,7 +205,13 @@ def main() -> None:
     for name in ("digits28", "patches", "fashion-mnist"):
         x = pools[name]
         bank = answer(defense, x)
-        pop = PopulationDrift(dcal, id_early_share=early, num_exits=defense.num_exits, window_s=3600.0, min_queries=500)
+        pop = PopulationDrift(
+            dcal,
+            id_early_share=early,
+            num_exits=defense.num_exits,
+            window_s=3600.0,
+            min_queries=args.population_min_queries,
+        )
         per = args.sybil_budget // args.sybil_keys
         flag = None
         flagged_at = None
@@ -224,8 +237,14 @@ def main() -> None:
         pop_rows.append(row)
         print(json.dumps(row), flush=True)
     # benign windows: each of --keys/ 10 windows holds 10 benign keys of mixed scenarios
-    pop = PopulationDrift(dcal, id_early_share=early, num_exits=defense.num_exits, window_s=3600.0, min_queries=500)
-    windows = args.keys // 10
+    pop = PopulationDrift(
+        dcal,
+        id_early_share=early,
+        num_exits=defense.num_exits,
+        window_s=3600.0,
+        min_queries=args.population_min_queries,
+    )
+    windows = args.keys // 10 if args.windows is None else args.windows
     flagged_windows, flagged_keys = 0, 0
     # the window-wide step detector (the closed loop's population_step): all keys of a window as one stream
     step_windows, step_keys = 0, 0
@@ -275,6 +294,7 @@ def main() -> None:
         "attacks": attack_rows,
         "sybil": pop_rows,
         "benign_population": benign_pop,
+        "population_min_queries": args.population_min_queries,
         "wall_s": time.perf_counter() - t0,
     }
     (args.out / "monitor_fpr.json").write_text(json.dumps(result, indent=1))

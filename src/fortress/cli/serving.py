@@ -66,6 +66,9 @@ def serve_cmd(
         float | None,
         typer.Option(help="Also test the drift of all keys created in each window of this many seconds (needs dadd)."),
     ] = None,
+    population_min_queries: Annotated[
+        int, typer.Option(help="Pooled queries of a window before the detectors across keys test it.")
+    ] = 500,
     pad_quantile: Annotated[
         float, typer.Option(help="padded compute: quantile of recent full-path times to pad to.")
     ] = 0.99,
@@ -100,6 +103,7 @@ def serve_cmd(
         monitor_webhook=monitor_webhook,
         throttle_s_per_query=throttle,
         population_window_s=population_window,
+        population_min_queries=population_min_queries,
         pad_quantile=pad_quantile,
         pad_window=pad_window,
     )

@@ -403,8 +403,13 @@ def _save_atomic(cal: ExitCalibration | DADDCalibration | StepCalibration, path:
     os.replace(tmp, path)
 
 
-def closed_loop(dnf: DNF, cfg: LoopConfig, calibrations: LoopCalibration, budget: int) -> Monitored:
+def closed_loop(
+    dnf: DNF, cfg: LoopConfig, calibrations: LoopCalibration, budget: int, *, population_min_queries: int = 500
+) -> Monitored:
     """A fresh :class:`Monitored` (every key unflagged) for an attacker spending ``budget`` queries as ``cfg`` says.
+
+    ``population_min_queries``: pooled queries of a window before the detector across keys tests it
+    (as ``fortress serve --population-min-queries``).
 
     Raises:
         ConfigError: ``budget < 1``, or ``step`` in the monitor without its calibration.
@@ -434,7 +439,9 @@ def closed_loop(dnf: DNF, cfg: LoopConfig, calibrations: LoopCalibration, budget
     monitor = members[0] if len(members) == 1 else AnyOf(members)
     population = None
     if cfg.with_population:
-        population = PopulationDrift(dcal, id_early_share=ecal.early_share, num_exits=dnf.num_exits, min_queries=500)
+        population = PopulationDrift(
+            dcal, id_early_share=ecal.early_share, num_exits=dnf.num_exits, min_queries=population_min_queries
+        )
     return Monitored(
         dnf,
         monitor=monitor,
