@@ -200,18 +200,22 @@ def main() -> None:
         attack_rows.append(row)
         print(json.dumps(row), flush=True)
 
-    # Sybil: the budget split over many keys created in one window; benign keys fill other windows
-    pop_rows = []
-    for name in ("digits28", "patches", "fashion-mnist"):
-        x = pools[name]
-        bank = answer(defense, x)
-        pop = PopulationDrift(
+    def population() -> PopulationDrift:
+        """A fresh detector across keys (one-hour windows) on this run's calibrations."""
+        return PopulationDrift(
             dcal,
             id_early_share=early,
             num_exits=defense.num_exits,
             window_s=3600.0,
             min_queries=args.population_min_queries,
         )
+
+    # Sybil: the budget split over many keys created in one window; benign keys fill other windows
+    pop_rows = []
+    for name in ("digits28", "patches", "fashion-mnist"):
+        x = pools[name]
+        bank = answer(defense, x)
+        pop = population()
         per = args.sybil_budget // args.sybil_keys
         flag = None
         flagged_at = None
@@ -237,13 +241,7 @@ def main() -> None:
         pop_rows.append(row)
         print(json.dumps(row), flush=True)
     # benign windows: each of --keys/ 10 windows holds 10 benign keys of mixed scenarios
-    pop = PopulationDrift(
-        dcal,
-        id_early_share=early,
-        num_exits=defense.num_exits,
-        window_s=3600.0,
-        min_queries=args.population_min_queries,
-    )
+    pop = population()
     windows = args.keys // 10 if args.windows is None else args.windows
     flagged_windows, flagged_keys = 0, 0
     # the window-wide step detector (the closed loop's population_step): all keys of a window as one stream
