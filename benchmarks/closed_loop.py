@@ -39,7 +39,7 @@ from fortress.bench.pipeline import data_for, run_attack
 from fortress.bench.sybil import SybilOracle
 from fortress.config import AttackConfig
 from fortress.defenses import DNF, Undefended, load_defense
-from fortress.monitor.closed_loop import LoopConfig, closed_loop, loop_calibration
+from fortress.monitor.closed_loop import LOOP_RESPONSES, LoopConfig, closed_loop, loop_calibration
 from fortress.serve import KeyStore
 
 
@@ -99,7 +99,7 @@ def main() -> None:
         "--response",
         nargs="+",
         default=["degrade-exit0"],
-        help="responses to flagged keys, each run side by side (degrade-exit0, degrade-label, misinform, log)",
+        help=f"responses to flagged keys, each run side by side ({', '.join(LOOP_RESPONSES)})",
     )
     ap.add_argument("--monitor", default="exit-sprt+dadd+step", help="per-key monitors joined by + (LoopConfig)")
     ap.add_argument("--threads", type=int, default=1)
