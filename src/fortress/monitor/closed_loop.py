@@ -42,6 +42,7 @@ __all__ = [
     "closed_loop",
     "find_dadd",
     "find_member",
+    "first_exit_probs",
     "loop_calibration",
 ]
 
@@ -148,6 +149,7 @@ class Monitored(Defense):
         self.population_step = population_step
         self.response = response
         self.misinform = Misinformation.for_defense(defense) if response.relabels else None
+        self.exit0 = first_exit_probs(defense) if response is Response.DEGRADE_EXIT0 else None
         self.plan = plan or KeyPlan()
         self.dadd = find_dadd(monitor)
         if population is not None and self.dadd is None:
@@ -234,15 +236,30 @@ class Monitored(Defense):
             return torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
         if self.misinform is not None:
             return relabel(self.misinform, self.response, probs, exits)
-        assert isinstance(self.defense, DNF)
-        with torch.inference_mode():
-            return torch.softmax(self.defense.net.forward_all(x).mean_logits[0], dim=1)
+        assert self.exit0 is not None
+        return self.exit0(x)
 
     def _window_steps(self, key: str, x: Tensor, probs: Tensor) -> None:
         """Feed the piece to the window-wide ``step``; flag its contributing keys."""
         assert self.population_step is not None
         for k in self.population_step.add(key, self.plan.created_at, x, probs):
             self._flag(k, "population-step", self.log.queries)
+
+
+def first_exit_probs(defense: Defense) -> Callable[[Tensor], Tensor]:
+    """A function answering images with DNF's first exit (the ``degrade-exit0`` response).
+
+    Raises:
+        ConfigError: ``defense`` is not a DNF.
+    """
+    if not isinstance(defense, DNF):
+        raise ConfigError(f"the degrade-exit0 response needs a DNF defense, got {defense.name!r}")
+
+    def answer(x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return torch.softmax(defense.net.forward_all(x).mean_logits[0], dim=1)
+
+    return answer
 
 
 M = TypeVar("M", bound=Monitor)

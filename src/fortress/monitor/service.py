@@ -17,13 +17,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from fortress.defenses import DNF, Defense
 from fortress.errors import ConfigError
 from fortress.monitor.base import Monitor, Response, Verdict
-from fortress.monitor.closed_loop import find_dadd
+from fortress.monitor.closed_loop import find_dadd, first_exit_probs
 from fortress.monitor.exit_sprt import ExitSPRT
 from fortress.monitor.misinform import relabel
 from fortress.monitor.population import PopulationDrift
@@ -35,22 +33,6 @@ __all__ = ["ALERT_LOGGER", "Answer", "Watch", "first_exit_probs"]
 
 log = logging.getLogger(__name__)
 ALERT_LOGGER = "fortress.monitor.alert"
-
-
-def first_exit_probs(defense: Defense) -> Callable[[Tensor], Tensor]:
-    """A function answering images with DNF's first exit (the ``degrade-exit0`` response).
-
-    Raises:
-        ConfigError: ``defense`` is not a DNF.
-    """
-    if not isinstance(defense, DNF):
-        raise ConfigError(f"the degrade-exit0 response needs a DNF defense, got {defense.name!r}")
-
-    def answer(x: Tensor) -> Tensor:
-        with torch.inference_mode():
-            return torch.softmax(defense.net.forward_all(x).mean_logits[0], dim=1)
-
-    return answer
 
 
 @dataclass(frozen=True)
