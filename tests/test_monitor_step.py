@@ -181,3 +181,48 @@ def test_the_window_credits_the_keys_others_step_from_and_never_a_benign_key() -
     solo = WindowSteps(cal)
     solo.add("k", 0.0, torch.cat([parents, steps]), torch.cat([zero, one]))
     assert solo.share("k") == 0.5
+
+
+def test_the_window_flags_steps_from_other_keys_below_the_per_key_threshold() -> None:
+    # the per-key threshold (0.5) is out of reach; the cross-key one (0.05) is not
+    cal = StepCalibration(threshold=0.5, min_queries=20, min_change=0.0, window_threshold=0.05)
+    g = torch.Generator().manual_seed(6)
+    parents = torch.rand(40, 1, 8, 8, generator=g)
+    zero, one = torch.eye(4)[[0] * 40], torch.eye(4)[[1] * 40]
+    steps = (parents + 0.1 * (torch.randint(0, 2, parents.shape, generator=g) * 2 - 1)).clamp(0, 1)
+    ws = WindowSteps(cal)
+    for k in range(4):  # 160 queries of fresh images on four keys: no steps
+        assert ws.add(f"seeds-{k}", 0.0, torch.rand(40, 1, 8, 8, generator=g), zero) == []
+    assert ws.add("seeds", 0.0, parents, zero) == []
+    assert ws.add("benign", 0.0, torch.rand(40, 1, 8, 8, generator=g), zero) == []
+    got = ws.add("stepper", 0.0, steps[:20], one[:20])  # 20 cross-key steps in 260 queries: 0.077 > 0.05
+    assert sorted(got) == ["seeds", "stepper"]
+    assert ws.flagged_at(0.0) == 240 + 13  # the 13th step makes 13 / 253 > 0.05 (12 / 252 is not)
+    assert ws.share("stepper", cross=True) == 1.0 and ws.share("seeds", cross=True) == 0.5
+    assert ws.share("benign", cross=True) == 0.0 and ws.evidence("stepper") == (1.0, 0.05)
+    # the same steps between one key's own queries are no cross-key steps: the window stays unflagged
+    solo = WindowSteps(cal)
+    for k in range(5):
+        solo.add(f"other-{k}", 0.0, torch.rand(40, 1, 8, 8, generator=g), zero)
+    assert solo.add("k", 0.0, torch.cat([parents, steps[:20]]), torch.cat([zero, one[:20]])) == []
+    assert solo.share("k", cross=True) == 0.0 and solo.flagged_at(0.0) is None
+    # a calibration from before the cross-key test (no window_threshold) keeps only the all-steps test
+    old = WindowSteps(StepCalibration(threshold=0.5, min_queries=20, min_change=0.0))
+    old.add("seeds", 0.0, parents, zero)
+    assert old.add("stepper", 0.0, steps[:20], one[:20]) == [] and old.flagged_at(0.0) is None
+
+
+def test_the_window_calibration_counts_distinct_users_whose_images_are_steps_of_each_other() -> None:
+    x = blob_images(60, 0)
+    plain = calibrate_step(_answer, x, variants=3, horizon=200, streams=20, min_queries=20, windows=5, seed=1)
+    assert set(plain.window_per_scenario) == set(plain.per_scenario) and plain.window_keys == [10, 100]
+    assert plain.window_threshold == max(0.02, *plain.window_per_scenario.values())
+    # half the held-out images are sign steps of the other half: users holding a parent and its step
+    # make cross-key steps, and the calibrated cross-key threshold rises above the floor
+    twins = torch.cat([x[:30], _sign_steps(x[:30], 3)])
+    cal = calibrate_step(_answer, twins, variants=3, horizon=200, streams=20, min_queries=20, windows=5, seed=1)
+    assert cal.window_threshold is not None and cal.window_threshold > 0.02
+    assert max(cal.window_per_scenario.values()) > max(plain.window_per_scenario.values())
+    assert calibrate_step(_answer, x, variants=3, horizon=200, streams=20, window_keys=()).window_threshold is None
+    with pytest.raises(ConfigError, match="window_keys"):
+        calibrate_step(_answer, x, window_keys=(1,))

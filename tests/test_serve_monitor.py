@@ -291,8 +291,12 @@ def test_served_step_monitor_degrades_a_key_that_queries_steps_of_its_own_images
     store.close()
 
 
+@pytest.mark.parametrize(
+    ("threshold", "window_threshold"),
+    [(0.1, None), (0.9, 0.05)],  # the all-steps test; the cross-key test alone (the per-key share out of reach)
+)
 def test_served_steps_spread_over_keys_of_one_window_are_caught_across_them(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, threshold: float, window_threshold: float | None
 ) -> None:
     import json
     import logging
@@ -305,7 +309,9 @@ def test_served_steps_spread_over_keys_of_one_window_are_caught_across_them(
     dadd_from_defense(dnf, blob_images(600, 0), blob_images(200, 1), variants=2, horizon=200, streams=20).save(
         tmp_path / "d.json"
     )
-    StepCalibration(threshold=0.1, min_queries=50, min_change=0.0).save(tmp_path / "s.json")
+    StepCalibration(threshold=threshold, min_queries=50, min_change=0.0, window_threshold=window_threshold).save(
+        tmp_path / "s.json"
+    )
     bundle = tmp_path / "cal.json"
     bundle.write_text(json.dumps({"monitor": "bundle", "members": {"dadd": "d.json", "step": "s.json"}}))
     settings = ServeSettings(

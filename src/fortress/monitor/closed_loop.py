@@ -279,8 +279,8 @@ def find_dadd(monitor: Monitor | None) -> DADD | None:
 
 #: Bumped when :func:`loop_calibration` computes something else, so calibrations cached by an
 #: earlier procedure (``artifacts/<dnf>/monitor-<hash>/``) are not read back. 2: exit-sprt over the
-#: benign scenarios, with the benign early share.
-CALIBRATION_VERSION = 2
+#: benign scenarios, with the benign early share. 3: step's cross-key window threshold.
+CALIBRATION_VERSION = 3
 
 #: Per-key monitors a closed loop may combine (``+``-joined in :attr:`LoopConfig.monitor`).
 LOOP_MONITORS = ("exit-sprt", "dadd", "step", "prada")

@@ -251,13 +251,12 @@ class Watch:
             return newly
         ws = self.window_steps
         contributing = ws.add(key_id, self.created_at(key_id), images, probs)
-        threshold = ws.calibration.threshold
         for other in contributing:
             if other != key_id and other not in self._population_flagged:
-                self._flag_other(other, ws.queries(other), ws.share(other), threshold, "population-step")
+                self._flag_other(other, ws.queries(other), *ws.evidence(other), "population-step")
         if already or newly is not None or key_id not in contributing or key_id in self._population_flagged:
             return newly
-        return self._flag_this(key_id, now, ws.share(key_id), threshold, "population-step")
+        return self._flag_this(key_id, now, *ws.evidence(key_id), "population-step")
 
     def observe(self, key_id: str, images: Tensor, probs: Tensor, exits: Tensor | None) -> Answer:
         """:meth:`assess` one answered batch and store its record at once; return the answer to send."""

@@ -65,6 +65,13 @@ class StepCalibration:
             keys per scenario and seed.
         per_scenario: each scenario's ``1 − alpha`` quantile of the keys' largest share.
         floor: the smallest threshold used, whatever the calibration found.
+        window_threshold: the share of *cross-key* steps (a step from another key's query) in the
+            pooled stream of all keys created in one window that flags the window
+            (:class:`WindowSteps`); ``None``: no cross-key test (a calibration from before it).
+        window_per_scenario: each scenario's ``1 − alpha`` quantile of the simulated benign
+            windows' largest cross-key share (:func:`calibrate_step`).
+        window_keys: the keys per simulated benign window.
+        window_floor: the smallest ``window_threshold`` used.
     """
 
     threshold: float
@@ -79,6 +86,10 @@ class StepCalibration:
     seed: int = 0
     per_scenario: dict[str, float] = field(default_factory=dict)
     floor: float = 0.1
+    window_threshold: float | None = None
+    window_per_scenario: dict[str, float] = field(default_factory=dict)
+    window_keys: list[int] = field(default_factory=list)
+    window_floor: float = 0.02
 
     def save(self, path: Path) -> Path:
         """Write the calibration as JSON; return the path."""
@@ -299,6 +310,9 @@ def calibrate_step(
     seed: int = 0,
     chunk: int = 2048,
     max_images: int = 2000,
+    window_keys: Sequence[int] = (10, 100),
+    windows: int = 20,
+    window_floor: float = 0.02,
     **rule: float,
 ) -> StepCalibration:
     """Pick ``step``'s threshold so that at most ``alpha`` of benign keys are flagged within ``horizon`` queries.
@@ -310,22 +324,48 @@ def calibrate_step(
     (:func:`~fortress.monitor.benign.benign_streams`) and counts a step whenever an earlier row of the
     key forms a step pair with it.
 
+    The window's cross-key threshold (:attr:`StepCalibration.window_threshold`, used by
+    :class:`WindowSteps`) is calibrated on simulated benign windows: ``windows`` windows of each size
+    in ``window_keys`` per scenario, each key a different user who owns its own images (the held-out
+    images dealt out at random, none shared by two keys) and replays them under the scenario as a
+    benign key does, the keys' queries interleaved at random. A query is a cross-key step when a
+    step pair links it to an earlier query of another key of the window, which for distinct users
+    takes two distinct images within ``radius`` of each other whose answers differ. The threshold
+    is the largest over the scenarios of the ``1 − alpha`` quantile of the windows' largest
+    cross-key share from the ``min_queries``-th pooled query on, and at least ``window_floor``.
+    What this model leaves out: two users who send the *same* image (a widely shared photo) under
+    different noise are a cross-key step pair when the answer moves.
+
     Args:
         answer: images ``(B, C, H, W)`` → answers ``(B, K)`` (the served defense's probability rows).
         x_val: ``(N, C, H, W)`` held-out ID images (never the training images); at most
             ``max_images`` of them (a seeded random subset) make the banks. Fewer images make a
             simulated key resend each image more often, which only adds benign steps: the
             threshold can only rise.
+        window_keys: keys per simulated benign window (empty: no cross-key threshold).
+        windows: simulated benign windows per scenario and window size.
+        window_floor: the smallest cross-key threshold used.
         rule: overrides of the pair rule (``radius``, ``tol``, ``min_residual``, ``min_change``).
 
     Raises:
         ConfigError: bad settings.
     """
-    if not 0 < alpha < 1 or horizon < min_queries or min_queries < 2 or streams < 10 or variants < 2 or max_images < 2:
+    if (
+        not 0 < alpha < 1
+        or horizon < min_queries
+        or min_queries < 2
+        or streams < 10
+        or variants < 2
+        or max_images < 2
+        or windows < 1
+        or any(k < 2 for k in window_keys)
+        or not 0 <= window_floor < 1
+    ):
         raise ConfigError(
-            f"need 0 < alpha < 1, 2 <= min_queries <= horizon, streams >= 10, variants >= 2, max_images >= 2; got "
-            f"alpha={alpha}, min_queries={min_queries}, horizon={horizon}, streams={streams}, variants={variants}, "
-            f"max_images={max_images}"
+            f"need 0 < alpha < 1, 2 <= min_queries <= horizon, streams >= 10, variants >= 2, max_images >= 2, "
+            f"windows >= 1, window_keys >= 2, 0 <= window_floor < 1; got alpha={alpha}, min_queries={min_queries}, "
+            f"horizon={horizon}, streams={streams}, variants={variants}, max_images={max_images}, windows={windows}, "
+            f"window_keys={list(window_keys)}, window_floor={window_floor}"
         )
     bad = sorted(set(rule) - {"radius", "tol", "min_residual", "min_change"})
     if bad:
@@ -353,6 +393,8 @@ def calibrate_step(
     new_rows = torch.cat([(va[None, :] * n + same[:, None]).flatten(), (va[None, :] * n + close[:, :1]).flatten()])
     old_rows = torch.cat([(vb[None, :] * n + same[:, None]).flatten(), (vb[None, :] * n + close[:, 1:]).flatten()])
     per: dict[str, float] = {}
+    per_window: dict[str, float] = {}
+    wgen = torch.Generator().manual_seed(seed + 1)  # its own stream: the per-key threshold is as without windows
     for shift in shifts:
         bank = torch.cat([shifted(x_val, shift, gen) for _ in range(variants)])  # row v * n + i
         probs = torch.cat([answer(bank[i : i + chunk]).float().cpu() for i in range(0, bank.shape[0], chunk)])
@@ -369,6 +411,14 @@ def calibrate_step(
             partners.setdefault(a_row, set()).add(b_row)
         checks = torch.arange(1, horizon + 1)
         for mix in mixes:
+            if window_keys:
+                k = probs.shape[1]
+                maxima_w = [
+                    _benign_window_max(pairs, labels, n, variants, keys, horizon, min_queries, mix, wgen, k)
+                    for keys in window_keys
+                    for _ in range(windows)
+                ]
+                per_window[f"{shift}/{mix}"] = float(torch.tensor(maxima_w).quantile(1 - alpha))
             idx = benign_streams(labels, streams, horizon, mix, gen, num_classes=probs.shape[1], variants=variants)
             maxima = []
             for row in idx.tolist():
@@ -392,8 +442,59 @@ def calibrate_step(
         seed=seed,
         per_scenario=per,
         floor=floor,
+        window_threshold=max(max(per_window.values()), window_floor) if per_window else None,
+        window_per_scenario=per_window,
+        window_keys=[int(k) for k in window_keys],
+        window_floor=window_floor,
         **rule,
     )
+
+
+def _benign_window_max(
+    pairs: Tensor,
+    labels: Tensor,
+    n: int,
+    variants: int,
+    keys: int,
+    horizon: int,
+    min_queries: int,
+    mix: str,
+    gen: torch.Generator,
+    num_classes: int,
+) -> float:
+    """One simulated benign window's largest cross-key step share (:func:`calibrate_step`).
+
+    ``keys`` users each own a random share of the ``n`` held-out images (disjoint) and replay it for
+    ``horizon`` queries under ``mix``; the queries are interleaved at random. ``pairs`` ``(P, 2)``
+    are the bank's step pairs ``(new_row, old_row)``; a query is a cross-key step when one of its
+    pairs' old rows was sent earlier by another key.
+    """
+    keys = min(keys, n)
+    perm = torch.randperm(n, generator=gen)
+    owner = torch.empty(n, dtype=torch.long)
+    owner[perm] = torch.arange(n) % keys
+    by_variant = labels.view(variants, n)
+    streams = []
+    for k in range(keys):
+        mine = perm[k::keys]
+        local = benign_streams(
+            by_variant[:, mine].flatten(), 1, horizon, mix, gen, num_classes=num_classes, variants=variants
+        )[0]
+        streams.append((local // mine.numel()) * n + mine[local % mine.numel()])
+    rows = torch.cat(streams)
+    # a random interleaving that keeps each key's own order: the pooled position of each key's t-th
+    # query is the rank of its t-th smallest random arrival time among all keys' arrival times
+    times = torch.rand(keys, horizon, generator=gen).sort(1).values.flatten()
+    seq = rows[times.argsort()]  # the pooled stream, as the bank's row ids
+    t = torch.arange(seq.numel())
+    size = variants * n
+    first = torch.full((size,), seq.numel(), dtype=torch.long).scatter_reduce(0, seq, t, "amin")
+    cross = pairs[owner[pairs[:, 0] % n] != owner[pairs[:, 1] % n]]
+    earliest = torch.full((size,), seq.numel(), dtype=torch.long)
+    if cross.numel():
+        earliest = earliest.scatter_reduce(0, cross[:, 0], first[cross[:, 1]], "amin")
+    share = (earliest[seq] < t).float().cumsum(0) / (t + 1)
+    return float(share[min_queries - 1 :].max())
 
 
 class WindowSteps:
@@ -401,15 +502,24 @@ class WindowSteps:
 
     JBDA whose budget is split round-robin over many fresh keys sends a parent on one key and its
     step on another, so no key's own stream shows the steps. Here every window (keys created within
-    the same ``window_s`` seconds) has one :class:`Step` fed all its keys' queries; once the window's
-    share of steps passes the threshold, the keys whose own evidence passes it too are
+    the same ``window_s`` seconds) has one :class:`Step` fed all its keys' queries, and two tests:
+
+    * all steps: the window's share of steps passes ``step``'s per-key threshold (a stream of
+      keys that each step from their own queries);
+    * cross-key steps: the share of the window's queries that step from *another* key's query
+      passes :attr:`StepCalibration.window_threshold`, calibrated on simulated benign windows of
+      distinct users (:func:`calibrate_step`). Benign users hold different images, so their
+      queries are rarely steps of each other's; JBDA over many keys makes most of its steps so.
+
+    Once a test flags the window, the keys whose own evidence passes the same test's threshold are
     *contributing*. A key's evidence is the steps it sent plus the steps other keys took from its
     queries (it sent the parent: JBDA's seed and its augmented images spread over accomplices), as a
-    share of its queries. A benign key of the same window is neither: its queries are no steps, and
+    share of its queries; for the cross-key test only its steps from other keys' queries count
+    with those credits. A benign key of the same window is neither: its queries are no steps, and
     no attacker steps from images it never saw. Steps between a key's own queries count once.
 
     Args:
-        calibration: the ``step`` calibration (its threshold, pair rule and ``min_queries``).
+        calibration: the ``step`` calibration (its thresholds, pair rule and ``min_queries``).
         window_s: window length in seconds.
 
     Example:
@@ -426,34 +536,72 @@ class WindowSteps:
         self.calibration = calibration
         self.window_s = window_s
         self._windows: dict[int, Step] = {}
-        self._tally: dict[int, dict[str, tuple[int, int]]] = {}
+        # per window and key: [queries sent, steps sent or parented, cross-key steps sent or parented]
+        self._tally: dict[int, dict[str, list[int]]] = {}
         self._owners: dict[int, list[str | None]] = {}
+        # per window: [pooled cross-key steps, query at which the cross-key test flagged it (0: not yet)]
+        self._cross: dict[int, list[int]] = {}
+        self._evidence: dict[str, tuple[float, float]] = {}
 
     def add(self, key_id: str, created_at: float, images: Tensor, probs: Tensor) -> list[str]:
         """Add one answered batch of ``key_id``; return the window's contributing keys (empty: not flagged)."""
         w = int(created_at // self.window_s)
         det = self._windows.setdefault(w, Step(self.calibration))
+        before = det.verdict(f"window-{w}").queries
         window = det.observe(f"window-{w}", images, probs, None)
         tally = self._tally.setdefault(w, {})
         owners = self._owners.setdefault(w, [None] * det.memory)
-        sent, steps = tally.get(key_id, (0, 0))
-        tally[key_id] = (sent + int(images.shape[0]), steps + int(det.last_steps.sum()))
-        for slot in det.last_parents[det.last_parents >= 0].tolist():  # credit the parents' senders
-            owner = owners[slot]
+        mine = tally.setdefault(key_id, [0, 0, 0])
+        mine[0] += int(images.shape[0])
+        mine[1] += int(det.last_steps.sum())
+        cross = torch.zeros(images.shape[0], dtype=torch.bool)
+        for row in torch.nonzero(det.last_parents >= 0).flatten().tolist():  # credit the parents' senders
+            owner = owners[int(det.last_parents[row])]
             if owner is not None and owner != key_id:
-                n, s = tally.get(owner, (0, 0))
-                tally[owner] = (n, s + 1)
+                cross[row] = True
+                other = tally.setdefault(owner, [0, 0, 0])
+                other[1] += 1
+                other[2] += 1
+        mine[2] += int(cross.sum())
         for slot in det.last_slots[det.last_slots >= 0].tolist():
             owners[slot] = key_id
-        if not window.flagged:
-            return []
-        return [k for k, (n, s) in tally.items() if s > det.threshold * n]
+        state = self._cross.setdefault(w, [0, 0])
+        h = self.calibration.window_threshold
+        if h is not None and not state[1]:
+            cum = state[0] + cross.cumsum(0)
+            n = before + torch.arange(1, images.shape[0] + 1)
+            hit = torch.nonzero((n >= self.calibration.min_queries) & (cum > h * n))
+            if hit.numel():
+                state[1] = int(n[int(hit[0])])
+        state[0] += int(cross.sum())
+        out: dict[str, tuple[float, float]] = {}
+        if state[1]:
+            assert h is not None
+            out.update({k: (c / n, h) for k, (n, _, c) in tally.items() if n and c > h * n})
+        if window.flagged:
+            out.update({k: (s / n, det.threshold) for k, (n, s, _) in tally.items() if n and s > det.threshold * n})
+        self._evidence.update(out)
+        return list(out)
+
+    def evidence(self, key_id: str) -> tuple[float, float]:
+        """The share and threshold of the test that last found ``key_id`` contributing (``(0, 0)``: none did)."""
+        return self._evidence.get(key_id, (0.0, 0.0))
+
+    def flagged_at(self, created_at: float) -> int | None:
+        """The pooled query at which the window holding keys created at ``created_at`` was flagged by
+        either test (``None``: not flagged)."""
+        w = int(created_at // self.window_s)
+        det = self._windows.get(w)
+        at = [] if det is None else [det.verdict(f"window-{w}").flagged_at, self._cross.get(w, [0, 0])[1] or None]
+        return min((a for a in at if a is not None), default=None)
 
     def queries(self, key_id: str) -> int:
         """Queries of ``key_id`` seen across the windows."""
-        return sum(t.get(key_id, (0, 0))[0] for t in self._tally.values())
+        return sum(t[key_id][0] for t in self._tally.values() if key_id in t)
 
-    def share(self, key_id: str) -> float:
-        """``key_id``'s evidence within its window (steps it sent or was the parent of) over its queries."""
+    def share(self, key_id: str, *, cross: bool = False) -> float:
+        """``key_id``'s evidence within its window (steps it sent or was the parent of; ``cross``: only
+        those between it and another key) over its queries."""
         n = self.queries(key_id)
-        return sum(t.get(key_id, (0, 0))[1] for t in self._tally.values()) / n if n else 0.0
+        col = 2 if cross else 1
+        return sum(t[key_id][col] for t in self._tally.values() if key_id in t) / n if n else 0.0
