@@ -35,7 +35,7 @@ from fortress.monitor import ExitSPRT, Prada, calibrate_from_defense
 from fortress.monitor.benign import benign_streams, shifted
 from fortress.monitor.dadd import DADD, calibrate_dadd, fit_reference, log_prob_features
 from fortress.monitor.population import PopulationDrift
-from fortress.monitor.step import Step, calibrate_step
+from fortress.monitor.step import Step, WindowSteps, calibrate_step
 
 #: dadd's feature space (set from --feature).
 FEATURE = "penultimate"
@@ -96,12 +96,21 @@ def main() -> None:
     ap.add_argument("--sybil-keys", type=int, default=100)
     ap.add_argument("--sybil-budget", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--windows", type=int, default=None, help="benign windows of 10 keys (default: --keys / 10)")
+    ap.add_argument(
+        "--windows", type=int, default=None, help="benign windows of --window-keys keys (default: --keys / 10)"
+    )
+    ap.add_argument("--window-keys", type=int, default=10, help="benign keys per window")
     ap.add_argument(
         "--population-min-queries",
         type=int,
         default=500,
         help="pooled queries of a window before the detector across keys tests it",
+    )
+    ap.add_argument(
+        "--window-users",
+        choices=["shared", "distinct"],
+        default="shared",
+        help="benign windows' keys draw from all test images (shared) or each from its own share (distinct)",
     )
     ap.add_argument(
         "--id-only", action="store_true", help="calibrate exit-sprt on the validation images only (no benign shifts)"
@@ -240,52 +249,76 @@ def main() -> None:
         }
         pop_rows.append(row)
         print(json.dumps(row), flush=True)
-    # benign windows: each of --keys/ 10 windows holds 10 benign keys of mixed scenarios
+    # benign windows: each of --windows windows holds --window-keys benign keys of mixed scenarios, their batches sent
+    # in turn; --window-users shared: every key draws from all test images (two users may send the same
+    # image under other noise), distinct: each key owns its own share of them (step's window calibration)
     pop = population()
     windows = args.keys // 10 if args.windows is None else args.windows
     flagged_windows, flagged_keys = 0, 0
-    # the window-wide step detector (the closed loop's population_step): all keys of a window as one stream
+    # the window-wide step detector (the closed loop's population_step), both of its tests
     step_windows, step_keys = 0, 0
+    n_test = d.test.x.shape[0]
+    wk = args.window_keys
     for w in range(windows):
-        window_step = Step(scal)
-        sent_steps: dict[str, list[int]] = {}
-        for k in range(10):
-            shift, mix = SCENARIOS[(w * 10 + k) % len(SCENARIOS)]
-            bank = test_banks[shift]
-            idx = benign_streams(
-                bank["cls"], 1, args.queries, mix, gen, num_classes=defense.num_classes, variants=args.variants
-            )[0]
-            for i in range(0, idx.numel(), args.batch):
-                j = idx[i : i + args.batch]
+        window_step = WindowSteps(scal)
+        owner = torch.randperm(n_test, generator=gen) % wk
+        streams = []
+        for k in range(wk):
+            shift, mix = SCENARIOS[(w * wk + k) % len(SCENARIOS)]
+            cls = test_banks[shift]["cls"]
+            if args.window_users == "distinct":
+                mine = torch.nonzero(owner == k).flatten()
+                local = benign_streams(
+                    cls.view(args.variants, n_test)[:, mine].flatten(),
+                    1,
+                    args.queries,
+                    mix,
+                    gen,
+                    num_classes=defense.num_classes,
+                    variants=args.variants,
+                )[0]
+                idx = (local // mine.numel()) * n_test + mine[local % mine.numel()]
+            else:
+                idx = benign_streams(
+                    cls, 1, args.queries, mix, gen, num_classes=defense.num_classes, variants=args.variants
+                )[0]
+            streams.append((shift, idx))
+        hit: set[str] = set()
+        for i in range(0, args.queries, args.batch):
+            for k, (shift, idx) in enumerate(streams):
+                bank, j = test_banks[shift], idx[i : i + args.batch]
                 pop.add(f"w{w}k{k}", 3600.0 * w + 1, bank["feats"][j], bank["cls"][j], bank["exits"][j])
-                window_step.observe("window", test_images[shift][j], bank["probs"][j], bank["exits"][j])
-                tally = sent_steps.setdefault(f"w{w}k{k}", [0, 0])
-                tally[0] += j.numel()
-                tally[1] += int(window_step.last_steps.sum())
-        if window_step.verdict("window").flagged:
-            step_windows += 1
-            step_keys += sum(steps > window_step.threshold * sent for sent, steps in sent_steps.values())
+                hit.update(window_step.add(f"w{w}k{k}", 3600.0 * w + 1, test_images[shift][j], bank["probs"][j]))
+        step_windows += bool(hit)
+        step_keys += len(hit)
     for w in range(windows):
-        keys = [f"w{w}k{k}" for k in range(10)]
+        keys = [f"w{w}k{k}" for k in range(wk)]
         hit = sum(pop.flagged(k) for k in keys)
         flagged_windows += hit > 0
         flagged_keys += hit
     benign_pop = {
         "windows": windows,
-        "keys": windows * 10,
+        "window_users": args.window_users,
+        "window_keys": wk,
+        "keys": windows * wk,
         "flagged_windows": flagged_windows,
         "flagged_keys": flagged_keys,
-        "key_rate_upper95": upper95(flagged_keys, windows * 10),
+        "key_rate_upper95": upper95(flagged_keys, windows * wk),
         "step_flagged_windows": step_windows,
         "step_flagged_keys": step_keys,
-        "step_key_rate_upper95": upper95(step_keys, windows * 10),
+        "step_key_rate_upper95": upper95(step_keys, windows * wk),
     }
     print(json.dumps(benign_pop), flush=True)
     result = {
         "model": str(args.model_dir),
         "dadd_calibration": {"threshold": dcal.threshold, "m_ref": dcal.m_ref, "per_scenario": dcal.per_scenario},
         "exit_sprt_threshold": ecal.threshold,
-        "step_calibration": {"threshold": scal.threshold, "per_scenario": scal.per_scenario},
+        "step_calibration": {
+            "threshold": scal.threshold,
+            "per_scenario": scal.per_scenario,
+            "window_threshold": scal.window_threshold,
+            "window_per_scenario": scal.window_per_scenario,
+        },
         "id_early_share": early,
         "calibration_s": t_cal,
         "benign": rows,
