@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,8 +27,12 @@ from fortress.data.embedded import mnist_splits
 from fortress.defenses import load_defense
 from fortress.monitor import calibrate_from_defense, create_monitor
 from fortress.monitor.calibrate import dadd_from_defense
+from fortress.monitor.closed_loop import find_member
+from fortress.monitor.dadd import DADD
+from fortress.monitor.exit_sprt import ExitSPRT
+from fortress.monitor.population import PopulationDrift
 from fortress.monitor.service import Watch
-from fortress.monitor.step import calibrate_step
+from fortress.monitor.step import Step, WindowSteps, calibrate_step
 from fortress.monitor.tap import PenultimateTap
 
 
@@ -63,18 +68,27 @@ def main() -> None:
             "exit-sprt+dadd": "exit-sprt+dadd",
             "step": "step",
             "exit-sprt+dadd+step": "exit-sprt+dadd+step",
+            "exit-sprt+dadd+step, across keys": "exit-sprt+dadd+step",
         }
-        watches = {
-            name: Watch(
-                Path(tmp) / f"{i}.db",
-                num_exits=defense.num_exits or 0,
-                monitor=None
-                if mon is None
-                else create_monitor(mon, calibration=cal_path, features=PenultimateTap(defense)),
-            )
-            for i, (name, mon) in enumerate(setups.items())
-        }
-        print(f"{'traffic':<9} {'monitoring':<20} {'answer ms':>10} {'monitor ms':>11} {'ratio':>7}")
+
+        def make_watch(i: int, name: str, spec: str | None) -> Watch:
+            mon = None if spec is None else create_monitor(spec, calibration=cal_path, features=PenultimateTap(defense))
+            across: dict[str, Any] = {}
+            if name.endswith("across keys"):  # population drift and the window-wide step, all keys in one window
+                dadd, step = find_member(mon, DADD), find_member(mon, Step)
+                sprt = find_member(mon, ExitSPRT)
+                assert dadd is not None and step is not None and sprt is not None
+                across = {
+                    "population": PopulationDrift(
+                        dadd.calibration, id_early_share=sprt.calibration.early_share, num_exits=defense.num_exits
+                    ),
+                    "window_steps": WindowSteps(step.calibration),
+                    "created_at": lambda key: 0.0,
+                }
+            return Watch(Path(tmp) / f"{i}.db", num_exits=defense.num_exits or 0, monitor=mon, **across)
+
+        watches = {name: make_watch(i, name, spec) for i, (name, spec) in enumerate(setups.items())}
+        print(f"{'traffic':<9} {'monitoring':<33} {'answer ms':>10} {'monitor ms':>11} {'ratio':>7}")
         for label, pool in traffic.items():
             answer_ms: list[float] = []
             monitor_ms: dict[str, list[float]] = {name: [] for name in watches}
@@ -92,7 +106,7 @@ def main() -> None:
             base = statistics.median(answer_ms)
             for name, times in monitor_ms.items():
                 med = statistics.median(times)
-                print(f"{label:<9} {name:<20} {base:>10.3f} {med:>11.3f} {med / base:>7.3f}")
+                print(f"{label:<9} {name:<33} {base:>10.3f} {med:>11.3f} {med / base:>7.3f}")
         for watch in watches.values():
             watch.close()
 
