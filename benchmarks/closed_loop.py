@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -75,6 +76,32 @@ def served(
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def compare_answers(oracle: Any, dnf: DNF) -> dict[str, Any]:
+    """Wrap ``oracle.query`` to compare every served answer with DNF's own; return the live tally.
+
+    ``unchanged``: answers equal to DNF's (to float32 rounding over JSON); ``first_changed``: the
+    attacker's query index (1-based) of the first answer the response changed (``None``: none).
+    A key flagged by the detectors across keys after its last query has its flag stored at its last
+    query, so the served ledger cannot say when the flag came; this tally can.
+    """
+    tally: dict[str, Any] = {"unchanged": 0, "changed": 0, "first_changed": None}
+    inner = oracle.query
+
+    def query(x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = inner(x)
+        with torch.inference_mode():
+            ref = dnf.respond(x).probs
+        same = torch.isclose(y.float().cpu(), ref.float().cpu(), rtol=1e-4, atol=1e-6).all(1)
+        if tally["first_changed"] is None and not bool(same.all()):
+            tally["first_changed"] = tally["unchanged"] + tally["changed"] + int(torch.nonzero(~same)[0]) + 1
+        tally["unchanged"] += int(same.sum())
+        tally["changed"] += int((~same).sum())
+        return y
+
+    oracle.query = query
+    return tally
 
 
 def record(path: Path, row: dict[str, object], shown: tuple[str, ...]) -> None:
@@ -142,6 +169,7 @@ def main() -> None:
                 sybil = SybilOracle(url, admin, keys=keys, budget=int(budget), name=f"{name}-{keys}")
                 cfg = AttackConfig(name=name, budget=int(budget), pool=pool or None, seed=0)
                 oracle = sybil if keys > 1 else sybil.oracles[0]
+                answers = compare_answers(oracle, dnf)
                 rec = run_attack(oracle, cfg, reference=dnf)
                 flags = sybil.flags()
             row = {
@@ -155,6 +183,9 @@ def main() -> None:
                 "clone_fidelity": rec.clone_fidelity,
                 "defended_acc": rec.defended_acc,
                 "keys_flagged": sum(f["flagged"] for f in flags),
+                # answers equal to DNF's own (what the response left alone) and the first one it changed
+                "answers_unchanged": answers["unchanged"],
+                "first_changed_answer": answers["first_changed"],
                 "first_flag": min(
                     (f["flagged_at_attacker_query"] for f in flags if f["flagged_at_attacker_query"]), default=None
                 ),
@@ -164,7 +195,7 @@ def main() -> None:
             record(
                 args.out / "closed_loop_served.jsonl",
                 row,
-                ("attack", "pool", "keys", "response", "clone_acc", "keys_flagged", "first_flag"),
+                ("attack", "pool", "keys", "response", "clone_acc", "keys_flagged", "first_changed_answer"),
             )
         return
     for spec in args.attacks:
