@@ -96,11 +96,14 @@ def test_bad_batches_and_settings_are_refused_by_name() -> None:
 
 def test_calibration_covers_every_scenario_respects_the_floor_and_round_trips(tmp_path: Path) -> None:
     x = blob_images(60, 0)
-    cal = calibrate_step(_answer, x, variants=3, horizon=200, streams=20, min_queries=20, floor=0.1, seed=1)
+    cal = calibrate_step(_answer, x, variants=3, horizon=200, streams=20, min_queries=20, floor=0.1, seed=1, windows=2)
     assert len(cal.per_scenario) == 15 and all(0.0 <= v <= 1.0 for v in cal.per_scenario.values())
     assert cal.threshold == max(0.1, *cal.per_scenario.values())
-    again = calibrate_step(_answer, x, variants=3, horizon=200, streams=20, min_queries=20, floor=0.1, seed=1)
-    assert again == cal  # seeded
+    again = calibrate_step(
+        _answer, x, variants=3, horizon=200, streams=20, min_queries=20, floor=0.1, seed=1, windows=2
+    )
+    assert again == cal  # seeded, the simulated benign windows too
+    assert cal.window_threshold == max(0.02, *cal.window_per_scenario.values())
     path = cal.save(tmp_path / "step.json")
     assert StepCalibration.load(path) == cal
     (tmp_path / "bad.json").write_text(json.dumps({"monitor": "dadd"}))
