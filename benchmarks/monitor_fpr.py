@@ -32,7 +32,7 @@ from fortress.data.defaults import fitted_options
 from fortress.data.registry import load_dataset
 from fortress.defenses import load_defense
 from fortress.monitor import ExitSPRT, Prada, calibrate_from_defense
-from fortress.monitor.benign import benign_streams, shifted
+from fortress.monitor.benign import benign_streams, owned_stream, shifted
 from fortress.monitor.dadd import DADD, calibrate_dadd, fit_reference, log_prob_features
 from fortress.monitor.population import PopulationDrift
 from fortress.monitor.step import Step, WindowSteps, calibrate_step
@@ -268,29 +268,24 @@ def main() -> None:
             cls = test_banks[shift]["cls"]
             if args.window_users == "distinct":
                 mine = torch.nonzero(owner == k).flatten()
-                local = benign_streams(
-                    cls.view(args.variants, n_test)[:, mine].flatten(),
-                    1,
-                    args.queries,
-                    mix,
-                    gen,
-                    num_classes=defense.num_classes,
-                    variants=args.variants,
-                )[0]
-                idx = (local // mine.numel()) * n_test + mine[local % mine.numel()]
+                idx = owned_stream(
+                    cls, mine, args.queries, mix, gen, num_classes=defense.num_classes, variants=args.variants
+                )
             else:
                 idx = benign_streams(
                     cls, 1, args.queries, mix, gen, num_classes=defense.num_classes, variants=args.variants
                 )[0]
             streams.append((shift, idx))
-        hit: set[str] = set()
+        contributing: set[str] = set()
         for i in range(0, args.queries, args.batch):
             for k, (shift, idx) in enumerate(streams):
                 bank, j = test_banks[shift], idx[i : i + args.batch]
                 pop.add(f"w{w}k{k}", 3600.0 * w + 1, bank["feats"][j], bank["cls"][j], bank["exits"][j])
-                hit.update(window_step.add(f"w{w}k{k}", 3600.0 * w + 1, test_images[shift][j], bank["probs"][j]))
-        step_windows += bool(hit)
-        step_keys += len(hit)
+                contributing.update(
+                    window_step.add(f"w{w}k{k}", 3600.0 * w + 1, test_images[shift][j], bank["probs"][j])
+                )
+        step_windows += bool(contributing)
+        step_keys += len(contributing)
     for w in range(windows):
         keys = [f"w{w}k{k}" for k in range(wk)]
         hit = sum(pop.flagged(k) for k in keys)

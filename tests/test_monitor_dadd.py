@@ -11,7 +11,7 @@ import torch
 
 from fortress.errors import ArtifactError, ConfigError
 from fortress.monitor import DADD, MONITORS, AnyOf, DADDCalibration, DADDReference, create_monitor
-from fortress.monitor.benign import IMAGE_SHIFTS, benign_streams, shifted
+from fortress.monitor.benign import IMAGE_SHIFTS, benign_streams, owned_stream, shifted
 from fortress.monitor.dadd import calibrate_dadd, fit_reference
 from fortress.monitor.population import PopulationDrift
 from helpers import blob_images
@@ -154,6 +154,18 @@ def test_benign_streams_follow_their_class_mix() -> None:
     assert all((row % 250).unique().numel() == 250 for row in uni) and int(uni.max()) >= 250
     with pytest.raises(ConfigError, match="one of uniform, one-class, skewed"):
         benign_streams(labels, 1, 1, "pairs", g)
+
+
+def test_an_owned_stream_sends_only_its_own_images_as_any_variant() -> None:
+    labels = (torch.arange(250) % 10).repeat(4)  # 4 variants of 250 images
+    g = torch.Generator().manual_seed(1)
+    mine = torch.tensor([3, 17, 42, 99, 200])
+    row = owned_stream(labels, mine, 300, "uniform", g, num_classes=10, variants=4)
+    assert set((row % 250).tolist()) == set(mine.tolist()) and set((row // 250).tolist()) == {0, 1, 2, 3}
+    one = owned_stream(labels, mine, 50, "one-class", g, num_classes=10, variants=4)
+    assert labels[one].unique().numel() == 1 and set((one % 250).tolist()) <= set(mine.tolist())
+    with pytest.raises(ConfigError, match="at least one image"):
+        owned_stream(labels, torch.tensor([], dtype=torch.long), 10, "uniform", g, variants=4)
 
 
 def test_population_flags_a_sybil_window_and_only_its_contributing_keys() -> None:

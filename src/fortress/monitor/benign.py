@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fortress.errors import ConfigError
 
-__all__ = ["IMAGE_SHIFTS", "STREAM_MIXES", "benign_streams", "shifted"]
+__all__ = ["IMAGE_SHIFTS", "STREAM_MIXES", "benign_streams", "owned_stream", "shifted"]
 
 ImageShift = Literal["replay", "shift-rotate", "noise", "brightness", "all"]
 #: Per-image shifts: none, ≤ 2 px and ≤ 10°, Gaussian noise σ = 0.05, brightness/contrast ×[0.8, 1.2] ± 0.1.
@@ -116,3 +116,30 @@ def benign_streams(
                 images[sel] = rows.repeat(m // rows.numel() + 1)[:m]
         out[key] = images + n * torch.randint(0, variants, (queries,), generator=gen)
     return out
+
+
+def owned_stream(
+    labels: Tensor,
+    images: Tensor,
+    queries: int,
+    mix: str,
+    gen: torch.Generator,
+    *,
+    num_classes: int | None = None,
+    variants: int = 1,
+) -> Tensor:
+    """One benign key's stream over the images it owns: indices ``(queries,)`` into the whole bank.
+
+    A user sends its own images (and variants of them), not other users' ones: this is
+    :func:`benign_streams` for one key on the sub-bank of ``images`` (indices of the bank's ``N``
+    images), mapped back to the bank's rows ``v * N + i``.
+
+    Raises:
+        ConfigError: as :func:`benign_streams`, or ``images`` empty.
+    """
+    n = labels.numel() // max(variants, 1)
+    if images.numel() == 0:
+        raise ConfigError("a key must own at least one image")
+    sub = labels.view(variants, n)[:, images].flatten()
+    local = benign_streams(sub, 1, queries, mix, gen, num_classes=num_classes, variants=variants)[0]
+    return (local // images.numel()) * n + images[local % images.numel()]

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from fortress.errors import ArtifactError, ConfigError, InvalidInput
 from fortress.monitor.base import Monitor, Verdict
-from fortress.monitor.benign import IMAGE_SHIFTS, STREAM_MIXES, benign_streams, shifted
+from fortress.monitor.benign import IMAGE_SHIFTS, STREAM_MIXES, benign_streams, owned_stream, shifted
 
 __all__ = ["Step", "StepCalibration", "WindowSteps", "calibrate_step", "step_pairs"]
 
@@ -473,15 +473,12 @@ def _benign_window_max(
     perm = torch.randperm(n, generator=gen)
     owner = torch.empty(n, dtype=torch.long)
     owner[perm] = torch.arange(n) % keys
-    by_variant = labels.view(variants, n)
-    streams = []
-    for k in range(keys):
-        mine = perm[k::keys]
-        local = benign_streams(
-            by_variant[:, mine].flatten(), 1, horizon, mix, gen, num_classes=num_classes, variants=variants
-        )[0]
-        streams.append((local // mine.numel()) * n + mine[local % mine.numel()])
-    rows = torch.cat(streams)
+    rows = torch.cat(
+        [
+            owned_stream(labels, perm[k::keys], horizon, mix, gen, num_classes=num_classes, variants=variants)
+            for k in range(keys)
+        ]
+    )
     # a random interleaving that keeps each key's own order: the pooled position of each key's t-th
     # query is the rank of its t-th smallest random arrival time among all keys' arrival times
     times = torch.rand(keys, horizon, generator=gen).sort(1).values.flatten()
