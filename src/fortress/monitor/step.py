@@ -138,6 +138,18 @@ def step_pairs(new: Tensor, old: Tensor, p_new: Tensor, p_old: Tensor, cal: Step
     return ok
 
 
+def _first_pass(n: int, count: int, hits: Tensor, threshold: float, min_queries: int) -> int | None:
+    """The stream position at which the share of hits first passes ``threshold`` within a batch.
+
+    ``n`` queries with ``count`` hits came before; ``hits`` ``(B,)`` bool marks the batch's rows.
+    A position is tested from the ``min_queries``-th query on. ``None``: not within the batch.
+    """
+    cum = count + hits.cumsum(0)
+    pos = n + torch.arange(1, hits.numel() + 1)
+    hit = torch.nonzero((pos >= min_queries) & (cum > threshold * pos))
+    return int(pos[int(hit[0])]) if hit.numel() else None
+
+
 def _small(x: Tensor) -> Tensor:
     """Images ``(B, C, H, W)`` average-pooled to at most 14×14, flattened: the neighbour search's space."""
     h = x.shape[-1]
@@ -256,12 +268,8 @@ class Step(Monitor):
             parents = torch.where(is_step & (first < m), first, parents)
         self.last_steps = is_step
         self.last_parents = parents
-        cum = st.steps + is_step.cumsum(0)
-        n = st.n + torch.arange(1, b + 1)
         if st.flagged_at is None:
-            hit = torch.nonzero((n >= self.calibration.min_queries) & (cum > self.threshold * n))
-            if hit.numel():
-                st.flagged_at = int(n[int(hit[0])])
+            st.flagged_at = _first_pass(st.n, st.steps, is_step, self.threshold, self.calibration.min_queries)
         st.n += b
         st.steps += int(is_step.sum())
         keep = min(b, self.memory)  # the batch's last rows replace the oldest in the ring
@@ -565,11 +573,7 @@ class WindowSteps:
         state = self._cross.setdefault(w, [0, 0])
         h = self.calibration.window_threshold
         if h is not None and not state[1]:
-            cum = state[0] + cross.cumsum(0)
-            n = before + torch.arange(1, images.shape[0] + 1)
-            hit = torch.nonzero((n >= self.calibration.min_queries) & (cum > h * n))
-            if hit.numel():
-                state[1] = int(n[int(hit[0])])
+            state[1] = _first_pass(before, state[0], cross, h, self.calibration.min_queries) or 0
         state[0] += int(cross.sum())
         out: dict[str, tuple[float, float]] = {}
         if state[1]:
